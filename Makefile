@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install whenever the project's dependencies change.
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit env clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# A first run writes a .env with fresh keys, so nobody has to generate them by hand.
+.env: | $(STAMP)
+	$(BIN)/python -m pinauth.dotenv .env
+
+env: .env
+
+run: $(STAMP) .env
+	$(BIN)/pinauth serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests alembic
+	$(BIN)/ruff format --check src tests alembic
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from pinauth.cli import main
+
+raise SystemExit(main())

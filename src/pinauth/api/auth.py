@@ -1,0 +1,149 @@
+"""/auth: the OAuth login with Pinterest, and the browser session it creates."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Cookie, Query, Response, status
+from fastapi.responses import RedirectResponse
+
+from pinauth.api.deps import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    CurrentConnection,
+    ServicesDep,
+    SessionCookie,
+    TrustedOrigin,
+)
+from pinauth.api.schemas import RefreshResponse, error_responses
+from pinauth.errors import NotConfigured
+from pinauth.settings import Settings
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+def _set_cookie(
+    response: Response, settings: Settings, name: str, value: str, max_age: int
+) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
+    )
+
+
+def _clear_cookie(response: Response, settings: Settings, name: str) -> None:
+    response.delete_cookie(
+        name, path="/", httponly=True, samesite="lax", secure=settings.secure_cookies
+    )
+
+
+@router.get(
+    "/login",
+    name="login",
+    status_code=status.HTTP_302_FOUND,
+    response_class=RedirectResponse,
+    responses={
+        302: {"description": "Redirect to Pinterest's consent page."},
+        **error_responses(503),
+    },
+)
+async def login(
+    services: ServicesDep,
+    return_to: Annotated[
+        str | None,
+        Query(
+            description="Where to send the browser after login: a relative path or an "
+            "allowed origin. Anything else falls back to PINAUTH_FRONTEND_URL."
+        ),
+    ] = None,
+) -> RedirectResponse:
+    """Start a Pinterest login: redirect the browser to Pinterest's consent page."""
+    settings = services.settings
+    if not settings.client_id or not settings.client_secret.get_secret_value():
+        raise NotConfigured()
+    start = await services.auth.start_login(return_to)
+    response = RedirectResponse(start.authorize_url, status_code=status.HTTP_302_FOUND)
+    _set_cookie(response, settings, LOGIN_COOKIE, start.nonce, settings.state_max_age_seconds)
+    return response
+
+
+@router.get(
+    "/callback",
+    status_code=status.HTTP_303_SEE_OTHER,
+    response_class=RedirectResponse,
+    responses={
+        303: {"description": "Logged in; redirect to the frontend with a session cookie."},
+        **error_responses(400, 403, 502, 503, 504),
+    },
+)
+async def callback(
+    services: ServicesDep,
+    session_cookie: SessionCookie = None,
+    login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE, include_in_schema=False)] = None,
+    code: str | None = None,
+    state: str | None = None,
+    error: str | None = None,
+) -> RedirectResponse:
+    """Finish a Pinterest login: verify state, exchange the code, start a session."""
+    result = await services.auth.complete_login(
+        code=code,
+        state=state,
+        error=error,
+        nonce=login_cookie,
+        previous_session_cookie=session_cookie,
+    )
+    settings = services.settings
+    response = RedirectResponse(result.redirect_to, status_code=status.HTTP_303_SEE_OTHER)
+    _set_cookie(
+        response, settings, SESSION_COOKIE, result.session_cookie, settings.session_max_age_seconds
+    )
+    _clear_cookie(response, settings, LOGIN_COOKIE)
+    return response
+
+
+@router.post(
+    "/refresh",
+    response_model=RefreshResponse,
+    dependencies=[TrustedOrigin],
+    responses=error_responses(401, 403, 503),
+)
+async def refresh(services: ServicesDep, connection: CurrentConnection) -> RefreshResponse:
+    """Refresh the session's Pinterest tokens now; returns the new expiry times."""
+    refreshed = await services.tokens.refresh(connection)
+    return RefreshResponse(
+        access_token_expires_at=refreshed.access_token_expires_at,
+        refresh_token_expires_at=refreshed.refresh_token_expires_at,
+    )
+
+
+@router.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[TrustedOrigin],
+    responses=error_responses(403),
+)
+async def logout(services: ServicesDep, session_cookie: SessionCookie = None) -> Response:
+    """End this browser's session; the Pinterest connection stays stored."""
+    await services.auth.logout(session_cookie)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    _clear_cookie(response, services.settings, SESSION_COOKIE)
+    return response
+
+
+@router.delete(
+    "/connection",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[TrustedOrigin],
+    responses=error_responses(401, 403),
+)
+async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Response:
+    """Disconnect Pinterest: delete the stored tokens and end every session using them."""
+    await services.auth.disconnect(connection)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    _clear_cookie(response, services.settings, SESSION_COOKIE)
+    return response

@@ -1,0 +1,69 @@
+"""Dependencies shared by the routers, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+from fastapi import Cookie, Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from pinauth.auth import AuthService
+from pinauth.crypto import TokenCipher
+from pinauth.errors import ForbiddenOrigin, NotAuthenticated
+from pinauth.models import Connection
+from pinauth.settings import Settings
+from pinauth.tokens import TokenManager
+
+SESSION_COOKIE = "pinauth_session"
+LOGIN_COOKIE = "pinauth_login"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Process-wide objects built once by the lifespan and shared by every request."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    http: httpx.AsyncClient
+    cipher: TokenCipher
+    auth: AuthService
+    tokens: TokenManager
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SessionCookie = Annotated[str | None, Cookie(alias=SESSION_COOKIE, include_in_schema=False)]
+
+
+async def get_current_connection(services: ServicesDep, cookie: SessionCookie = None) -> Connection:
+    connection = await services.auth.connection_for_session(cookie)
+    if connection is None:
+        raise NotAuthenticated()
+    return connection
+
+
+CurrentConnection = Annotated[Connection, Depends(get_current_connection)]
+
+
+def require_trusted_origin(request: Request, services: ServicesDep) -> None:
+    """Refuse cross-site requests that would act on the session cookie.
+
+    SameSite=Lax already keeps the cookie off most cross-site POSTs; checking Origin
+    also covers same-site attackers (sibling subdomains) and older browsers.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin != own and origin not in services.auth.trusted_origins():
+        raise ForbiddenOrigin()
+
+
+TrustedOrigin = Depends(require_trusted_origin)

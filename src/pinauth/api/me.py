@@ -1,0 +1,23 @@
+"""/me: the connected Pinterest account, without its tokens."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from pinauth.api.deps import CurrentConnection
+from pinauth.api.schemas import MeResponse, error_responses
+
+router = APIRouter(tags=["account"])
+
+
+@router.get("/me", response_model=MeResponse, responses=error_responses(401))
+async def me(connection: CurrentConnection) -> MeResponse:
+    """The Pinterest account connected to this session."""
+    return MeResponse(
+        pinterest_user_id=connection.pinterest_user_id,
+        username=connection.username,
+        scopes=connection.scope_list,
+        access_token_expires_at=connection.access_token_expires_at,
+        refresh_token_expires_at=connection.refresh_token_expires_at,
+        status=connection.status,
+    )

@@ -1,0 +1,116 @@
+"""The application factory and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pinauth import __version__
+from pinauth.api import auth as auth_routes
+from pinauth.api import me as me_routes
+from pinauth.api.deps import Services
+from pinauth.auth import AuthService
+from pinauth.crypto import TokenCipher
+from pinauth.db import create_engine, create_sessionmaker
+from pinauth.errors import PinauthError
+from pinauth.pinterest.api import PinterestAPI
+from pinauth.pinterest.http import create_http_client
+from pinauth.pinterest.oauth import PinterestOAuth
+from pinauth.settings import Settings
+from pinauth.tokens import TokenManager
+
+log = logging.getLogger(__name__)
+
+
+class State(TypedDict):
+    services: Services
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the service. `transport` replaces the network under the Pinterest client."""
+    settings.validate_for_serving()
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+        engine = create_engine(settings)
+        sessionmaker = create_sessionmaker(engine)
+        http = create_http_client(settings, transport)
+        oauth = PinterestOAuth(http, settings)
+        services = Services(
+            settings=settings,
+            engine=engine,
+            sessionmaker=sessionmaker,
+            http=http,
+            cipher=cipher,
+            auth=AuthService(settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher),
+            tokens=TokenManager(settings, sessionmaker, oauth, cipher),
+        )
+        if not settings.client_id:
+            log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
+        try:
+            yield {"services": services}
+        finally:
+            await http.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="pinauth",
+        version=__version__,
+        summary="Connect users' Pinterest accounts and call Pinterest API v5 on their behalf.",
+        lifespan=lifespan,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Content-Type", "Accept", "Accept-Language"],
+        )
+    _install_error_handlers(app)
+    app.include_router(auth_routes.router)
+    app.include_router(me_routes.router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PinauthError)
+    async def pinauth_error(_request: Request, exc: PinauthError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return JSONResponse(
+            {"error": "invalid_request", "message": f"Invalid request: {problems}"},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(
+            {"error": "internal_error", "message": "Something went wrong inside pinauth."},
+            status_code=500,
+        )

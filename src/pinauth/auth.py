@@ -1,0 +1,259 @@
+"""The login flow and browser sessions: what the /auth routes do, minus the HTTP."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+from itsdangerous import BadSignature, SignatureExpired
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
+from pinauth.errors import AccessDenied, AuthorizationFailed, InvalidRequest, InvalidState
+from pinauth.models import AuthSession, Connection, LoginState
+from pinauth.pinterest.api import PinterestAccount, PinterestAPI
+from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
+from pinauth.repository import ConnectionRepository, LoginStateRepository, SessionRepository
+from pinauth.settings import Settings
+from pinauth.tokens import apply_token_set
+
+log = logging.getLogger(__name__)
+
+_UNSAFE_IN_PATH = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+class _StatePayload(BaseModel):
+    nonce_hash: str
+    return_to: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginStart:
+    authorize_url: str
+    nonce: str  # goes into the browser's login cookie, binding the state to it
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    session_cookie: str
+    redirect_to: str
+
+
+class AuthService:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        oauth: PinterestOAuth,
+        api: PinterestAPI,
+        cipher: TokenCipher,
+    ) -> None:
+        self._settings = settings
+        self._sessionmaker = sessionmaker
+        self._oauth = oauth
+        self._api = api
+        self._cipher = cipher
+        self._states = state_serializer(settings.secret_key.get_secret_value())
+        self.session_signer = CookieSigner(settings.secret_key.get_secret_value(), "session")
+
+    # --- return_to -------------------------------------------------------------------
+
+    def safe_return_to(self, return_to: str | None) -> str:
+        """`return_to` if it stays on a trusted site, else the configured frontend URL."""
+        if return_to and self._is_trusted_destination(return_to):
+            return return_to
+        return self._settings.frontend_url
+
+    def _is_trusted_destination(self, url: str) -> bool:
+        if _UNSAFE_IN_PATH.search(url):
+            return False
+        # Browsers treat "//host" (and "/\host", excluded above) as another site.
+        if url.startswith("/"):
+            return not url.startswith("//")
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        return (
+            parts.scheme in ("http", "https")
+            and bool(parts.netloc)
+            and "@" not in parts.netloc
+            and origin in self.trusted_origins()
+        )
+
+    def trusted_origins(self) -> set[str]:
+        origins = set(self._settings.cors_origins)
+        for url in (self._settings.frontend_url, self._settings.redirect_uri):
+            parts = urlsplit(url)
+            if parts.scheme and parts.netloc:
+                origins.add(f"{parts.scheme}://{parts.netloc}")
+        return origins
+
+    # --- login -----------------------------------------------------------------------
+
+    async def start_login(self, return_to: str | None) -> LoginStart:
+        nonce = secrets.token_urlsafe(32)
+        nonce_hash = digest(nonce)
+        now = datetime.now(UTC)
+        async with self._sessionmaker() as db, db.begin():
+            states = LoginStateRepository(db)
+            await states.delete_expired(now)
+            await states.add(
+                LoginState(
+                    nonce_hash=nonce_hash,
+                    expires_at=now + timedelta(seconds=self._settings.state_max_age_seconds),
+                )
+            )
+        state = self._states.dumps(
+            _StatePayload(
+                nonce_hash=nonce_hash, return_to=self.safe_return_to(return_to)
+            ).model_dump()
+        )
+        return LoginStart(authorize_url=self._oauth.authorize_url(state), nonce=nonce)
+
+    async def _consume_state(self, state: str | None, nonce: str | None) -> _StatePayload:
+        """Verify the state completely before anything else happens; burn it on success."""
+        if not state:
+            raise InvalidState("The callback has no state parameter; start again from /auth/login.")
+        try:
+            raw = self._states.loads(state, max_age=self._settings.state_max_age_seconds)
+            payload = _StatePayload.model_validate(raw)
+        except SignatureExpired:
+            raise InvalidState("The login took too long; start again from /auth/login.") from None
+        except (BadSignature, ValidationError):
+            raise InvalidState("The state parameter is not one pinauth issued.") from None
+        if not nonce or not secrets.compare_digest(digest(nonce), payload.nonce_hash):
+            raise InvalidState(
+                "This login was started in another browser (or its cookie was blocked); "
+                "start again from /auth/login."
+            )
+        async with self._sessionmaker() as db, db.begin():
+            fresh = await LoginStateRepository(db).consume(payload.nonce_hash, datetime.now(UTC))
+        if not fresh:
+            raise InvalidState("This login was already completed or has expired.")
+        return payload
+
+    async def complete_login(
+        self,
+        *,
+        code: str | None,
+        state: str | None,
+        error: str | None,
+        nonce: str | None,
+        previous_session_cookie: str | None,
+    ) -> LoginResult:
+        if error:
+            # Burn the state if it is valid, so it cannot be replayed with a code later.
+            try:
+                await self._consume_state(state, nonce)
+            except InvalidState:
+                pass
+            if error == "access_denied":
+                raise AccessDenied()
+            raise AuthorizationFailed(f"Pinterest ended the authorization with error {error!r}.")
+        payload = await self._consume_state(state, nonce)
+        if not code:
+            raise InvalidRequest("The callback has no code parameter.")
+        tokens = await self._oauth.exchange_code(code)
+        account = await self._api.user_account(tokens.access_token)
+        session_id = secrets.token_urlsafe(32)
+        connection_id = await self._store_login(
+            account, tokens, digest(session_id), previous_session_cookie
+        )
+        log.info("connection %s logged in as Pinterest user %s", connection_id, account.id)
+        return LoginResult(
+            session_cookie=self.session_signer.sign(session_id), redirect_to=payload.return_to
+        )
+
+    async def _store_login(
+        self,
+        account: PinterestAccount,
+        tokens: TokenSet,
+        session_hash: str,
+        previous_session_cookie: str | None,
+    ) -> int:
+        for attempt in range(2):
+            try:
+                async with self._sessionmaker() as db, db.begin():
+                    connection = await self._upsert_connection(db, account, tokens)
+                    sessions = SessionRepository(db)
+                    # A new session id at every login, and the old one dies: no fixation.
+                    previous = self._session_hash(previous_session_cookie)
+                    if previous is not None:
+                        await sessions.delete(previous)
+                    now = datetime.now(UTC)
+                    await sessions.add(
+                        AuthSession(
+                            id_hash=session_hash,
+                            connection_id=connection.id,
+                            expires_at=now
+                            + timedelta(seconds=self._settings.session_max_age_seconds),
+                        )
+                    )
+                    return connection.id
+            except IntegrityError:
+                # Two first logins of one Pinterest user raced; the second updates instead.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _upsert_connection(
+        self, db: AsyncSession, account: PinterestAccount, tokens: TokenSet
+    ) -> Connection:
+        connections = ConnectionRepository(db)
+        connection = await connections.get_by_pinterest_user(account.id)
+        if connection is None:
+            connection = Connection(
+                pinterest_user_id=account.id,
+                username=account.username,
+                scopes=",".join(tokens.scopes or self._settings.scopes),
+                refresh_token_encrypted=None,
+                refresh_token_expires_at=None,
+            )
+            apply_token_set(connection, tokens, self._cipher)
+            return await connections.add(connection)
+        connection.username = account.username
+        # A new login's refresh token replaces the old one even if Pinterest sent none.
+        connection.refresh_token_encrypted = None
+        connection.refresh_token_expires_at = None
+        if tokens.scopes is None:
+            connection.scopes = ",".join(self._settings.scopes)
+        apply_token_set(connection, tokens, self._cipher)
+        await db.flush()
+        return connection
+
+    # --- sessions --------------------------------------------------------------------
+
+    def _session_hash(self, cookie: str | None) -> str | None:
+        if not cookie:
+            return None
+        session_id = self.session_signer.unsign(cookie)
+        return digest(session_id) if session_id else None
+
+    async def connection_for_session(self, cookie: str | None) -> Connection | None:
+        session_hash = self._session_hash(cookie)
+        if session_hash is None:
+            return None
+        async with self._sessionmaker() as db:
+            session = await SessionRepository(db).get_active(session_hash, datetime.now(UTC))
+            return session.connection if session else None
+
+    async def logout(self, cookie: str | None) -> None:
+        session_hash = self._session_hash(cookie)
+        if session_hash is None:
+            return
+        async with self._sessionmaker() as db, db.begin():
+            await SessionRepository(db).delete(session_hash)
+
+    async def disconnect(self, connection: Connection) -> None:
+        """Forget the connection's tokens and end every session that used them."""
+        async with self._sessionmaker() as db, db.begin():
+            connections = ConnectionRepository(db)
+            stored = await connections.get(connection.id)
+            if stored is not None:
+                await connections.delete(stored)
+        log.info("connection %s disconnected", connection.id)

@@ -1,0 +1,52 @@
+"""The one shared HTTP client to Pinterest, and translation of its failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from pinauth.errors import UpstreamError, UpstreamTimeout
+from pinauth.settings import Settings
+
+
+def create_http_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=transport or httpx.AsyncHTTPTransport(retries=0),
+        timeout=httpx.Timeout(
+            connect=settings.http_connect_timeout,
+            read=settings.http_read_timeout,
+            write=settings.http_read_timeout,
+            pool=settings.http_pool_timeout,
+        ),
+        # Proxy env vars and .netrc must not redirect or decorate calls carrying tokens,
+        # and a redirect from Pinterest must never carry the bearer token elsewhere.
+        trust_env=False,
+        follow_redirects=False,
+        headers={"User-Agent": "pinauth/0.1"},
+    )
+
+
+@asynccontextmanager
+async def translate_transport_errors(what: str) -> AsyncIterator[None]:
+    """Turn httpx's transport failures into pinauth errors that leak no internals."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise UpstreamTimeout(f"Pinterest did not answer {what} in time.") from e
+    except httpx.TransportError as e:
+        raise UpstreamError(f"Pinterest could not be reached for {what}.") from e
+
+
+def pinterest_error_message(response: httpx.Response) -> str:
+    """Pinterest's own `{"code", "message"}` error text, if the body has one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])[:300]
+    return ""

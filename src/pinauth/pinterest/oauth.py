@@ -1,0 +1,144 @@
+"""Pinterest's OAuth 2.0 endpoints: the authorize URL and the token endpoint."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from pinauth.errors import PinauthError, UpstreamError, UpstreamUnavailable
+from pinauth.pinterest.http import pinterest_error_message, translate_transport_errors
+from pinauth.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER = 5
+
+
+class TokenRejected(PinauthError):
+    """Pinterest refused the grant (bad code, dead refresh token): retrying cannot help."""
+
+    status_code = 400
+    code = "authorization_failed"
+    default_message = "Pinterest rejected the authorization grant."
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message or self.default_message)
+        self.upstream_status = status
+
+
+class _TokenPayload(BaseModel):
+    # Lax mode coerces "2592000" to 2592000: Pinterest has sent expires_in as both.
+    access_token: str
+    expires_in: int
+    refresh_token: str | None = None
+    refresh_token_expires_in: int | None = None
+    refresh_token_expires_at: int | None = None
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    access_token: str
+    access_token_expires_at: datetime
+    refresh_token: str | None
+    refresh_token_expires_at: datetime | None
+    scopes: list[str] | None
+
+    def __repr__(self) -> str:
+        # Keep tokens out of tracebacks and debug logs.
+        return f"TokenSet(access_token_expires_at={self.access_token_expires_at!r}, ...)"
+
+
+def split_scopes(scope: str) -> list[str]:
+    return [s for s in re.split(r"[,\s]+", scope) if s]
+
+
+class PinterestOAuth:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self._http = http
+        self._settings = settings
+        self._auth = httpx.BasicAuth(settings.client_id, settings.client_secret.get_secret_value())
+
+    def authorize_url(self, state: str) -> str:
+        query = urlencode(
+            {
+                "client_id": self._settings.client_id,
+                "redirect_uri": self._settings.redirect_uri,
+                "response_type": "code",
+                "scope": ",".join(self._settings.scopes),
+                "state": state,
+            }
+        )
+        separator = "&" if "?" in self._settings.authorize_url else "?"
+        return f"{self._settings.authorize_url}{separator}{query}"
+
+    async def exchange_code(self, code: str) -> TokenSet:
+        return await self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self._settings.redirect_uri,
+                # Apps created before 2025-09-25 otherwise get a non-renewable refresh token.
+                "continuous_refresh": "true",
+            }
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenSet:
+        return await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
+
+    async def _token_request(self, form: dict[str, str]) -> TokenSet:
+        grant = form["grant_type"]
+        async with translate_transport_errors("the token request"):
+            response = await self._http.post(
+                self._settings.token_url,
+                data=form,
+                auth=self._auth,
+                headers={"Accept": "application/json"},
+            )
+        now = datetime.now(UTC)
+        if response.status_code in (400, 401, 403):
+            log.warning("token endpoint rejected %s grant (HTTP %s)", grant, response.status_code)
+            raise TokenRejected(response.status_code, pinterest_error_message(response))
+        if response.status_code == 429 or response.status_code >= 500:
+            log.warning(
+                "token endpoint unavailable for %s grant (HTTP %s)", grant, response.status_code
+            )
+            raise UpstreamUnavailable(
+                "Pinterest's token endpoint is unavailable; retry later.",
+                retry_after=_retry_after(response),
+            )
+        if response.status_code != 200:
+            raise UpstreamError(f"Pinterest's token endpoint answered HTTP {response.status_code}.")
+        try:
+            payload = _TokenPayload.model_validate_json(response.content)
+        except ValidationError as e:
+            raise UpstreamError("Pinterest's token endpoint sent an unreadable response.") from e
+        return _token_set(payload, now)
+
+
+def _token_set(payload: _TokenPayload, now: datetime) -> TokenSet:
+    refresh_expires_at: datetime | None = None
+    if payload.refresh_token_expires_at is not None:
+        refresh_expires_at = datetime.fromtimestamp(payload.refresh_token_expires_at, UTC)
+    elif payload.refresh_token_expires_in is not None:
+        refresh_expires_at = now + timedelta(seconds=payload.refresh_token_expires_in)
+    return TokenSet(
+        access_token=payload.access_token,
+        access_token_expires_at=now + timedelta(seconds=payload.expires_in),
+        refresh_token=payload.refresh_token,
+        refresh_token_expires_at=refresh_expires_at,
+        scopes=split_scopes(payload.scope) if payload.scope else None,
+    )
+
+
+def _retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("Retry-After", "")
+    return int(value) if value.isdigit() else DEFAULT_RETRY_AFTER

@@ -1,0 +1,102 @@
+"""Every database query pinauth makes. Repositories flush; the unit of work's owner commits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
+
+from pinauth.models import AuthSession, Connection, LoginState
+
+
+class ConnectionRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def get(self, connection_id: int) -> Connection | None:
+        return await self._db.get(Connection, connection_id)
+
+    async def get_for_update(self, connection_id: int, *, lock_timeout: float) -> Connection | None:
+        """Read the row under a lock held until commit: the cross-replica refresh arbiter.
+
+        On PostgreSQL this is `SELECT … FOR UPDATE` with a bounded wait; SQLite has no
+        row locks (and is single-process), so there the version counter's
+        compare-and-swap on UPDATE is the guard.
+        """
+        if self._db.get_bind().dialect.name == "postgresql":
+            # SET does not take bind parameters; the value is a float we formatted.
+            await self._db.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
+        stmt = (
+            select(Connection)
+            .where(Connection.id == connection_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def get_by_pinterest_user(self, pinterest_user_id: str) -> Connection | None:
+        stmt = select(Connection).where(Connection.pinterest_user_id == pinterest_user_id)
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def add(self, connection: Connection) -> Connection:
+        self._db.add(connection)
+        await self._db.flush()
+        return connection
+
+    async def delete(self, connection: Connection) -> None:
+        await self._db.delete(connection)
+        await self._db.flush()
+
+
+class SessionRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, session: AuthSession) -> AuthSession:
+        self._db.add(session)
+        await self._db.flush()
+        return session
+
+    async def get_active(self, id_hash: str, now: datetime) -> AuthSession | None:
+        stmt = (
+            select(AuthSession)
+            .options(joinedload(AuthSession.connection))
+            .where(AuthSession.id_hash == id_hash, AuthSession.expires_at > now)
+        )
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def delete(self, id_hash: str) -> bool:
+        result = await self._db.execute(delete(AuthSession).where(AuthSession.id_hash == id_hash))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def delete_expired(self, now: datetime) -> int:
+        result = await self._db.execute(delete(AuthSession).where(AuthSession.expires_at <= now))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class LoginStateRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, state: LoginState) -> None:
+        self._db.add(state)
+        await self._db.flush()
+
+    async def consume(self, nonce_hash: str, now: datetime) -> bool:
+        """Delete the pending login; True only for the one caller that deleted a live row.
+
+        A single DELETE is atomic on every backend, so two callbacks racing with the
+        same state (or two replicas) cannot both succeed.
+        """
+        result = await self._db.execute(
+            delete(LoginState).where(
+                LoginState.nonce_hash == nonce_hash, LoginState.expires_at > now
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def delete_expired(self, now: datetime) -> int:
+        result = await self._db.execute(delete(LoginState).where(LoginState.expires_at <= now))
+        return int(result.rowcount)  # type: ignore[attr-defined]

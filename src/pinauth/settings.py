@@ -1,0 +1,171 @@
+"""Configuration, read from the environment and an optional `.env` file.
+
+Settings are built once by the entry point and passed into `create_app`; nothing
+reads the environment at import time, so tests can build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urljoin, urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pinauth.errors import ConfigurationError
+
+MIN_SECRET_KEY_LENGTH = 32
+
+# Pinterest retired the v1 scopes; sending one gets the whole authorize request refused.
+DEAD_V1_SCOPES = frozenset(
+    {"read_public", "write_public", "read_relationships", "write_relationships"}
+)
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # Each field's validation_alias is its environment variable; populate_by_name lets
+    # code and tests pass the field name instead.
+
+    client_id: str = Field("", validation_alias="PINTEREST_CLIENT_ID")
+    client_secret: SecretStr = Field(SecretStr(""), validation_alias="PINTEREST_CLIENT_SECRET")
+    redirect_uri: str = Field(
+        "http://localhost:8000/auth/callback",
+        validation_alias="PINTEREST_REDIRECT_URI",
+    )
+    scopes: CommaList = Field(
+        ["user_accounts:read", "boards:read", "pins:read"],
+        validation_alias="PINTEREST_SCOPES",
+    )
+    authorize_url: str = Field(
+        "https://www.pinterest.com/oauth/",
+        validation_alias="PINTEREST_AUTHORIZE_URL",
+    )
+    api_url: str = Field("https://api.pinterest.com/v5", validation_alias="PINTEREST_API_URL")
+
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./pinauth.db", validation_alias="PINAUTH_DATABASE_URL"
+    )
+    secret_key: SecretStr = Field(SecretStr(""), validation_alias="PINAUTH_SECRET_KEY")
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], validation_alias="PINAUTH_ENCRYPTION_KEYS"
+    )
+    frontend_url: str = Field("/", validation_alias="PINAUTH_FRONTEND_URL")
+    cors_origins: CommaList = Field([], validation_alias="PINAUTH_CORS_ORIGINS")
+
+    session_max_age_seconds: int = Field(
+        30 * 24 * 3600, gt=0, validation_alias="PINAUTH_SESSION_MAX_AGE"
+    )
+    state_max_age_seconds: int = Field(600, gt=0, le=600, validation_alias="PINAUTH_STATE_MAX_AGE")
+    # Refresh this long before the access token expires, so a request never races expiry.
+    refresh_margin_seconds: int = Field(300, ge=0, validation_alias="PINAUTH_REFRESH_MARGIN")
+    http_connect_timeout: float = Field(5.0, gt=0, validation_alias="PINAUTH_HTTP_CONNECT_TIMEOUT")
+    http_read_timeout: float = Field(30.0, gt=0, validation_alias="PINAUTH_HTTP_READ_TIMEOUT")
+    http_pool_timeout: float = Field(5.0, gt=0, validation_alias="PINAUTH_HTTP_POOL_TIMEOUT")
+    # How long a request waits for another replica's refresh of the same connection.
+    refresh_lock_timeout_seconds: float = Field(
+        10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
+    )
+    log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
+
+    @field_validator("scopes", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _comma_separated_secrets(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return _split_commas(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(
+                    f"{origin!r} is not an origin; write it as scheme://host[:port] "
+                    "with no path or trailing slash"
+                )
+        return origins
+
+    @field_validator("scopes")
+    @classmethod
+    def _v5_scopes(cls, scopes: list[str]) -> list[str]:
+        dead = sorted(DEAD_V1_SCOPES.intersection(scopes))
+        if dead:
+            raise ValueError(
+                f"{', '.join(dead)} are Pinterest v1 scopes that v5 rejects; "
+                "use v5 names such as boards:read or pins:read"
+            )
+        if not scopes:
+            raise ValueError("at least one scope is required")
+        return scopes
+
+    @field_validator("api_url", "authorize_url")
+    @classmethod
+    def _absolute_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{url!r} must be an absolute http(s) URL")
+        return url
+
+    @field_validator("api_url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.api_url}/oauth/token"
+
+    @property
+    def login_url(self) -> str:
+        # The callback sits beside the login route, so this also works under a path prefix.
+        return urljoin(self.redirect_uri, "login")
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.redirect_uri.startswith("https://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def validate_for_serving(self) -> None:
+        """Refuse configurations that would run but be unsafe or unable to keep tokens."""
+        problems: list[str] = []
+        secret = self.secret_key.get_secret_value()
+        if len(secret) < MIN_SECRET_KEY_LENGTH:
+            problems.append(
+                f"PINAUTH_SECRET_KEY is {'missing' if not secret else 'too short'}: it signs "
+                f"session cookies and OAuth state and needs at least {MIN_SECRET_KEY_LENGTH} "
+                "random characters. Generate one with: "
+                'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+            )
+        if not self.encryption_keys:
+            problems.append(
+                "PINAUTH_ENCRYPTION_KEYS is missing: tokens are encrypted at rest with it. "
+                "Generate a key with: python -c "
+                '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+            )
+        if problems:
+            raise ConfigurationError("\n".join(problems))

@@ -1,0 +1,164 @@
+"""Keeps each connection's tokens fresh: one refresh at a time, even across replicas.
+
+Pinterest rotates the refresh token on every refresh and kills the old one, so two
+refreshes racing with the same refresh token log the user out for good. Within a
+process an asyncio lock per connection makes concurrent callers share one refresh;
+across processes the connection row is re-read under `SELECT … FOR UPDATE`, and a
+caller that finds the version moved on since it last looked uses the new tokens
+instead of refreshing again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+from pinauth.crypto import TokenCipher, TokenDecryptionError
+from pinauth.errors import (
+    NotAuthenticated,
+    PinauthError,
+    ReauthorizationRequired,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from pinauth.models import Connection, ConnectionStatus
+from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
+from pinauth.repository import ConnectionRepository
+from pinauth.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait before calling a failing token endpoint again for the same connection.
+TRANSIENT_FAILURE_COOLDOWN = 10
+# PostgreSQL's "lock_not_available", raised when lock_timeout runs out.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCipher) -> None:
+    """Write a token pair onto the row; the caller commits both halves together."""
+    connection.access_token_encrypted = cipher.encrypt(tokens.access_token)
+    connection.access_token_expires_at = tokens.access_token_expires_at
+    # Pinterest rotates the refresh token; keep the old one only if none came back.
+    if tokens.refresh_token is not None:
+        connection.refresh_token_encrypted = cipher.encrypt(tokens.refresh_token)
+    if tokens.refresh_token_expires_at is not None:
+        connection.refresh_token_expires_at = tokens.refresh_token_expires_at
+    if tokens.scopes is not None:
+        connection.scopes = ",".join(tokens.scopes)
+    connection.status = ConnectionStatus.ACTIVE
+
+
+class TokenManager:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        oauth: PinterestOAuth,
+        cipher: TokenCipher,
+    ) -> None:
+        self._settings = settings
+        self._sessionmaker = sessionmaker
+        self._oauth = oauth
+        self._cipher = cipher
+        # Weak values: a lock lives only while some request holds or awaits it.
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._cooldown_until: dict[int, float] = {}
+
+    def reauthorization_required(self) -> ReauthorizationRequired:
+        return ReauthorizationRequired(self._settings.login_url)
+
+    async def refresh(self, seen: Connection) -> Connection:
+        """Refresh `seen`'s tokens, unless its row changed since it was read.
+
+        Returns the connection as stored afterwards. Every concurrent caller that saw
+        the same version gets the result of a single token request.
+        """
+        lock = self._locks.get(seen.id)
+        if lock is None:
+            lock = self._locks[seen.id] = asyncio.Lock()
+        try:
+            async with asyncio.timeout(self._settings.refresh_lock_timeout_seconds):
+                await lock.acquire()
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                "A token refresh for this connection is still in progress; retry shortly."
+            ) from None
+        try:
+            return await self._refresh_locked(seen)
+        finally:
+            lock.release()
+
+    async def _refresh_locked(self, seen: Connection) -> Connection:
+        failure: PinauthError | None = None
+        async with self._sessionmaker() as db:
+            try:
+                async with db.begin():
+                    connection = await ConnectionRepository(db).get_for_update(
+                        seen.id, lock_timeout=self._settings.refresh_lock_timeout_seconds
+                    )
+                    if connection is None:
+                        raise NotAuthenticated("This Pinterest connection no longer exists.")
+                    if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+                        raise self.reauthorization_required()
+                    if connection.version != seen.version:
+                        log.debug("connection %s already refreshed elsewhere", connection.id)
+                        return connection
+                    failure = await self._refresh_row(connection)
+            except DBAPIError as e:
+                if _sqlstate(e) == LOCK_NOT_AVAILABLE:
+                    raise UpstreamUnavailable(
+                        "Another replica is refreshing this connection; retry shortly."
+                    ) from e
+                raise
+            except StaleDataError as e:
+                # Only reachable when processes share SQLite, which has no row locks.
+                raise UpstreamUnavailable(
+                    "This connection changed during the refresh; retry shortly."
+                ) from e
+        if failure is not None:
+            raise failure
+        return connection
+
+    async def _refresh_row(self, connection: Connection) -> PinauthError | None:
+        """Call the token endpoint and update the locked row; return the error to raise
+        once the transaction has committed (raising inside it would roll back the
+        `reauthorization_required` mark)."""
+        remaining = self._cooldown_until.get(connection.id, 0.0) - time.monotonic()
+        if remaining > 0:
+            return UpstreamUnavailable(
+                "Pinterest's token endpoint failed moments ago; retry shortly.",
+                retry_after=int(remaining) + 1,
+            )
+        try:
+            if connection.refresh_token_encrypted is None:
+                raise TokenRejected(400, "no refresh token stored")
+            refresh_token = self._cipher.decrypt(connection.refresh_token_encrypted)
+            tokens = await self._oauth.refresh(refresh_token)
+        except (TokenRejected, TokenDecryptionError) as e:
+            log.warning("connection %s needs reauthorization: %s", connection.id, type(e).__name__)
+            connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
+            return self.reauthorization_required()
+        except (UpstreamError, UpstreamTimeout) as e:
+            log.warning("refresh of connection %s failed transiently: %s", connection.id, e)
+            self._cooldown_until[connection.id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
+            retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
+            return UpstreamUnavailable(
+                "Pinterest's token endpoint is unavailable; retry later.",
+                retry_after=max(retry_after, TRANSIENT_FAILURE_COOLDOWN),
+            )
+        self._cooldown_until.pop(connection.id, None)
+        apply_token_set(connection, tokens, self._cipher)
+        log.info("refreshed tokens of connection %s", connection.id)
+        return None
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    orig = error.orig
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)

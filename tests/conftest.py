@@ -1,0 +1,143 @@
+"""Fixtures: a fresh migrated database per test, the app in-process, Pinterest mocked by respx."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import respx
+from asgi_lifespan import LifespanManager
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+
+from pinauth.app import create_app
+from pinauth.migrations import upgrade_to_head
+from pinauth.settings import Settings
+
+API = "https://api.pinterest.com/v5"
+TOKEN_URL = f"{API}/oauth/token"
+CLIENT_ID = "1234567"
+CLIENT_SECRET = "client-secret-value-xyz"
+SERVICE = "http://localhost:8000"
+BASIC = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+
+# Distinctive token values, so a leak is easy to grep for.
+ACCESS_1 = "pina_ACCESS-ONE-5f2c9e"
+REFRESH_1 = "pinr_REFRESH-ONE-8d1a7b"
+ACCESS_2 = "pina_ACCESS-TWO-a93b01"
+REFRESH_2 = "pinr_REFRESH-TWO-c4e6f2"
+ALL_TOKENS = (ACCESS_1, REFRESH_1, ACCESS_2, REFRESH_2)
+
+
+def token_json(
+    access: str = ACCESS_1,
+    refresh: str | None = REFRESH_1,
+    *,
+    expires_in: int | str = 2592000,
+    response_type: str = "authorization_code",
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "access_token": access,
+        "token_type": "bearer",
+        "expires_in": expires_in,
+        "scope": "user_accounts:read,boards:read,pins:read",
+        "response_type": response_type,
+    }
+    if refresh is not None:
+        body |= {
+            "refresh_token": refresh,
+            "refresh_token_expires_in": 5184000,
+            "refresh_token_expires_at": 1900000000,
+        }
+    return body
+
+
+USER_ACCOUNT = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'pinauth.db'}"
+    upgrade_to_head(url)
+    return url
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "database_url": database_url,
+        "secret_key": "test-secret-key-" + "k" * 32,
+        "encryption_keys": Fernet.generate_key().decode(),
+    } | overrides
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+def pinterest() -> Iterator[respx.MockRouter]:
+    """Pinterest, mocked at the edge. Unmatched requests fail the test."""
+    with respx.MockRouter(assert_all_called=False, assert_all_mocked=True) as router:
+        yield router
+
+
+@pytest.fixture
+def app(settings: Settings, pinterest: respx.MockRouter) -> FastAPI:
+    return create_app(settings, transport=httpx.MockTransport(pinterest.async_handler))
+
+
+@asynccontextmanager
+async def serve_app(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, reached in-process like a browser would."""
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url=SERVICE) as client,
+    ):
+        yield client
+
+
+def run_client(
+    settings: Settings, pinterest: respx.MockRouter
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return serve_app(create_app(settings, transport=httpx.MockTransport(pinterest.async_handler)))
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_app(app) as client:
+        yield client
+
+
+def mock_login_upstream(
+    pinterest: respx.MockRouter, tokens: dict[str, Any] | None = None
+) -> tuple[respx.Route, respx.Route]:
+    token = pinterest.post(TOKEN_URL).respond(200, json=tokens or token_json())
+    account = pinterest.get(f"{API}/user_account").respond(200, json=USER_ACCOUNT)
+    return token, account
+
+
+async def start_login(client: httpx.AsyncClient, return_to: str | None = None) -> str:
+    """Run /auth/login like a browser; return the state Pinterest would echo back."""
+    params = {"return_to": return_to} if return_to else {}
+    response = await client.get("/auth/login", params=params)
+    assert response.status_code == 302
+    return parse_qs(urlsplit(response.headers["location"]).query)["state"][0]
+
+
+async def log_in(client: httpx.AsyncClient, pinterest: respx.MockRouter) -> httpx.Response:
+    """A complete, successful login; the client keeps the session cookie."""
+    mock_login_upstream(pinterest)
+    state = await start_login(client)
+    response = await client.get("/auth/callback", params={"code": "auth-code-1", "state": state})
+    assert response.status_code == 303, response.text
+    return response
