@@ -135,9 +135,13 @@ async def start_login(client: httpx.AsyncClient, return_to: str | None = None) -
 
 
 async def log_in(client: httpx.AsyncClient, pinterest: respx.MockRouter) -> httpx.Response:
-    """A complete, successful login; the client keeps the session cookie."""
+    """A complete, successful login; the client keeps the session cookie.
+
+    Pinterest's recorded calls are reset afterwards, so tests count only their own.
+    """
     mock_login_upstream(pinterest)
     state = await start_login(client)
     response = await client.get("/auth/callback", params={"code": "auth-code-1", "state": state})
     assert response.status_code == 303, response.text
+    pinterest.reset()
     return response

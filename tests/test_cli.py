@@ -1,0 +1,122 @@
+"""`pinauth serve` and `pinauth migrate` as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    return env | {
+        "PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
+        "PINAUTH_SECRET_KEY": "cli-test-secret-" + "x" * 32,
+        "PINAUTH_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "PINTEREST_CLIENT_ID": "cid",
+        "PINTEREST_CLIENT_SECRET": "csecret",
+    }
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=service_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"pinauth serve exited: {process.stdout.read() if process.stdout else ''}")
+        try:
+            httpx.get(f"{base}/openapi.json", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    try:
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_migrates_then_serves_docs_and_stops_cleanly(
+    served: tuple[str, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    base, process = served
+    assert httpx.get(f"{base}/docs").status_code == 200
+    login = httpx.get(f"{base}/auth/login")
+    assert login.status_code == 302
+    callback = httpx.get(f"{base}/auth/callback", params={"code": "SECRETCODE", "state": "STATE"})
+    assert callback.status_code == 400
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=10)
+
+    # Uvicorn shuts down gracefully, then re-raises the signal it caught.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert "GET /auth/callback HTTP/1.1" in output
+    assert "SECRETCODE" not in output
+    tables = sqlite3.connect(tmp_path / "cli.db").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'"
+    )
+    assert {"connections", "sessions", "login_states", "alembic_version"} <= {
+        row[0] for row in tables
+    }
+
+
+def test_migrate_only_migrates(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pinauth", "migrate"],
+        cwd=tmp_path,
+        env=service_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    version = sqlite3.connect(tmp_path / "cli.db").execute(
+        "SELECT version_num FROM alembic_version"
+    )
+    assert version.fetchone() == ("0001",)
+
+
+def test_make_run_writes_a_fresh_env_once(tmp_path: Path) -> None:
+    from pinauth.dotenv import write_env
+
+    target = tmp_path / ".env"
+    assert write_env(target)
+    first = target.read_text()
+    assert not write_env(target)  # never clobbers existing secrets
+    assert target.read_text() == first
+    assert target.stat().st_mode & 0o777 == 0o600
+
+    values = dict(
+        line.split("=", 1) for line in first.splitlines() if line and not line.startswith("#")
+    )
+    assert len(values["PINAUTH_SECRET_KEY"]) >= 32
+    Fernet(values["PINAUTH_ENCRYPTION_KEYS"].encode())  # a valid key

@@ -1,0 +1,49 @@
+"""/docs and /openapi.json describe every route, with typed responses and errors."""
+
+from __future__ import annotations
+
+import httpx
+
+
+async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+
+    expected = {
+        ("/auth/login", "get"): {"302", "503"},
+        ("/auth/callback", "get"): {"303", "400", "403", "502", "503", "504"},
+        ("/auth/refresh", "post"): {"200", "401", "403", "503"},
+        ("/auth/logout", "post"): {"204", "403"},
+        ("/auth/connection", "delete"): {"204", "401", "403"},
+        ("/me", "get"): {"200", "401"},
+    }
+    for (path, method), statuses in expected.items():
+        operation = paths[path][method]
+        assert operation["summary"], (path, method)
+        assert operation.get("description"), (path, method)
+        assert statuses <= set(operation["responses"]), (path, method)
+        for status in statuses - {"200", "204", "302", "303"}:
+            schema = operation["responses"][status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    me = paths["/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert me == {"$ref": "#/components/schemas/MeResponse"}
+    assert set(spec["components"]["schemas"]["MeResponse"]["properties"]) == {
+        "pinterest_user_id",
+        "username",
+        "scopes",
+        "access_token_expires_at",
+        "refresh_token_expires_at",
+        "status",
+    }
+
+
+async def test_docs_page(client: httpx.AsyncClient) -> None:
+    response = await client.get("/docs")
+    assert response.status_code == 200
+    assert "swagger" in response.text.lower()
+
+
+async def test_unknown_route_is_a_json_error(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"

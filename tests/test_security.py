@@ -1,0 +1,108 @@
+"""Tokens and secrets never leak: not to the database in plaintext, responses or logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+from fastapi import FastAPI
+
+from pinauth.app import create_app
+from pinauth.cli import main
+from pinauth.errors import ConfigurationError
+from pinauth.logs import StripQueryFilter
+from pinauth.settings import Settings
+from tests.conftest import (
+    ALL_TOKENS,
+    CLIENT_SECRET,
+    TOKEN_URL,
+    log_in,
+    make_settings,
+    serve_app,
+    start_login,
+    token_json,
+)
+
+
+async def test_no_token_or_secret_in_database_responses_or_logs(
+    app: FastAPI,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bodies: list[str] = []
+    async with serve_app(app) as client:
+
+        def record(response: httpx.Response) -> None:
+            bodies.append(str(response.headers) + response.text)
+
+        record(await log_in(client, pinterest))
+        record(await client.get("/me"))
+        pinterest.post(TOKEN_URL).respond(
+            200, json=token_json("pina_ACCESS-TWO-a93b01", "pinr_REFRESH-TWO-c4e6f2")
+        )
+        record(await client.post("/auth/refresh"))
+        # Failures log too: a transient failure and a rejected refresh token.
+        pinterest.post(TOKEN_URL).respond(502, text="upstream broke")
+        record(await client.post("/auth/refresh"))
+        state = await start_login(client)
+        pinterest.post(TOKEN_URL).respond(400, json={"code": 1, "message": "bad code"})
+        record(await client.get("/auth/callback", params={"code": "c", "state": state}))
+
+    db_path = Path(database_url.split("///", 1)[1])
+    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    logs = caplog.text
+    assert bodies
+    for secret in (*ALL_TOKENS, CLIENT_SECRET, settings.secret_key.get_secret_value()):
+        assert secret.encode() not in raw, f"{secret} stored in plaintext"
+        assert secret not in logs, f"{secret} logged"
+        for body in bodies:
+            assert secret not in body, f"{secret} in a response"
+
+
+def test_weak_secret_key_is_refused(database_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="PINAUTH_SECRET_KEY is too short"):
+        create_app(make_settings(database_url, secret_key="short"))
+    with pytest.raises(ConfigurationError, match="PINAUTH_SECRET_KEY is missing"):
+        create_app(make_settings(database_url, secret_key=""))
+
+
+def test_missing_encryption_key_is_refused(database_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="PINAUTH_ENCRYPTION_KEYS is missing"):
+        create_app(make_settings(database_url, encryption_keys=""))
+    with pytest.raises(ConfigurationError, match="Fernet keys"):
+        create_app(make_settings(database_url, encryption_keys="not-a-fernet-key"))
+
+
+def test_cli_refuses_to_serve_with_a_weak_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("PINAUTH_SECRET_KEY", "too-short")
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/x.db")
+
+    assert main(["serve", "--port", "1"]) == 2
+
+    err = capsys.readouterr().err
+    assert "PINAUTH_SECRET_KEY is too short" in err
+    assert "too-short" not in err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_access_log_drops_the_query_string() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/auth/callback?code=SECRET&state=STATE", "1.1", 303),
+        None,
+    )
+    assert StripQueryFilter().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /auth/callback HTTP/1.1" 303'

@@ -1,0 +1,76 @@
+"""Configuration from the environment, and encryption key rotation."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.fernet import Fernet
+from pydantic import ValidationError
+
+from pinauth.crypto import TokenCipher, TokenDecryptionError
+from pinauth.settings import Settings
+
+
+def test_environment_variables_are_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "PINTEREST_CLIENT_ID": "cid",
+        "PINTEREST_CLIENT_SECRET": "csecret",
+        "PINTEREST_REDIRECT_URI": "https://auth.example.com/auth/callback",
+        "PINTEREST_SCOPES": "boards:read, pins:read ,boards:write",
+        "PINTEREST_AUTHORIZE_URL": "https://www.pinterest.com/oauth/",
+        "PINTEREST_API_URL": "https://api-sandbox.pinterest.com/v5/",
+        "PINAUTH_DATABASE_URL": "postgresql+asyncpg://u@db/pinauth",
+        "PINAUTH_SECRET_KEY": "s" * 40,
+        "PINAUTH_ENCRYPTION_KEYS": "k1,k2",
+        "PINAUTH_FRONTEND_URL": "https://app.example.com/",
+        "PINAUTH_CORS_ORIGINS": "https://app.example.com,http://localhost:3000",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    settings = Settings(_env_file=None)
+
+    assert settings.client_id == "cid"
+    assert settings.client_secret.get_secret_value() == "csecret"
+    assert settings.scopes == ["boards:read", "pins:read", "boards:write"]
+    assert settings.api_url == "https://api-sandbox.pinterest.com/v5"
+    assert settings.token_url == "https://api-sandbox.pinterest.com/v5/oauth/token"
+    assert [k.get_secret_value() for k in settings.encryption_keys] == ["k1", "k2"]
+    assert settings.cors_origins == ["https://app.example.com", "http://localhost:3000"]
+    assert settings.secure_cookies
+    assert settings.login_url == "https://auth.example.com/auth/login"
+    assert "csecret" not in repr(settings)
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PINTEREST_SCOPES", "PINAUTH_DATABASE_URL", "PINTEREST_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(_env_file=None)
+    assert settings.scopes == ["user_accounts:read", "boards:read", "pins:read"]
+    assert settings.database_url == "sqlite+aiosqlite:///./pinauth.db"
+    assert settings.token_url == "https://api.pinterest.com/v5/oauth/token"
+    assert settings.redirect_uri == "http://localhost:8000/auth/callback"
+    assert settings.frontend_url == "/"
+    assert settings.cors_origins == []
+
+
+def test_dead_v1_scope_is_refused() -> None:
+    with pytest.raises(ValidationError, match="read_public"):
+        Settings(_env_file=None, scopes="read_public,boards:read")
+
+
+@pytest.mark.parametrize("origin", ["https://app.example.com/", "app.example.com", "*"])
+def test_cors_origins_must_be_exact_origins(origin: str) -> None:
+    with pytest.raises(ValidationError, match="not an origin"):
+        Settings(_env_file=None, cors_origins=origin)
+
+
+def test_encryption_keys_rotate() -> None:
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    stored = TokenCipher([old_key]).encrypt("pina_token")
+
+    rotated = TokenCipher([new_key, old_key])
+    assert rotated.decrypt(stored) == "pina_token"
+    re_encrypted = rotated.rotate(stored)
+    assert TokenCipher([new_key]).decrypt(re_encrypted) == "pina_token"
+    with pytest.raises(TokenDecryptionError):
+        TokenCipher([new_key]).decrypt(stored)
