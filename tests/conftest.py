@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import AsyncIterator, Iterator
+import socket
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import respx
+import uvicorn
 from asgi_lifespan import LifespanManager
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
@@ -85,10 +88,10 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
-def pinterest() -> Iterator[respx.MockRouter]:
-    """Pinterest, mocked at the edge. Unmatched requests fail the test."""
-    with respx.MockRouter(assert_all_called=False, assert_all_mocked=True) as router:
-        yield router
+def pinterest() -> respx.MockRouter:
+    """Pinterest, mocked at the edge: the app's injected transport, nothing patched
+    globally. A request no route matches fails the test."""
+    return respx.MockRouter(assert_all_called=False, assert_all_mocked=True)
 
 
 @pytest.fixture
@@ -116,6 +119,45 @@ def run_client(
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with serve_app(app) as client:
         yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def live_server(app: FastAPI) -> AsyncIterator[str]:
+    """The app behind a real uvicorn on a loopback port, in this event loop."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def raw_request(base: str, method: str, target: str, cookie: str) -> tuple[int, bytes]:
+    """Send a request line byte for byte (httpx would normalise `..` away first)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
 
 
 def mock_login_upstream(

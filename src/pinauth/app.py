@@ -17,14 +17,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
 from pinauth.api import me as me_routes
+from pinauth.api import pinterest as pinterest_routes
 from pinauth.api.deps import Services
 from pinauth.auth import AuthService
+from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import PinauthError
 from pinauth.pinterest.api import PinterestAPI
+from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client
 from pinauth.pinterest.oauth import PinterestOAuth
+from pinauth.proxy import ProxyService
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 
@@ -46,14 +50,19 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         sessionmaker = create_sessionmaker(engine)
         http = create_http_client(settings, transport)
         oauth = PinterestOAuth(http, settings)
+        cache = ConnectionCache(settings.cache_ttl_seconds)
+        tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache)
         services = Services(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
             http=http,
             cipher=cipher,
-            auth=AuthService(settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher),
-            tokens=TokenManager(settings, sessionmaker, oauth, cipher),
+            auth=AuthService(
+                settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
+            ),
+            tokens=tokens,
+            proxy=ProxyService(tokens, PinterestClient(http, settings)),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
@@ -80,6 +89,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     _install_error_handlers(app)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
+    app.include_router(pinterest_routes.router)
     return app
 
 

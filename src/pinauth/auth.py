@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.cache import ConnectionCache
 from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
 from pinauth.errors import AccessDenied, AuthorizationFailed, InvalidRequest, InvalidState
 from pinauth.models import AuthSession, Connection, LoginState
@@ -53,8 +54,10 @@ class AuthService:
         oauth: PinterestOAuth,
         api: PinterestAPI,
         cipher: TokenCipher,
+        cache: ConnectionCache,
     ) -> None:
         self._settings = settings
+        self._cache = cache
         self._sessionmaker = sessionmaker
         self._oauth = oauth
         self._api = api
@@ -184,6 +187,7 @@ class AuthService:
                     # A new session id at every login, and the old one dies: no fixation.
                     previous = self._session_hash(previous_session_cookie)
                     if previous is not None:
+                        self._cache.forget_session(previous)
                         await sessions.delete(previous)
                     now = datetime.now(UTC)
                     await sessions.add(
@@ -235,17 +239,25 @@ class AuthService:
         return digest(session_id) if session_id else None
 
     async def connection_for_session(self, cookie: str | None) -> Connection | None:
+        """The session's connection: from the cache on the hot path, else the database."""
         session_hash = self._session_hash(cookie)
         if session_hash is None:
             return None
+        cached = self._cache.connection_for_session(session_hash)
+        if cached is not None:
+            return cached
         async with self._sessionmaker() as db:
             session = await SessionRepository(db).get_active(session_hash, datetime.now(UTC))
-            return session.connection if session else None
+        if session is None:
+            return None
+        self._cache.remember_session(session_hash, session.connection)
+        return session.connection
 
     async def logout(self, cookie: str | None) -> None:
         session_hash = self._session_hash(cookie)
         if session_hash is None:
             return
+        self._cache.forget_session(session_hash)
         async with self._sessionmaker() as db, db.begin():
             await SessionRepository(db).delete(session_hash)
 
@@ -256,4 +268,5 @@ class AuthService:
             stored = await connections.get(connection.id)
             if stored is not None:
                 await connections.delete(stored)
+        self._cache.forget_connection(connection.id)
         log.info("connection %s disconnected", connection.id)

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     refresh_lock_timeout_seconds: float = Field(
         10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
     )
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_BODY_BYTES")
+    # Automatic retries of idempotent proxied calls on 429/502/503/504 and connection errors.
+    max_retries: int = Field(2, ge=0, le=10, validation_alias="PINAUTH_MAX_RETRIES")
+    # Total seconds a proxied call may spend waiting between retries (incl. Retry-After).
+    retry_budget_seconds: float = Field(10.0, ge=0, validation_alias="PINAUTH_RETRY_BUDGET")
+    # How long a process trusts its cached session and connection before re-reading the
+    # database: bounds how late another replica's logout or disconnect is noticed here.
+    cache_ttl_seconds: float = Field(5.0, ge=0, validation_alias="PINAUTH_CACHE_TTL")
+    # /boards?all=true stops after this many pages (and returns the bookmark to go on).
+    boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
 
     @field_validator("scopes", "cors_origins", mode="before")

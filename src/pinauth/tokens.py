@@ -14,11 +14,14 @@ import asyncio
 import logging
 import time
 import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
+from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.errors import (
     NotAuthenticated,
@@ -55,6 +58,17 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
     connection.status = ConnectionStatus.ACTIVE
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An access token ready to send, and the row version it came from."""
+
+    connection: Connection
+    access_token: str
+
+    def __repr__(self) -> str:
+        return f"Credential(connection_id={self.connection.id}, version={self.connection.version})"
+
+
 class TokenManager:
     def __init__(
         self,
@@ -62,17 +76,57 @@ class TokenManager:
         sessionmaker: async_sessionmaker[AsyncSession],
         oauth: PinterestOAuth,
         cipher: TokenCipher,
+        cache: ConnectionCache,
     ) -> None:
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._oauth = oauth
         self._cipher = cipher
+        self._cache = cache
+        self._margin = timedelta(seconds=settings.refresh_margin_seconds)
         # Weak values: a lock lives only while some request holds or awaits it.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._cooldown_until: dict[int, float] = {}
 
     def reauthorization_required(self) -> ReauthorizationRequired:
         return ReauthorizationRequired(self._settings.login_url)
+
+    def credential(self, connection: Connection) -> Credential:
+        """The connection's access token, decrypted once per row version."""
+        if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+            raise self.reauthorization_required()
+        token = self._cache.access_token(connection)
+        if token is None:
+            try:
+                token = self._cipher.decrypt(connection.access_token_encrypted)
+            except TokenDecryptionError:
+                # The key that encrypted it was removed from PINAUTH_ENCRYPTION_KEYS.
+                raise self.reauthorization_required() from None
+            self._cache.remember_access_token(connection, token)
+        return Credential(connection, token)
+
+    async def usable_credential(self, connection: Connection) -> Credential:
+        """A credential to call Pinterest with, refreshed first if it is about to expire.
+
+        If the proactive refresh fails only transiently and the token has not expired
+        yet, the current token is still good: use it rather than fail the call.
+        """
+        now = datetime.now(UTC)
+        if connection.access_token_expires_at - now > self._margin:
+            return self.credential(connection)
+        try:
+            return self.credential(await self.refresh(connection))
+        except UpstreamUnavailable:
+            if connection.access_token_expires_at > now:
+                log.warning(
+                    "using connection %s's current token until refresh recovers", connection.id
+                )
+                return self.credential(connection)
+            raise
+
+    async def refresh_after_rejection(self, rejected: Credential) -> Credential:
+        """Pinterest refused `rejected`: refresh, unless the token already changed."""
+        return self.credential(await self.refresh(rejected.connection))
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -91,7 +145,13 @@ class TokenManager:
                 "A token refresh for this connection is still in progress; retry shortly."
             ) from None
         try:
-            return await self._refresh_locked(seen)
+            # Whoever held the lock may have refreshed this connection for us already.
+            cached = self._cache.cached_connection(seen.id)
+            if cached is not None and cached.version > seen.version:
+                return cached
+            refreshed = await self._refresh_locked(seen)
+            self._cache.remember_connection(refreshed)
+            return refreshed
         finally:
             lock.release()
 
@@ -105,12 +165,10 @@ class TokenManager:
                     )
                     if connection is None:
                         raise NotAuthenticated("This Pinterest connection no longer exists.")
-                    if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
-                        raise self.reauthorization_required()
                     if connection.version != seen.version:
-                        log.debug("connection %s already refreshed elsewhere", connection.id)
-                        return connection
-                    failure = await self._refresh_row(connection)
+                        log.debug("connection %s changed since it was read", connection.id)
+                    elif connection.status is ConnectionStatus.ACTIVE:
+                        failure = await self._refresh_row(connection)
             except DBAPIError as e:
                 if _sqlstate(e) == LOCK_NOT_AVAILABLE:
                     raise UpstreamUnavailable(
@@ -124,12 +182,17 @@ class TokenManager:
                 ) from e
         if failure is not None:
             raise failure
+        if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+            self._cache.remember_connection(connection)
+            raise self.reauthorization_required()
         return connection
 
     async def _refresh_row(self, connection: Connection) -> PinauthError | None:
-        """Call the token endpoint and update the locked row; return the error to raise
-        once the transaction has committed (raising inside it would roll back the
-        `reauthorization_required` mark)."""
+        """Call the token endpoint and update the locked row.
+
+        Returns a transient error to raise once the transaction has ended. A rejected
+        refresh token is not raised here either: it marks the row, which must commit.
+        """
         remaining = self._cooldown_until.get(connection.id, 0.0) - time.monotonic()
         if remaining > 0:
             return UpstreamUnavailable(
@@ -144,7 +207,7 @@ class TokenManager:
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", connection.id, type(e).__name__)
             connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
-            return self.reauthorization_required()
+            return None
         except (UpstreamError, UpstreamTimeout) as e:
             log.warning("refresh of connection %s failed transiently: %s", connection.id, e)
             self._cooldown_until[connection.id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN

@@ -13,6 +13,7 @@ from pinauth.auth import AuthService
 from pinauth.crypto import TokenCipher
 from pinauth.errors import ForbiddenOrigin, NotAuthenticated
 from pinauth.models import Connection
+from pinauth.proxy import ProxyService
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 
@@ -31,6 +32,7 @@ class Services:
     cipher: TokenCipher
     auth: AuthService
     tokens: TokenManager
+    proxy: ProxyService
 
 
 def get_services(request: Request) -> Services:

@@ -32,6 +32,13 @@ class RefreshResponse(BaseModel):
     refresh_token_expires_at: datetime | None
 
 
+class BoardsPage(BaseModel):
+    items: list[dict[str, Any]] = Field(description="Boards in Pinterest's own shape.")
+    bookmark: str | None = Field(
+        None, description="Pass back as `bookmark` for the next page; null on the last page."
+    )
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the pinauth errors a route can return."""
     return {status: {"model": ErrorResponse} for status in statuses}

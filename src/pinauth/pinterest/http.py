@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from pinauth.errors import UpstreamError, UpstreamTimeout
+from pinauth.pinterest.transport import PinterestTransport
 from pinauth.settings import Settings
 
 
@@ -15,7 +17,10 @@ def create_http_client(
     settings: Settings, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=transport or httpx.AsyncHTTPTransport(retries=0),
+        transport=transport or PinterestTransport(),
+        # One client serves every user: it must never remember a cookie from one
+        # user's response and send it with another's request.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         timeout=httpx.Timeout(
             connect=settings.http_connect_timeout,
             read=settings.http_read_timeout,

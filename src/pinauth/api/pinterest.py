@@ -1,0 +1,135 @@
+"""/pinterest/{path} and /boards: Pinterest's API with the session's token added."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from pinauth.api.deps import CurrentConnection, ServicesDep
+from pinauth.api.schemas import BoardsPage, error_responses
+from pinauth.errors import PinauthError
+from pinauth.pinterest import headers
+from pinauth.pinterest.client import UpstreamRequest
+from pinauth.pinterest.paths import InvalidPath, confine
+
+router = APIRouter(tags=["pinterest"])
+
+PROXY_PREFIX = "/pinterest/"
+
+
+class PayloadTooLarge(PinauthError):
+    status_code = 413
+    code = "payload_too_large"
+    default_message = "The request body is larger than this service accepts."
+
+
+def _raw_path(request: Request) -> str:
+    """The path after /pinterest/ exactly as the client encoded it.
+
+    The router's `path` parameter is already percent-decoded (`..%2f` has become `../`),
+    so confinement has to look at the raw bytes.
+    """
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    # Some ASGI clients put the query string in raw_path; it is not part of the path.
+    path = raw.split(b"?", 1)[0].decode("latin-1")
+    prefix = request.scope.get("root_path", "") + PROXY_PREFIX
+    if not path.startswith(prefix):
+        raise InvalidPath()
+    return path[len(prefix) :]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _relay(upstream: httpx.Response) -> Response:
+    return Response(
+        content=upstream.content,
+        status_code=upstream.status_code,
+        headers=dict(headers.response_headers(upstream.headers.multi_items())),
+    )
+
+
+async def proxy(
+    path: str, request: Request, services: ServicesDep, connection: CurrentConnection
+) -> Response:
+    """Call any Pinterest v5 endpoint as the session's user; the response passes through."""
+    upstream = UpstreamRequest(
+        method=request.method,
+        path=confine(_raw_path(request)),
+        query=request.scope.get("query_string", b""),
+        headers=headers.request_headers(request.headers.items()),
+        body=await _read_body(request, services.settings.max_body_bytes),
+    )
+    return _relay(await services.proxy.call(connection, upstream))
+
+
+# One route per method, so each gets its own OpenAPI operation.
+for _method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+    router.add_api_route(
+        "/pinterest/{path:path}",
+        proxy,
+        methods=[_method],
+        name=f"proxy_{_method.lower()}",
+        operation_id=f"proxy_{_method.lower()}",
+        summary=f"{_method} a Pinterest v5 endpoint",
+        responses={
+            200: {"description": "Pinterest's response, passed through unchanged."},
+            **error_responses(400, 401, 413, 502, 503, 504),
+        },
+    )
+
+
+@router.get(
+    "/boards",
+    response_model=BoardsPage,
+    responses={
+        200: {"description": "The user's boards, as Pinterest lists them."},
+        **error_responses(401, 502, 503, 504),
+    },
+)
+async def boards(
+    services: ServicesDep,
+    connection: CurrentConnection,
+    page_size: Annotated[int | None, Query(ge=1, le=250)] = None,
+    bookmark: Annotated[str | None, Query(max_length=2048)] = None,
+    all_pages: Annotated[
+        bool,
+        Query(alias="all", description="Follow bookmarks (up to a bound) and return every board."),
+    ] = False,
+) -> Response:
+    """The user's boards (`items`, `bookmark`); `all=true` follows the bookmarks."""
+    items: list[Any] = []
+    for _ in range(services.settings.boards_max_pages if all_pages else 1):
+        params = {"page_size": page_size, "bookmark": bookmark}
+        query = httpx.QueryParams({k: v for k, v in params.items() if v is not None})
+        upstream = await services.proxy.call(
+            connection, UpstreamRequest("GET", "boards", query=str(query).encode())
+        )
+        if upstream.status_code != 200:
+            return _relay(upstream)  # Pinterest's own error, unchanged
+        try:
+            page = BoardsPage.model_validate_json(upstream.content)
+        except ValueError:
+            return _relay(upstream)
+        items.extend(page.items)
+        bookmark = page.bookmark
+        if not bookmark:
+            break
+    return JSONResponse(
+        BoardsPage(items=items, bookmark=bookmark).model_dump(mode="json"),
+        headers={"cache-control": "no-store"},
+    )
