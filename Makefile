@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install whenever the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit env clean
+.PHONY: run test lint typecheck unit env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,8 @@ run: $(STAMP) .env
 	$(BIN)/pinauth serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests alembic
-	$(BIN)/ruff format --check src tests alembic
+	$(BIN)/ruff check src tests alembic bench
+	$(BIN)/ruff format --check src tests alembic bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -35,6 +35,10 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Not part of `make test`: timings belong in a benchmark, not in pass/fail tests.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from pinauth.errors import UpstreamError, UpstreamTimeout
 from pinauth.pinterest.client import PinterestClient, UpstreamRequest
-from pinauth.pinterest.http import create_http_client
+from pinauth.pinterest.http import create_transport
 from pinauth.settings import Settings
 from tests.conftest import free_port, make_settings
 
@@ -59,8 +59,8 @@ def settings_for(api_url: str, **overrides: object) -> Settings:
 
 async def test_one_users_cookie_never_reaches_another(upstream: str) -> None:
     settings = settings_for(upstream)
-    async with create_http_client(settings) as http:
-        client = PinterestClient(http, settings)
+    async with create_transport() as transport:
+        client = PinterestClient(transport, settings)
         first = await client.send(UpstreamRequest("GET", "echo"), "token-of-user-a")
         second = await client.send(UpstreamRequest("GET", "echo"), "token-of-user-b")
 
@@ -70,20 +70,20 @@ async def test_one_users_cookie_never_reaches_another(upstream: str) -> None:
 
 async def test_connection_reset_is_an_upstream_error(upstream: str) -> None:
     settings = settings_for(upstream)
-    async with create_http_client(settings) as http:
+    async with create_transport() as transport:
         with pytest.raises(UpstreamError):
-            await PinterestClient(http, settings).send(UpstreamRequest("GET", "reset"), "t")
+            await PinterestClient(transport, settings).send(UpstreamRequest("GET", "reset"), "t")
 
 
 async def test_connection_refused_is_an_upstream_error() -> None:
     settings = settings_for(f"http://127.0.0.1:{free_port()}/v5")
-    async with create_http_client(settings) as http:
+    async with create_transport() as transport:
         with pytest.raises(UpstreamError):
-            await PinterestClient(http, settings).send(UpstreamRequest("GET", "echo"), "t")
+            await PinterestClient(transport, settings).send(UpstreamRequest("GET", "echo"), "t")
 
 
 async def test_slow_pinterest_is_a_timeout(upstream: str) -> None:
     settings = settings_for(upstream, http_read_timeout=0.3)
-    async with create_http_client(settings) as http:
+    async with create_transport() as transport:
         with pytest.raises(UpstreamTimeout):
-            await PinterestClient(http, settings).send(UpstreamRequest("GET", "slow"), "t")
+            await PinterestClient(transport, settings).send(UpstreamRequest("GET", "slow"), "t")

@@ -11,8 +11,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
@@ -26,7 +27,7 @@ from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import PinauthError
 from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
-from pinauth.pinterest.http import create_http_client
+from pinauth.pinterest.http import create_http_client, create_transport
 from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
 from pinauth.settings import Settings
@@ -48,7 +49,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings)
         sessionmaker = create_sessionmaker(engine)
-        http = create_http_client(settings, transport)
+        network = transport or create_transport()
+        http = create_http_client(settings, network)
         oauth = PinterestOAuth(http, settings)
         cache = ConnectionCache(settings.cache_ttl_seconds)
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache)
@@ -62,7 +64,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),
             tokens=tokens,
-            proxy=ProxyService(tokens, PinterestClient(http, settings)),
+            proxy=ProxyService(tokens, PinterestClient(network, settings)),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
@@ -77,6 +79,11 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         version=__version__,
         summary="Connect users' Pinterest accounts and call Pinterest API v5 on their behalf.",
         lifespan=lifespan,
+        telemetry={
+            "tracing": settings.opentelemetry,
+            "metrics": settings.opentelemetry,
+            "logs": settings.opentelemetry,
+        },
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -89,7 +96,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     _install_error_handlers(app)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
-    app.include_router(pinterest_routes.router)
+    # The proxy routes go straight onto the app's router, first: routes match in
+    # order, and an included router costs a second matching pass per request.
+    app.router.routes[0:0] = pinterest_routes.router.routes
     return app
 
 
@@ -116,6 +125,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(_request: Request, _exc: ClientDisconnect) -> Response:
+        # The client hung up while sending its body; nobody is left to answer.
+        log.debug("client disconnected before its request body arrived")
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

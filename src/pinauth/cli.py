@@ -40,6 +40,9 @@ def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_config=logging_config(settings.log_level),
+        access_log=settings.access_log,
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # Keeps `Server` banners off responses; the service's name is no one's business.
         server_header=False,
     )

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
     boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
+    access_log: bool = Field(True, validation_alias="PINAUTH_ACCESS_LOG")
+    # Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto to trust
+    # (uvicorn's forwarded_allow_ips). Empty: nobody's, and no per-request cost.
+    forwarded_allow_ips: str = Field("", validation_alias="PINAUTH_FORWARDED_ALLOW_IPS")
+    # FastAPI's native OpenTelemetry hooks; they cost an environment lookup per request.
+    opentelemetry: bool = Field(False, validation_alias="PINAUTH_OPENTELEMETRY")
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod

@@ -35,7 +35,9 @@ class Services:
     proxy: ProxyService
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` even when they never await: FastAPI runs plain `def`
+# dependencies in a thread pool, a thread hop on every request.
+async def get_services(request: Request) -> Services:
     services: Services = request.state.services
     return services
 
@@ -54,7 +56,7 @@ async def get_current_connection(services: ServicesDep, cookie: SessionCookie = 
 CurrentConnection = Annotated[Connection, Depends(get_current_connection)]
 
 
-def require_trusted_origin(request: Request, services: ServicesDep) -> None:
+async def require_trusted_origin(request: Request, services: ServicesDep) -> None:
     """Refuse cross-site requests that would act on the session cookie.
 
     SameSite=Lax already keeps the cookie off most cross-site POSTs; checking Origin

@@ -43,6 +43,8 @@ def _raw_path(request: Request) -> str:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
+    if declared is None and "transfer-encoding" not in request.headers:
+        return b""  # HTTP/1.1: a request without either header has no body
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     chunks: list[bytes] = []
