@@ -38,7 +38,7 @@ test: lint typecheck unit
 
 # Not part of `make test`: timings belong in a benchmark, not in pass/fail tests.
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,13 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         for status in statuses - {"200", "204", "302", "303"}:
             schema = operation["responses"][status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    for method in ("get", "post", "put", "patch", "delete"):
+        operation = paths["/pinterest/{path}"][method]
+        assert operation["operationId"] == f"proxy_{method}"
+        assert [p["name"] for p in operation["parameters"]] == ["path"]
+        assert {"200", "400", "401", "413", "502", "503", "504"} <= set(operation["responses"])
+    boards = paths["/boards"]["get"]
+    assert {p["name"] for p in boards["parameters"]} == {"page_size", "bookmark", "all"}
     me = paths["/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert me == {"$ref": "#/components/schemas/MeResponse"}
     assert set(spec["components"]["schemas"]["MeResponse"]["properties"]) == {

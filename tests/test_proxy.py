@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from urllib.parse import parse_qs
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 import respx
 
 from pinauth.app import create_app
+from pinauth.pinterest.client import retry_after_seconds
 from pinauth.pinterest.paths import InvalidPath, confine
 from pinauth.settings import Settings
 from tests.conftest import (
@@ -660,3 +663,18 @@ async def test_boards_passes_pinterest_errors_through(
     response = await client.get("/boards")
     assert response.status_code == 403
     assert response.json() == {"code": 29, "message": "Forbidden"}
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("7", 7.0), ("0", 0.0), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)
+def test_retry_after_forms(header: str | None, expected: float | None) -> None:
+    headers = {"Retry-After": header} if header is not None else {}
+    assert retry_after_seconds(httpx.Response(429, headers=headers)) == expected
+
+
+def test_retry_after_as_a_future_date() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    response = httpx.Response(503, headers={"Retry-After": format_datetime(when, usegmt=True)})
+    assert 28 <= (retry_after_seconds(response) or 0) <= 30

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import respx
-from sqlalchemy import func, select
+from sqlalchemy import Engine, event, func, select
 
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import AuthSession, Connection
 from pinauth.settings import Settings
-from tests.conftest import log_in
+from tests.conftest import log_in, make_settings, run_client
 
 
 async def count_rows(settings: Settings, model: type[AuthSession] | type[Connection]) -> int:
@@ -95,3 +97,28 @@ async def test_disconnect_requires_a_session(client: httpx.AsyncClient) -> None:
     response = await client.delete("/auth/connection")
     assert response.status_code == 401
     assert response.json()["error"] == "not_authenticated"
+
+
+async def test_session_cache_expiry_causes_one_database_read(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """When a cached session expires under load, one query refills it for everyone."""
+    session_reads: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "FROM sessions" in statement:
+            session_reads.append(statement)
+
+    settings = make_settings(database_url, cache_ttl_seconds=0.05)
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        await asyncio.sleep(0.1)  # the cached session expires
+        # Every engine's statements, the app's included: observed, not mocked.
+        event.listen(Engine, "before_cursor_execute", count)
+        try:
+            responses = await asyncio.gather(*(client.get("/me") for _ in range(20)))
+        finally:
+            event.remove(Engine, "before_cursor_execute", count)
+
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len(session_reads) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -9,12 +10,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+from cachetools import LRUCache
 from itsdangerous import BadSignature, SignatureExpired
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from pinauth.cache import ConnectionCache
+from pinauth.cache import MAX_ENTRIES, ConnectionCache
 from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
 from pinauth.errors import AccessDenied, AuthorizationFailed, InvalidRequest, InvalidState
 from pinauth.models import AuthSession, Connection, LoginState
@@ -58,6 +60,8 @@ class AuthService:
     ) -> None:
         self._settings = settings
         self._cache = cache
+        self._loading_sessions: dict[str, asyncio.Future[Connection | None]] = {}
+        self._verified_cookies: LRUCache[str, str] = LRUCache(MAX_ENTRIES)
         self._sessionmaker = sessionmaker
         self._oauth = oauth
         self._api = api
@@ -235,8 +239,16 @@ class AuthService:
     def _session_hash(self, cookie: str | None) -> str | None:
         if not cookie:
             return None
+        # Verifying the signature and hashing cost two HMAC/SHA-256 rounds per request;
+        # only cookies that verified are remembered, so forgeries cannot fill this.
+        known = self._verified_cookies.get(cookie)
+        if known is not None:
+            return known
         session_id = self.session_signer.unsign(cookie)
-        return digest(session_id) if session_id else None
+        if not session_id:
+            return None
+        session_hash = self._verified_cookies[cookie] = digest(session_id)
+        return session_hash
 
     async def connection_for_session(self, cookie: str | None) -> Connection | None:
         """The session's connection: from the cache on the hot path, else the database."""
@@ -246,6 +258,16 @@ class AuthService:
         cached = self._cache.connection_for_session(session_hash)
         if cached is not None:
             return cached
+        # When a cached entry expires, every request of that browser in flight misses
+        # at once; one database read serves them all.
+        loading = self._loading_sessions.get(session_hash)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_session(session_hash))
+            self._loading_sessions[session_hash] = loading
+            loading.add_done_callback(lambda _: self._loading_sessions.pop(session_hash, None))
+        return await asyncio.shield(loading)
+
+    async def _load_session(self, session_hash: str) -> Connection | None:
         async with self._sessionmaker() as db:
             session = await SessionRepository(db).get_active(session_hash, datetime.now(UTC))
         if session is None:

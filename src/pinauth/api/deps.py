@@ -46,8 +46,10 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 SessionCookie = Annotated[str | None, Cookie(alias=SESSION_COOKIE, include_in_schema=False)]
 
 
-async def get_current_connection(services: ServicesDep, cookie: SessionCookie = None) -> Connection:
-    connection = await services.auth.connection_for_session(cookie)
+async def get_current_connection(request: Request) -> Connection:
+    """The session's connection, or 401. Also called directly by the proxy's hot path."""
+    services: Services = request.state.services
+    connection = await services.auth.connection_for_session(request.cookies.get(SESSION_COOKIE))
     if connection is None:
         raise NotAuthenticated()
     return connection
