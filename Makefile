@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 env: .env
 
+# With Pinterest credentials (environment or .env) the real Pinterest is used;
+# without them, the demo: pinauth and its built-in sandbox on http://localhost:8000/.
 run: $(STAMP) .env
-	$(BIN)/pinauth serve
+	@if [ -n "$$PINTEREST_CLIENT_ID" ] || grep -Eq '^PINTEREST_CLIENT_ID=.+' .env; then \
+		$(BIN)/pinauth serve; \
+	else \
+		$(BIN)/pinauth serve --demo; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests alembic bench

@@ -83,6 +83,8 @@ def test_cli_refuses_to_serve_with_a_weak_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("PINTEREST_CLIENT_ID", "cid")
+    monkeypatch.setenv("PINTEREST_CLIENT_SECRET", "csecret")
     monkeypatch.setenv("PINAUTH_SECRET_KEY", "too-short")
     monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/x.db")
 
@@ -106,3 +108,20 @@ def test_access_log_drops_the_query_string() -> None:
     )
     assert StripQueryFilter().filter(record)
     assert record.getMessage() == '127.0.0.1:5000 - "GET /auth/callback HTTP/1.1" 303'
+
+
+def test_cli_refuses_to_serve_without_credentials_unless_demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("PINTEREST_CLIENT_ID", "PINTEREST_CLIENT_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PINAUTH_SECRET_KEY", "k" * 40)
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/x.db")
+
+    assert main(["serve", "--port", "1"]) == 2
+
+    err = capsys.readouterr().err
+    assert "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set" in err
+    assert "pinauth serve --demo" in err
+    assert not (tmp_path / "x.db").exists()

@@ -12,11 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
+from pinauth.api import demo as demo_routes
 from pinauth.api import me as me_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api.deps import Services
@@ -24,12 +26,14 @@ from pinauth.auth import AuthService
 from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
+from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import PinauthError
 from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
 from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
+from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 
@@ -40,8 +44,17 @@ class State(TypedDict):
     services: Services
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """Build the service. `transport` replaces the network under the Pinterest client."""
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    sandbox: SandboxConfig | None = None,
+) -> FastAPI:
+    """Build the service.
+
+    `transport` replaces the network under the Pinterest client (tests); `sandbox`
+    mounts the built-in Pinterest sandbox at /sandbox (demo mode).
+    """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
 
@@ -96,6 +109,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     _install_error_handlers(app)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
+    app.include_router(demo_routes.router)
+    app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
+    if sandbox is not None:
+        app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
     # The proxy routes go straight onto the app's router, first: routes match in
     # order, and an included router costs a second matching pass per request.
     app.router.routes[0:0] = pinterest_routes.router.routes

@@ -33,10 +33,30 @@ def _serve(args: argparse.Namespace) -> None:
     from pinauth.migrations import upgrade_to_head
 
     settings = _load_settings()
+    sandbox = None
+    if args.demo:
+        from pinauth.demo import demo_settings, public_base_url
+
+        logging.config.dictConfig(logging_config(settings.log_level))
+        settings, sandbox = demo_settings(settings, args.host, args.port)
+        log = logging.getLogger("pinauth")
+        log.warning("=" * 72)
+        log.warning("DEMO MODE: Pinterest is pinauth's built-in sandbox, not the real one.")
+        log.warning(
+            "Open %s/ to try it. Never run --demo in production.",
+            public_base_url(args.host, args.port),
+        )
+        log.warning("=" * 72)
+    elif not settings.client_id or not settings.client_secret.get_secret_value():
+        raise ConfigurationError(
+            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set. Set them to your "
+            "Pinterest app's credentials, or run `pinauth serve --demo` to try pinauth "
+            "against its built-in sandbox."
+        )
     settings.validate_for_serving()
     logging.config.dictConfig(logging_config(settings.log_level))
     upgrade_to_head(settings.database_url)
-    app = create_app(settings)
+    app = create_app(settings, sandbox=sandbox)
     # Everything built so far (modules, routes, models) lives as long as the process;
     # freezing it keeps the cyclic GC from re-scanning it in every full collection,
     # which showed up as latency spikes under load (see bench/).
@@ -51,6 +71,26 @@ def _serve(args: argparse.Namespace) -> None:
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # Keeps `Server` banners off responses; the service's name is no one's business.
+        server_header=False,
+    )
+
+
+def _sandbox(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from pinauth.sandbox import SandboxConfig, create_sandbox_app
+
+    config = SandboxConfig(redirect_uris=tuple(args.redirect_uri or SandboxConfig.redirect_uris))
+    print(
+        f"pinauth sandbox on http://{args.host}:{args.port}: client_id={config.client_id} "
+        f"client_secret={config.client_secret} redirect_uris={','.join(config.redirect_uris)}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_sandbox_app(config),
+        host=args.host,
+        port=args.port,
+        log_config=logging_config("info"),
         server_header=False,
     )
 
@@ -73,7 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="migrate the database, then run the service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the built-in Pinterest sandbox (mounted at /sandbox) instead of Pinterest",
+    )
     serve.set_defaults(handler=_serve)
+
+    sandbox = commands.add_parser("sandbox", help="run the Pinterest sandbox on its own")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8001)
+    sandbox.add_argument(
+        "--redirect-uri",
+        action="append",
+        help="a redirect URI the sandbox app accepts (repeatable; default "
+        "http://localhost:8000/auth/callback)",
+    )
+    sandbox.set_defaults(handler=_sandbox)
 
     migrate = commands.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(handler=_migrate)

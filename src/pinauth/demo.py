@@ -1,0 +1,54 @@
+"""Demo mode: pinauth wired to its own sandbox, so it works with no Pinterest credentials."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
+
+from pinauth.sandbox import SandboxConfig
+from pinauth.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SANDBOX_PREFIX = "/sandbox"
+DEMO_DATABASE_URL = "sqlite+aiosqlite:///./pinauth-demo.db"
+
+
+def public_base_url(host: str, port: int) -> str:
+    """Where a browser on this machine reaches the service.
+
+    One name for every browser-facing URL matters: the login cookie set on `localhost`
+    is not sent to `127.0.0.1`, so a mix would fail every state check.
+    """
+    name = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else host
+    return f"http://{name}:{port}"
+
+
+def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, SandboxConfig]:
+    base = public_base_url(host, port)
+    redirect_uri = f"{base}/auth/callback"
+    sandbox = SandboxConfig(redirect_uris=(redirect_uri,))
+    updates: dict[str, object] = {
+        "client_id": sandbox.client_id,
+        "client_secret": SecretStr(sandbox.client_secret),
+        "redirect_uri": redirect_uri,
+        "authorize_url": f"{base}{SANDBOX_PREFIX}/oauth/",
+        # pinauth calls its own sandbox over loopback, like it would call Pinterest.
+        "api_url": f"http://127.0.0.1:{port}{SANDBOX_PREFIX}/v5",
+        "scopes": [*settings.scopes, "boards:write"]
+        if "boards:write" not in settings.scopes
+        else settings.scopes,
+    }
+    if "database_url" not in settings.model_fields_set:
+        # Keep demo connections out of the database real ones will use.
+        updates["database_url"] = DEMO_DATABASE_URL
+    if len(settings.secret_key.get_secret_value()) < 32:
+        log.warning("demo mode: no PINAUTH_SECRET_KEY, using a temporary one")
+        updates["secret_key"] = SecretStr(secrets.token_urlsafe(48))
+    if not settings.encryption_keys:
+        log.warning("demo mode: no PINAUTH_ENCRYPTION_KEYS, using a temporary one")
+        updates["encryption_keys"] = [SecretStr(Fernet.generate_key().decode())]
+    return settings.model_copy(update=updates), sandbox

@@ -1,0 +1,148 @@
+// pinauth's reference frontend: plain fetch() against pinauth's REST API.
+// The session is an HttpOnly cookie, so every call sends credentials: "include".
+"use strict";
+
+const API = ""; // same origin; set to pinauth's URL when the frontend lives elsewhere
+const $ = (id) => document.getElementById(id);
+let bookmark = null;
+
+async function call(method, path, body) {
+  const init = { method, credentials: "include", headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(API + path, init);
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!response.ok) throw Object.assign(new Error("request failed"), { status: response.status, data });
+  return data;
+}
+
+function show(text, kind = "error", link = null) {
+  const box = $("message");
+  box.className = `message ${kind}`;
+  box.textContent = text;
+  if (link) {
+    box.append(" ");
+    const a = document.createElement("a");
+    a.href = link.href;
+    a.textContent = link.text;
+    box.append(a);
+  }
+  box.hidden = false;
+}
+
+function explain(error) {
+  const data = error.data || {};
+  if (data.error === "reauthorization_required") {
+    show("Pinterest no longer accepts this connection's tokens.", "error",
+         { href: data.login_url || "/auth/login", text: "Reconnect Pinterest" });
+    signedOut();
+  } else if (data.error === "not_authenticated") {
+    signedOut();
+  } else if (data.error) {
+    show(`${data.message} (${data.error})`);
+  } else if (data.message) {
+    show(`Pinterest says: ${data.message}`); // Pinterest's own {code, message}, passed through
+  } else {
+    show(`Something went wrong (HTTP ${error.status || "?"}).`);
+  }
+}
+
+function signedOut() {
+  $("signed-in").hidden = true;
+  $("signed-out").hidden = false;
+}
+
+function boardItem(board) {
+  const li = document.createElement("li");
+  const name = document.createElement("div");
+  name.className = "name";
+  name.textContent = board.name;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const pins = board.pin_count ?? 0;
+  meta.textContent = `${board.privacy.toLowerCase()} · ${pins} pin${pins === 1 ? "" : "s"}`;
+  li.append(name, meta);
+  if (board.description) {
+    const description = document.createElement("div");
+    description.textContent = board.description;
+    li.append(description);
+  }
+  return li;
+}
+
+async function loadBoards(more = false) {
+  const params = new URLSearchParams({ page_size: "12" });
+  if (more && bookmark) params.set("bookmark", bookmark);
+  const page = await call("GET", `/boards?${params}`);
+  if (!more) $("boards").replaceChildren();
+  page.items.forEach((board) => $("boards").append(boardItem(board)));
+  bookmark = page.bookmark;
+  $("more").hidden = !bookmark;
+  $("no-boards").hidden = $("boards").children.length > 0;
+}
+
+async function loadAccount() {
+  const me = await call("GET", "/me");
+  $("username").textContent = me.username;
+  $("user-id").textContent = me.pinterest_user_id;
+  $("scopes").textContent = me.scopes.join(", ");
+  $("access-expiry").textContent = new Date(me.access_token_expires_at).toLocaleString();
+  $("status").textContent = me.status.replace("_", " ");
+  $("signed-out").hidden = true;
+  $("signed-in").hidden = false;
+  return me;
+}
+
+async function start() {
+  try {
+    const me = await loadAccount();
+    if (me.status === "reauthorization_required") {
+      explain({ data: { error: "reauthorization_required", login_url: "/auth/login" } });
+      return;
+    }
+    await loadBoards();
+  } catch (error) {
+    explain(error);
+  }
+}
+
+function busy(button, work) {
+  return async (event) => {
+    event.preventDefault();
+    button.disabled = true;
+    try { await work(event); } catch (error) { explain(error); } finally { button.disabled = false; }
+  };
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("connect").href = `${API}/auth/login?return_to=${encodeURIComponent(location.pathname)}`;
+  $("refresh").addEventListener("click", busy($("refresh"), async () => {
+    await call("POST", "/auth/refresh");
+    await loadAccount();
+    show("Tokens refreshed.", "info");
+  }));
+  $("logout").addEventListener("click", busy($("logout"), async () => {
+    await call("POST", "/auth/logout");
+    signedOut();
+    show("Logged out. The connection is kept; connect again to continue.", "info");
+  }));
+  $("disconnect").addEventListener("click", busy($("disconnect"), async () => {
+    await call("DELETE", "/auth/connection");
+    signedOut();
+    show("Disconnected: pinauth deleted this account's tokens.", "info");
+  }));
+  $("more").addEventListener("click", busy($("more"), () => loadBoards(true)));
+  const form = $("create-board");
+  form.addEventListener("submit", busy(form.querySelector("button"), async () => {
+    const fields = Object.fromEntries(new FormData(form));
+    const board = await call("POST", "/pinterest/boards", fields);
+    $("boards").prepend(boardItem(board));
+    $("no-boards").hidden = true;
+    form.reset();
+    show(`Board “${board.name}” created.`, "info");
+  }));
+  start();
+});
