@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install whenever the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit env bench clean
+.PHONY: run test lint typecheck unit unit-postgres env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite runs twice: on SQLite, then on PostgreSQL (a fresh database per run).
+POSTGRES_TEST_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck unit
+unit-postgres: $(STAMP)
+	PINAUTH_TEST_POSTGRES_URL=$(POSTGRES_TEST_URL) $(BIN)/pytest
+
+test: lint typecheck unit unit-postgres
 
 # Not part of `make test`: timings belong in a benchmark, not in pass/fail tests.
 bench: $(STAMP)

@@ -6,7 +6,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -48,9 +48,19 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any fixed number, the same in every replica: pg_advisory_xact_lock's key.
+MIGRATION_LOCK_KEY = 0x70696E61  # "pina"
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together queue here; each then finds the schema already
+            # at head and does nothing. Released with the migration's transaction.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         context.run_migrations()
 
 

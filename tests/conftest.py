@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import uvicorn
 from asgi_lifespan import LifespanManager
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.app import create_app
 from pinauth.migrations import upgrade_to_head
@@ -64,8 +68,55 @@ def token_json(
 USER_ACCOUNT = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
 
 
+# `make test` runs the suite twice: on SQLite, and with this set to a PostgreSQL server
+# (postgresql+asyncpg://user@host:port/admin_db), where it gets a database of its own.
+POSTGRES_ADMIN_URL = os.environ.get("PINAUTH_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A new PostgreSQL database for this test run, migrated once, dropped at the end."""
+    admin = make_url(POSTGRES_ADMIN_URL)
+    name = f"pinauth_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin_sql(statement: str) -> None:
+        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _truncate_all(url: str) -> None:
+    async def truncate() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text("TRUNCATE connections, sessions, login_states RESTART IDENTITY CASCADE")
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(truncate())
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with the schema at head and no rows, for this test alone."""
+    if POSTGRES_ADMIN_URL:
+        url: str = request.getfixturevalue("postgres_url")
+        _truncate_all(url)
+        return url
     url = f"sqlite+aiosqlite:///{tmp_path / 'pinauth.db'}"
     upgrade_to_head(url)
     return url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -78,9 +79,16 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
 
     # Uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Application shutdown complete" in output
-    assert "GET /auth/callback HTTP/1.1" in output
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert "Application shutdown complete." in [line["event"] for line in lines]
+    callback_line = next(line for line in lines if line.get("path") == "/auth/callback")
+    assert callback_line["event"] == "request"
+    assert callback_line["status"] == 400
+    assert callback_line["route"] == "/auth/callback"
+    assert callback_line["request_id"] == callback.headers["x-request-id"]
+    assert callback_line["duration_ms"] >= 0
     assert "SECRETCODE" not in output
+    assert "STATE" not in output
     tables = sqlite3.connect(tmp_path / "cli.db").execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'"
     )

@@ -9,6 +9,8 @@ import httpx
 import pytest
 import respx
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.app import create_app
 from pinauth.cli import main
@@ -54,8 +56,7 @@ async def test_no_token_or_secret_in_database_responses_or_logs(
         pinterest.post(TOKEN_URL).respond(400, json={"code": 1, "message": "bad code"})
         record(await client.get("/auth/callback", params={"code": "c", "state": state}))
 
-    db_path = Path(database_url.split("///", 1)[1])
-    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    raw = await stored_bytes(database_url)
     logs = caplog.text
     assert bodies
     for secret in (*ALL_TOKENS, CLIENT_SECRET, settings.secret_key.get_secret_value()):
@@ -63,6 +64,26 @@ async def test_no_token_or_secret_in_database_responses_or_logs(
         assert secret not in logs, f"{secret} logged"
         for body in bodies:
             assert secret not in body, f"{secret} in a response"
+
+
+async def stored_bytes(database_url: str) -> bytes:
+    """Everything the database holds: every row as text, and for SQLite the raw files
+    (WAL and free pages included, where deleted values linger)."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = [
+                repr(row).encode()
+                for table in ("connections", "sessions", "login_states")
+                for row in (await connection.execute(text(f"SELECT * FROM {table}"))).all()
+            ]
+    finally:
+        await engine.dispose()
+    assert rows, "the flow should have stored something"
+    if database_url.startswith("sqlite"):
+        path = Path(database_url.split("///", 1)[1])
+        rows += [p.read_bytes() for p in path.parent.glob(path.name + "*")]
+    return b"".join(rows)
 
 
 def test_weak_secret_key_is_refused(database_url: str) -> None:

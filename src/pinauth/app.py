@@ -20,6 +20,7 @@ from pinauth import __version__
 from pinauth.api import auth as auth_routes
 from pinauth.api import demo as demo_routes
 from pinauth.api import me as me_routes
+from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api.deps import Services
 from pinauth.auth import AuthService
@@ -28,6 +29,8 @@ from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import PinauthError
+from pinauth.migrations import schema_head
+from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
@@ -57,6 +60,8 @@ def create_app(
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    metrics = Metrics()
+    head = schema_head()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
@@ -64,9 +69,9 @@ def create_app(
         sessionmaker = create_sessionmaker(engine)
         network = transport or create_transport()
         http = create_http_client(settings, network)
-        oauth = PinterestOAuth(http, settings)
+        oauth = PinterestOAuth(http, settings, metrics)
         cache = ConnectionCache(settings.cache_ttl_seconds)
-        tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache)
+        tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
         services = Services(
             settings=settings,
             engine=engine,
@@ -77,7 +82,9 @@ def create_app(
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),
             tokens=tokens,
-            proxy=ProxyService(tokens, PinterestClient(network, settings)),
+            proxy=ProxyService(tokens, PinterestClient(network, settings, metrics=metrics)),
+            metrics=metrics,
+            schema_head=head,
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
@@ -106,9 +113,12 @@ def create_app(
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Content-Type", "Accept", "Accept-Language"],
         )
+    # Outermost: every response gets a request id, is counted, and is logged once.
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
     _install_error_handlers(app)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
+    app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:

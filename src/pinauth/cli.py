@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.demo:
         from pinauth.demo import demo_settings, public_base_url
 
-        logging.config.dictConfig(logging_config(settings.log_level))
+        logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
         settings, sandbox = demo_settings(settings, args.host, args.port)
         log = logging.getLogger("pinauth")
         log.warning("=" * 72)
@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> None:
             "against its built-in sandbox."
         )
     settings.validate_for_serving()
-    logging.config.dictConfig(logging_config(settings.log_level))
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     upgrade_to_head(settings.database_url)
     app = create_app(settings, sandbox=sandbox)
     # Everything built so far (modules, routes, models) lives as long as the process;
@@ -66,8 +66,10 @@ def _serve(args: argparse.Namespace) -> None:
         app,
         host=args.host,
         port=args.port,
-        log_config=logging_config(settings.log_level),
-        access_log=settings.access_log,
+        log_config=logging_config(settings.log_level, settings.log_format),
+        # pinauth logs each request itself (with request id, route and duration).
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # Keeps `Server` banners off responses; the service's name is no one's business.
@@ -99,7 +101,7 @@ def _migrate(_args: argparse.Namespace) -> None:
     from pinauth.migrations import upgrade_to_head
 
     settings = _load_settings()
-    logging.config.dictConfig(logging_config(settings.log_level))
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     upgrade_to_head(settings.database_url)
     logging.getLogger("pinauth").info("database schema is at head")
 

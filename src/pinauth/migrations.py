@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -31,3 +32,12 @@ def alembic_config(database_url: str) -> Config:
 def upgrade_to_head(database_url: str) -> None:
     """Bring the schema to the newest revision. Blocking: call it outside the event loop."""
     command.upgrade(alembic_config(database_url), "head")
+
+
+def schema_head() -> str:
+    """The newest revision this code ships (what a ready database must be at)."""
+    script = ScriptDirectory(str(_script_location()))
+    head = script.get_current_head()
+    if head is None:
+        raise RuntimeError("the migrations have no head revision")
+    return head

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from pinauth.models import AuthSession, Connection, LoginState
+from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
 
 
 class ConnectionRepository:
@@ -48,6 +49,27 @@ class ConnectionRepository:
     async def delete(self, connection: Connection) -> None:
         await self._db.delete(connection)
         await self._db.flush()
+
+    async def count_by_status(self) -> dict[ConnectionStatus, int]:
+        stmt = select(Connection.status, func.count()).group_by(Connection.status)
+        return {status: count for status, count in (await self._db.execute(stmt)).all()}
+
+
+class SchemaRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def version(self) -> str | None:
+        """The Alembic revision the database is at (None before any migration)."""
+        try:
+            result = await self._db.execute(text("SELECT version_num FROM alembic_version"))
+        except ProgrammingError:  # the table does not exist yet (PostgreSQL)
+            return None
+        except OperationalError as e:  # the same on SQLite; anything else is real trouble
+            if "no such table" in str(e):
+                return None
+            raise
+        return result.scalar_one_or_none()
 
 
 class SessionRepository:

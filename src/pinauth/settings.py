@@ -6,7 +6,7 @@ reads the environment at import time, so tests can build as many apps as they li
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urljoin, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
     access_log: bool = Field(True, validation_alias="PINAUTH_ACCESS_LOG")
+    log_format: Literal["json", "text"] = Field("json", validation_alias="PINAUTH_LOG_FORMAT")
+    # If set, GET /metrics requires `Authorization: Bearer <this>`.
+    metrics_token: SecretStr = Field(SecretStr(""), validation_alias="PINAUTH_METRICS_TOKEN")
+    # On SIGTERM, in-flight requests get this long to finish before the process exits.
+    shutdown_timeout_seconds: int = Field(20, ge=0, validation_alias="PINAUTH_SHUTDOWN_TIMEOUT")
     # Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto to trust
     # (uvicorn's forwarded_allow_ips). Empty: nobody's, and no per-request cost.
     forwarded_allow_ips: str = Field("", validation_alias="PINAUTH_FORWARDED_ALLOW_IPS")

@@ -32,6 +32,7 @@ from pinauth.errors import (
     UpstreamUnavailable,
 )
 from pinauth.models import Connection, ConnectionStatus
+from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
@@ -77,7 +78,9 @@ class TokenManager:
         oauth: PinterestOAuth,
         cipher: TokenCipher,
         cache: ConnectionCache,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._oauth = oauth
@@ -207,9 +210,11 @@ class TokenManager:
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", connection.id, type(e).__name__)
             connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
+            self._metrics.refreshes.labels("rejected").inc()
             return None
         except (UpstreamError, UpstreamTimeout) as e:
             log.warning("refresh of connection %s failed transiently: %s", connection.id, e)
+            self._metrics.refreshes.labels("transient_error").inc()
             self._cooldown_until[connection.id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
             return UpstreamUnavailable(
@@ -217,6 +222,7 @@ class TokenManager:
                 retry_after=max(retry_after, TRANSIENT_FAILURE_COOLDOWN),
             )
         self._cooldown_until.pop(connection.id, None)
+        self._metrics.refreshes.labels("ok").inc()
         apply_token_set(connection, tokens, self._cipher)
         log.info("refreshed tokens of connection %s", connection.id)
         return None

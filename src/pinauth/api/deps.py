@@ -13,6 +13,7 @@ from pinauth.auth import AuthService
 from pinauth.crypto import TokenCipher
 from pinauth.errors import ForbiddenOrigin, NotAuthenticated
 from pinauth.models import Connection
+from pinauth.observability import CONNECTION_ID, Metrics
 from pinauth.proxy import ProxyService
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
@@ -33,6 +34,8 @@ class Services:
     auth: AuthService
     tokens: TokenManager
     proxy: ProxyService
+    metrics: Metrics
+    schema_head: str
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs plain `def`
@@ -52,6 +55,7 @@ async def get_current_connection(request: Request) -> Connection:
     connection = await services.auth.connection_for_session(request.cookies.get(SESSION_COOKIE))
     if connection is None:
         raise NotAuthenticated()
+    CONNECTION_ID.set(connection.id)  # for this request's log lines
     return connection
 
 

@@ -14,6 +14,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from pinauth.errors import UpstreamError, UpstreamTimeout
+from pinauth.observability import Metrics
 from pinauth.pinterest.http import USER_AGENT
 from pinauth.settings import Settings
 
@@ -61,8 +62,10 @@ class PinterestClient:
         transport: httpx.AsyncBaseTransport,
         settings: Settings,
         *,
+        metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        self._metrics = metrics
         # The shared client's own transport (same connection pool), driven directly:
         # proxied calls want none of AsyncClient's per-request features (auth flows,
         # redirects, cookies, hooks are all off for Pinterest), and skipping them
@@ -100,6 +103,7 @@ class PinterestClient:
         deadline = time.monotonic() + self._budget
         attempt = 0
         while True:
+            started = time.perf_counter()
             try:
                 response = await self._send_once(request.method, url, headers, request.body)
             except httpx.TimeoutException as e:
@@ -111,6 +115,9 @@ class PinterestClient:
                 raise UpstreamError("Pinterest could not be reached.") from e
             except httpx.TransportError as e:
                 raise UpstreamError("Pinterest could not be reached.") from e
+            finally:
+                if self._metrics is not None:
+                    self._metrics.observe_upstream(request.path, time.perf_counter() - started)
             if (
                 retryable
                 and response.status_code in RETRYABLE_STATUSES

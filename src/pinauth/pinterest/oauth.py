@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
@@ -12,6 +13,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from pinauth.errors import PinauthError, UpstreamError, UpstreamUnavailable
+from pinauth.observability import Metrics
 from pinauth.pinterest.http import pinterest_error_message, translate_transport_errors
 from pinauth.settings import Settings
 
@@ -60,9 +62,10 @@ def split_scopes(scope: str) -> list[str]:
 
 
 class PinterestOAuth:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics) -> None:
         self._http = http
         self._settings = settings
+        self._metrics = metrics
         self._auth = httpx.BasicAuth(settings.client_id, settings.client_secret.get_secret_value())
 
     def authorize_url(self, state: str) -> str:
@@ -96,6 +99,7 @@ class PinterestOAuth:
 
     async def _token_request(self, form: dict[str, str]) -> TokenSet:
         grant = form["grant_type"]
+        started = time.perf_counter()
         async with translate_transport_errors("the token request"):
             response = await self._http.post(
                 self._settings.token_url,
@@ -103,6 +107,7 @@ class PinterestOAuth:
                 auth=self._auth,
                 headers={"Accept": "application/json"},
             )
+        self._metrics.observe_upstream("oauth", time.perf_counter() - started)
         now = datetime.now(UTC)
         if response.status_code in (400, 401, 403):
             log.warning("token endpoint rejected %s grant (HTTP %s)", grant, response.status_code)

@@ -1,0 +1,75 @@
+"""/healthz, /readyz and /metrics: for load balancers, orchestrators and Prometheus."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from pinauth.api.deps import ServicesDep
+from pinauth.api.schemas import error_responses
+from pinauth.errors import PinauthError
+from pinauth.models import ConnectionStatus
+from pinauth.repository import ConnectionRepository, SchemaRepository
+
+router = APIRouter(tags=["operations"])
+
+
+class NotReady(PinauthError):
+    status_code = 503
+    code = "not_ready"
+    default_message = "pinauth cannot serve requests yet."
+
+
+class MetricsForbidden(PinauthError):
+    status_code = 401
+    code = "not_authenticated"
+    default_message = "GET /metrics needs the bearer token configured in PINAUTH_METRICS_TOKEN."
+
+
+class Health(BaseModel):
+    status: str
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process is up and serving (no I/O)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses=error_responses(503))
+async def readyz(services: ServicesDep) -> Health:
+    """Readiness: the database answers and its schema is at the version this code expects."""
+    try:
+        async with services.sessionmaker() as db:
+            version = await SchemaRepository(db).version()
+    except Exception as e:  # any failure to reach the database means "not ready"
+        raise NotReady("The database is unreachable.") from e
+    if version != services.schema_head:
+        raise NotReady(
+            f"The database schema is at {version or 'nothing'}, not {services.schema_head}: "
+            "run `pinauth migrate`."
+        )
+    return Health(status="ready")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401)},
+)
+async def metrics(
+    services: ServicesDep, authorization: Annotated[str | None, Header()] = None
+) -> Response:
+    """Prometheus metrics: requests, upstream latency, token refreshes, connections."""
+    expected = services.settings.metrics_token.get_secret_value()
+    if expected and not secrets.compare_digest(authorization or "", f"Bearer {expected}"):
+        raise MetricsForbidden()
+    async with services.sessionmaker() as db:
+        counts = await ConnectionRepository(db).count_by_status()
+    for status in ConnectionStatus:
+        services.metrics.connections.labels(status.value).set(counts.get(status, 0))
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

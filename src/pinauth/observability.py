@@ -1,0 +1,137 @@
+"""Metrics, request ids and the per-request log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Set per request; the JSON log formatter adds them to every line logged meanwhile.
+REQUEST_ID: ContextVar[str | None] = ContextVar("pinauth_request_id", default=None)
+CONNECTION_ID: ContextVar[int | None] = ContextVar("pinauth_connection_id", default=None)
+
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+access_log = logging.getLogger("pinauth.access")
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own (one per app instance)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pinauth_http_requests",
+            "HTTP requests served, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "pinauth_http_request_duration_seconds",
+            "Time to serve a request, by route template.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "pinauth_upstream_request_duration_seconds",
+            "Latency of calls to Pinterest, by endpoint group (first path segment).",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "pinauth_token_refreshes",
+            "Token refresh attempts against Pinterest, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("ok", "rejected", "transient_error"):
+            self.refreshes.labels(outcome)
+        self.connections = Gauge(
+            "pinauth_connections",
+            "Stored Pinterest connections, by status (read at scrape time).",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def observe_upstream(self, path: str, seconds: float) -> None:
+        self.upstream_duration.labels(path.split("/", 1)[0] or "root").observe(seconds)
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+class RequestContextMiddleware:
+    """Request id in and out (X-Request-ID), request metrics, and one log line a request.
+
+    Plain ASGI rather than BaseHTTPMiddleware, which costs far more per request.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, log_requests: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = (
+            incoming if incoming and _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        )
+        request_token = REQUEST_ID.set(request_id)
+        connection_token = CONNECTION_ID.set(None)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration = time.perf_counter() - started
+            route = _route_template(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(duration)
+            if self.log_requests:
+                # The path only: query strings carry OAuth codes, states and user data.
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(duration * 1000, 2),
+                    },
+                )
+            CONNECTION_ID.reset(connection_token)
+            REQUEST_ID.reset(request_token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def context_fields() -> dict[str, Any]:
+    return {"request_id": REQUEST_ID.get(), "connection_id": CONNECTION_ID.get()}
