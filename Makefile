@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install whenever the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit unit-postgres env bench clean
+.PHONY: run test lint typecheck unit unit-postgres smoke env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ run: $(STAMP) .env
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests alembic bench
-	$(BIN)/ruff format --check src tests alembic bench
+	$(BIN)/ruff check src tests alembic bench scripts
+	$(BIN)/ruff format --check src tests alembic bench scripts
+	$(BIN)/hadolint Dockerfile
+
+# What `docker run` would do, without a Docker engine (see scripts/container_smoke.py).
+smoke: $(STAMP)
+	$(BIN)/python scripts/container_smoke.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -46,7 +51,7 @@ unit: $(STAMP)
 unit-postgres: $(STAMP)
 	PINAUTH_TEST_POSTGRES_URL=$(POSTGRES_TEST_URL) $(BIN)/pytest
 
-test: lint typecheck unit unit-postgres
+test: lint typecheck unit unit-postgres smoke
 
 # Not part of `make test`: timings belong in a benchmark, not in pass/fail tests.
 bench: $(STAMP)

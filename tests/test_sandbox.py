@@ -319,3 +319,22 @@ async def test_counters_and_reset(sandbox: httpx.AsyncClient) -> None:
 async def test_controls_are_not_part_of_pinauth(client: httpx.AsyncClient) -> None:
     for path in ("/_sandbox/counters", "/sandbox/_sandbox/counters", "/sandbox/oauth/"):
         assert (await client.get(path)).status_code == 404
+
+
+async def test_introspection_tells_live_from_dead_tokens(sandbox: httpx.AsyncClient) -> None:
+    first = await tokens_for(sandbox)
+    second = (
+        await token(
+            sandbox, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+        )
+    ).json()
+
+    async def inspect(value: str) -> dict[str, Any]:
+        result: dict[str, Any] = (
+            await sandbox.post("/_sandbox/introspect", json={"token": value})
+        ).json()
+        return result
+
+    assert await inspect(second["refresh_token"]) == {"active": True, "token_type": "refresh_token"}
+    assert await inspect(first["refresh_token"]) == {"active": False, "token_type": None}
+    assert await inspect(second["access_token"]) == {"active": True, "token_type": "access_token"}

@@ -58,6 +58,10 @@ class FaultSpec(BaseModel):
     times: int = Field(1, ge=1, le=10_000)
 
 
+class TokenToInspect(BaseModel):
+    token: str
+
+
 class Lifetime(BaseModel):
     seconds: int = Field(ge=0)
 
@@ -412,6 +416,19 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
         count = len(state.faults)
         state.faults.clear()
         return {"cleared": count}
+
+    @app.post("/_sandbox/introspect", tags=["controls"])
+    async def introspect(token: TokenToInspect) -> dict[str, object]:
+        """Whether a token is live (RFC 7662-style), e.g. to check which refresh token won."""
+        state = current()
+        for kind, grants in (
+            ("access_token", state.access_tokens),
+            ("refresh_token", state.refresh_tokens),
+        ):
+            grant = grants.get(token.token)
+            if grant is not None:
+                return {"active": grant.expires_at > now(), "token_type": kind}
+        return {"active": False, "token_type": None}
 
     @app.get("/_sandbox/counters", tags=["controls"])
     async def counters() -> dict[str, dict[str, int]]:

@@ -1,0 +1,227 @@
+"""Several `pinauth serve` replicas on one PostgreSQL, `pinauth sandbox` as Pinterest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from pinauth.crypto import TokenCipher
+from pinauth.sandbox import SandboxConfig
+from tests.conftest import POSTGRES_ADMIN_URL, free_port
+
+pytestmark = pytest.mark.skipif(
+    not POSTGRES_ADMIN_URL, reason="replicas need PostgreSQL (PINAUTH_TEST_POSTGRES_URL)"
+)
+
+SANDBOX = SandboxConfig()
+
+
+class Process:
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
+        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
+        self.log = cwd / f"{args[0]}-{free_port()}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pinauth", *self.args],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self) -> None:
+        assert self.popen is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.args} exited:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.ready_url, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"{self.args} did not become ready:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@pytest.fixture
+def deployment(database_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
+    sandbox_port, port_a, port_b = free_port(), free_port(), free_port()
+    # Behind a load balancer both replicas share one public callback URL.
+    redirect_uri = f"http://127.0.0.1:{port_a}/auth/callback"
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    encryption_key = Fernet.generate_key().decode()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    env = base_env | {
+        "PINTEREST_CLIENT_ID": SANDBOX.client_id,
+        "PINTEREST_CLIENT_SECRET": SANDBOX.client_secret,
+        "PINTEREST_REDIRECT_URI": redirect_uri,
+        "PINTEREST_AUTHORIZE_URL": f"{sandbox_url}/oauth/",
+        "PINTEREST_API_URL": f"{sandbox_url}/v5",
+        "PINAUTH_DATABASE_URL": database_url,
+        "PINAUTH_SECRET_KEY": "replica-shared-secret-" + "r" * 32,
+        "PINAUTH_ENCRYPTION_KEYS": encryption_key,
+        "PINAUTH_LOG_LEVEL": "warning",
+        "PINAUTH_ACCESS_LOG": "false",
+    }
+    sandbox = Process(
+        ["sandbox", "--port", str(sandbox_port), "--redirect-uri", redirect_uri],
+        base_env,
+        tmp_path,
+        f"{sandbox_url}/_sandbox/counters",
+    )
+    replicas = [
+        Process(["serve", "--port", str(port)], env, tmp_path, f"http://127.0.0.1:{port}/readyz")
+        for port in (port_a, port_b)
+    ]
+    sandbox.start()
+    for replica in replicas:  # started together: both migrate at once
+        replica.start()
+    try:
+        for process in (sandbox, *replicas):
+            process.wait_ready()
+        yield {
+            "sandbox": sandbox_url,
+            "replicas": replicas,
+            "a": f"http://127.0.0.1:{port_a}",
+            "b": f"http://127.0.0.1:{port_b}",
+            "key": encryption_key,
+            "database_url": database_url,
+        }
+    finally:
+        for process in (*replicas, sandbox):
+            process.stop()
+
+
+async def stored_refresh_token(database_url: str, key: str) -> str:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            encrypted = (
+                await connection.execute(text("SELECT refresh_token_encrypted FROM connections"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    return TokenCipher([key]).decrypt(encrypted)
+
+
+async def refreshes(sandbox: httpx.AsyncClient) -> int:
+    counters = (await sandbox.get("/_sandbox/counters")).json()
+    return int(counters["token_requests"].get("refresh_token", 0))
+
+
+async def storm(browser: httpx.AsyncClient, urls: tuple[str, str], count: int) -> list[int]:
+    calls = [browser.get(f"{urls[i % 2]}/pinterest/boards") for i in range(count)]
+    return [response.status_code for response in await asyncio.gather(*calls)]
+
+
+async def test_two_replicas_share_logins_and_refresh_exactly_once(
+    deployment: dict[str, object],
+) -> None:
+    a, b = str(deployment["a"]), str(deployment["b"])
+    limits = httpx.Limits(max_connections=100)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=60) as browser,
+        httpx.AsyncClient(base_url=str(deployment["sandbox"])) as sandbox,
+    ):
+        # Log in on A; Pinterest sends the browser back to B.
+        login = await browser.get(f"{a}/auth/login")
+        params = parse_qs(urlsplit(login.headers["location"]).query)
+        fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+        decision = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
+        callback = urlsplit(decision.headers["location"]).query
+        assert (await browser.get(f"{b}/auth/callback?{callback}")).status_code == 303
+        assert (await browser.get(f"{a}/me")).json()["username"] == SANDBOX.username
+        assert (await browser.get(f"{b}/me")).json()["username"] == SANDBOX.username
+
+        # Every access token expires; 100 calls spread over both replicas.
+        await sandbox.post("/_sandbox/expire-access-tokens")
+        before = await refreshes(sandbox)
+        assert await storm(browser, (a, b), 100) == [200] * 100
+        assert await refreshes(sandbox) - before == 1
+
+        # The refresh token in the database is the one Pinterest considers live.
+        database_url, key = str(deployment["database_url"]), str(deployment["key"])
+        stored = await stored_refresh_token(database_url, key)
+        live = (await sandbox.post("/_sandbox/introspect", json={"token": stored})).json()
+        assert live == {"active": True, "token_type": "refresh_token"}
+
+        # Restart both replicas: the session and tokens carry on.
+        replicas = deployment["replicas"]
+        assert isinstance(replicas, list)
+        for replica in replicas:
+            replica.stop()
+        for replica in replicas:
+            replica.start()
+        for replica in replicas:
+            replica.wait_ready()
+        await sandbox.post("/_sandbox/expire-access-tokens")
+        before = await refreshes(sandbox)
+        assert await storm(browser, (a, b), 40) == [200] * 40
+        assert await refreshes(sandbox) - before == 1
+        stored = await stored_refresh_token(database_url, key)
+        live = (await sandbox.post("/_sandbox/introspect", json={"token": stored})).json()
+        assert live["active"] is True
+
+
+def test_replicas_migrating_together_all_succeed(tmp_path: Path) -> None:
+    """Three `pinauth migrate` at once on an empty database: the advisory lock serialises them."""
+    from sqlalchemy import make_url
+
+    admin = make_url(POSTGRES_ADMIN_URL)
+    name = f"pinauth_migrate_{free_port()}"
+
+    async def admin_sql(statement: str) -> None:
+        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PINAUTH_")} | {
+            "PINAUTH_DATABASE_URL": admin.set(database=name).render_as_string(hide_password=False),
+        }
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "pinauth", "migrate"],
+                env=env,
+                cwd=tmp_path,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in processes]
+        for process in processes:
+            if process.stderr:
+                process.stderr.close()
+        assert [code for code, _ in results] == [0, 0, 0], results
+    finally:
+        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
