@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -128,3 +129,45 @@ def test_make_run_writes_a_fresh_env_once(tmp_path: Path) -> None:
     )
     assert len(values["PINAUTH_SECRET_KEY"]) >= 32
     Fernet(values["PINAUTH_ENCRYPTION_KEYS"].encode())  # a valid key
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    port = free_port()
+    env = service_env(tmp_path)
+    del env["PINTEREST_CLIENT_ID"], env["PINTEREST_CLIENT_SECRET"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--demo", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "did not start"
+                time.sleep(0.1)
+        # A response the sandbox holds back for 1.5 s: a request in flight.
+        httpx.post(
+            f"{base}/sandbox/_sandbox/faults",
+            json={"path_prefix": "/v5/boards", "status": 200, "body": {"items": []}, "delay": 1.5},
+        ).raise_for_status()
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.get, f"{base}/sandbox/v5/boards", timeout=10)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            response = in_flight.result()
+        assert response.status_code == 200
+        assert response.json() == {"items": []}
+        assert process.wait(timeout=10) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/healthz", timeout=1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

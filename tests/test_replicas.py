@@ -13,13 +13,22 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import respx
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.crypto import TokenCipher
 from pinauth.sandbox import SandboxConfig
-from tests.conftest import POSTGRES_ADMIN_URL, free_port
+from tests.conftest import (
+    POSTGRES_ADMIN_URL,
+    TOKEN_URL,
+    free_port,
+    log_in,
+    make_settings,
+    run_client,
+    token_json,
+)
 
 pytestmark = pytest.mark.skipif(
     not POSTGRES_ADMIN_URL, reason="replicas need PostgreSQL (PINAUTH_TEST_POSTGRES_URL)"
@@ -225,3 +234,28 @@ def test_replicas_migrating_together_all_succeed(tmp_path: Path) -> None:
         assert [code for code, _ in results] == [0, 0, 0], results
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def test_refresh_waits_for_a_held_row_lock_only_so_long(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Another replica holds the connection row (mid-refresh); this one gives up in time."""
+    settings = make_settings(database_url, refresh_lock_timeout_seconds=0.5)
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        token_route = pinterest.post(TOKEN_URL).respond(200, json=token_json("pina_N", "pinr_N"))
+        other_replica = create_async_engine(database_url)
+        try:
+            async with other_replica.begin() as connection:
+                await connection.execute(text("SELECT id FROM connections FOR UPDATE"))
+                started = time.monotonic()
+                response = await client.post("/auth/refresh")
+                waited = time.monotonic() - started
+        finally:
+            await other_replica.dispose()
+
+    assert response.status_code == 503
+    assert response.json()["error"] == "upstream_error"
+    assert int(response.headers["retry-after"]) >= 1
+    assert 0.4 < waited < 5
+    assert token_route.call_count == 0
