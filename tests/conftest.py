@@ -6,9 +6,11 @@ import asyncio
 import base64
 import os
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -73,11 +75,11 @@ USER_ACCOUNT = {"id": "549755885175", "username": "ada_pins", "account_type": "P
 POSTGRES_ADMIN_URL = os.environ.get("PINAUTH_TEST_POSTGRES_URL", "")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A new PostgreSQL database for this test run, migrated once, dropped at the end."""
+@contextmanager
+def new_postgres_database(prefix: str) -> Iterator[str]:
+    """An empty PostgreSQL database of its own; dropped on exit. Yields its URL."""
     admin = make_url(POSTGRES_ADMIN_URL)
-    name = f"pinauth_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def admin_sql(statement: str) -> None:
         engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
@@ -88,12 +90,18 @@ def postgres_url() -> Iterator[str]:
             await engine.dispose()
 
     asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    url = admin.set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade_to_head(url)
-        yield url
+        yield admin.set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A new PostgreSQL database for this test run, migrated once."""
+    with new_postgres_database("pinauth_test") as url:
+        upgrade_to_head(url)
+        yield url
 
 
 def _truncate_all(url: str) -> None:
@@ -176,6 +184,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Poll `url` until it answers 200; fail early, with its output, if `process` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"{process.args!r} exited with {process.returncode}:\n{output}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{process.args!r} did not answer {url} within {timeout} s")
+        time.sleep(0.1)
 
 
 @asynccontextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,11 +17,7 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port, wait_until_serving
 
 
 def service_env(tmp_path: Path) -> dict[str, str]:
@@ -48,16 +43,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"pinauth serve exited: {process.stdout.read() if process.stdout else ''}")
-        try:
-            httpx.get(f"{base}/openapi.json", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.1)
     try:
+        wait_until_serving(f"{base}/healthz", process)
         yield base, process
     finally:
         if process.poll() is None:
@@ -144,14 +131,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "did not start"
-                time.sleep(0.1)
+        wait_until_serving(f"{base}/healthz", process)
         # A response the sandbox holds back for 1.5 s: a request in flight.
         httpx.post(
             f"{base}/sandbox/_sandbox/faults",

@@ -6,14 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -47,22 +46,9 @@ def demo_server(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://localhost:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"pinauth serve --demo exited:\n{output}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("pinauth serve --demo did not start")
-            time.sleep(0.1)
     try:
-        yield base
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+        yield f"http://localhost:{port}"
     finally:
         process.terminate()
         try:

@@ -26,8 +26,10 @@ from tests.conftest import (
     free_port,
     log_in,
     make_settings,
+    new_postgres_database,
     run_client,
     token_json,
+    wait_until_serving,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -55,17 +57,11 @@ class Process:
 
     def wait_ready(self) -> None:
         assert self.popen is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                pytest.fail(f"{self.args} exited:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.ready_url, timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"{self.args} did not become ready:\n{self.log.read_text()}")
+        try:
+            wait_until_serving(self.ready_url, self.popen)
+        except BaseException:
+            print(self.log.read_text())  # pytest shows it with the failure
+            raise
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
@@ -199,41 +195,20 @@ async def test_two_replicas_share_logins_and_refresh_exactly_once(
 
 def test_replicas_migrating_together_all_succeed(tmp_path: Path) -> None:
     """Three `pinauth migrate` at once on an empty database: the advisory lock serialises them."""
-    from sqlalchemy import make_url
-
-    admin = make_url(POSTGRES_ADMIN_URL)
-    name = f"pinauth_migrate_{free_port()}"
-
-    async def admin_sql(statement: str) -> None:
-        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as connection:
-                await connection.execute(text(statement))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PINAUTH_")} | {
-            "PINAUTH_DATABASE_URL": admin.set(database=name).render_as_string(hide_password=False),
-        }
+    with new_postgres_database("pinauth_migrate") as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PINAUTH_")}
         processes = [
             subprocess.Popen(
                 [sys.executable, "-m", "pinauth", "migrate"],
-                env=env,
+                env=env | {"PINAUTH_DATABASE_URL": url},
                 cwd=tmp_path,
                 stderr=subprocess.PIPE,
                 text=True,
             )
             for _ in range(3)
         ]
-        results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in processes]
-        for process in processes:
-            if process.stderr:
-                process.stderr.close()
-        assert [code for code, _ in results] == [0, 0, 0], results
-    finally:
-        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        results = [process.communicate(timeout=60) for process in processes]
+        assert [process.returncode for process in processes] == [0, 0, 0], results
 
 
 async def test_refresh_waits_for_a_held_row_lock_only_so_long(

@@ -66,6 +66,18 @@ class InvalidRequest(PinauthError):
     default_message = "The request is missing or has malformed parameters."
 
 
+class PayloadTooLarge(PinauthError):
+    status_code = 413
+    code = "payload_too_large"
+    default_message = "The request body is larger than this service accepts."
+
+
+class NotReady(PinauthError):
+    status_code = 503
+    code = "not_ready"
+    default_message = "pinauth cannot serve requests yet."
+
+
 class ForbiddenOrigin(PinauthError):
     status_code = 403
     code = "forbidden_origin"

@@ -11,23 +11,11 @@ from pydantic import BaseModel
 
 from pinauth.api.deps import ServicesDep
 from pinauth.api.schemas import error_responses
-from pinauth.errors import PinauthError
+from pinauth.errors import NotAuthenticated, NotReady
 from pinauth.models import ConnectionStatus
 from pinauth.repository import ConnectionRepository, SchemaRepository
 
 router = APIRouter(tags=["operations"])
-
-
-class NotReady(PinauthError):
-    status_code = 503
-    code = "not_ready"
-    default_message = "pinauth cannot serve requests yet."
-
-
-class MetricsForbidden(PinauthError):
-    status_code = 401
-    code = "not_authenticated"
-    default_message = "GET /metrics needs the bearer token configured in PINAUTH_METRICS_TOKEN."
 
 
 class Health(BaseModel):
@@ -67,7 +55,9 @@ async def metrics(
     """Prometheus metrics: requests, upstream latency, token refreshes, connections."""
     expected = services.settings.metrics_token.get_secret_value()
     if expected and not secrets.compare_digest(authorization or "", f"Bearer {expected}"):
-        raise MetricsForbidden()
+        raise NotAuthenticated(
+            "GET /metrics needs the bearer token configured in PINAUTH_METRICS_TOKEN."
+        )
     async with services.sessionmaker() as db:
         counts = await ConnectionRepository(db).count_by_status()
     for status in ConnectionStatus:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from pinauth.api.deps import CurrentConnection, Services, ServicesDep, get_current_connection
 from pinauth.api.schemas import BoardsPage, error_responses
-from pinauth.errors import PinauthError
+from pinauth.errors import PayloadTooLarge
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
 from pinauth.pinterest.paths import InvalidPath, confine
@@ -18,12 +18,6 @@ from pinauth.pinterest.paths import InvalidPath, confine
 router = APIRouter(tags=["pinterest"])
 
 PROXY_PREFIX = "/pinterest/"
-
-
-class PayloadTooLarge(PinauthError):
-    status_code = 413
-    code = "payload_too_large"
-    default_message = "The request body is larger than this service accepts."
 
 
 def _raw_path(request: Request) -> str:
