@@ -21,8 +21,10 @@ from pydantic import BaseModel, Field
 
 from pinauth.sandbox.state import (
     V5_SCOPES,
+    Board,
     Fault,
     Grant,
+    Pin,
     SandboxConfig,
     SandboxState,
     decode_bookmark,
@@ -30,11 +32,19 @@ from pinauth.sandbox.state import (
     now,
 )
 
-AUTHENTICATION_FAILED = {"code": 2, "message": "Authentication failed."}
+AUTHENTICATION_FAILED = "Authentication failed."
 INSUFFICIENT_SCOPE = (
     "Your token does not have sufficient permissions to perform this operation. "
     "Please ensure your token is authorized with the correct set of scopes."
 )
+
+
+class PinterestError(Exception):
+    """An error answer in Pinterest's `{"code", "message"}` shape."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 def error(status: int, code: int, message: str) -> JSONResponse:
@@ -76,6 +86,10 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
 
     def current() -> SandboxState:
         return holder.state
+
+    @app.exception_handler(PinterestError)
+    async def pinterest_error(_request: Request, exc: PinterestError) -> Response:
+        return error(exc.status, exc.code, exc.message)
 
     @app.middleware("http")
     async def count_and_inject_faults(request: Request, call_next: Any) -> Response:
@@ -173,15 +187,27 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
 
     # --- API ---------------------------------------------------------------------------
 
-    def authorize(request: Request, *needed: str) -> Grant | JSONResponse:
+    def authorize(request: Request, *needed: str) -> Grant:
         header = request.headers.get("authorization", "")
         scheme, _, token_value = header.partition(" ")
         grant = current().access_tokens.get(token_value) if scheme.lower() == "bearer" else None
         if grant is None or grant.expires_at <= now():
-            return JSONResponse(AUTHENTICATION_FAILED, status_code=401)
+            raise PinterestError(401, 2, AUTHENTICATION_FAILED)
         if not set(needed) <= grant.scopes:
-            return error(401, 3, INSUFFICIENT_SCOPE)
+            raise PinterestError(401, 3, INSUFFICIENT_SCOPE)
         return grant
+
+    def own_board(grant: Grant, board_id: str) -> Board:
+        board = current().boards.get(board_id)
+        if board is None or board.owner != grant.user:
+            raise PinterestError(404, 404, "Board not found.")
+        return board
+
+    def own_pin(grant: Grant, pin_id: str) -> Pin:
+        pin = current().pins.get(pin_id)
+        if pin is None or pin.owner != grant.user:
+            raise PinterestError(404, 404, "Pin not found.")
+        return pin
 
     def page(request: Request, items: list[dict[str, Any]]) -> Response:
         raw_size = request.query_params.get("page_size", "25")
@@ -205,8 +231,6 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.get("/v5/user_account", tags=["user_account"])
     async def user_account(request: Request) -> Response:
         grant = authorize(request, "user_accounts:read")
-        if isinstance(grant, Response):
-            return grant
         state = current()
         return JSONResponse(
             {
@@ -227,8 +251,6 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.get("/v5/boards", tags=["boards"])
     async def list_boards(request: Request) -> Response:
         grant = authorize(request, "boards:read")
-        if isinstance(grant, Response):
-            return grant
         state = current()
         boards = [b for b in state.boards.values() if b.owner == grant.user]
         return page(request, [b.as_json(state.pin_count(b.id)) for b in reversed(boards)])
@@ -236,11 +258,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.post("/v5/boards", tags=["boards"], status_code=201)
     async def create_board(request: Request) -> Response:
         grant = authorize(request, "boards:write")
-        if isinstance(grant, Response):
-            return grant
         body = await _json_object(request)
-        if isinstance(body, Response):
-            return body
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 180:
             return error(400, 1, "A board needs a name of 1 to 180 characters.")
@@ -254,24 +272,14 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.get("/v5/boards/{board_id}", tags=["boards"])
     async def get_board(board_id: str, request: Request) -> Response:
         grant = authorize(request, "boards:read")
-        if isinstance(grant, Response):
-            return grant
-        board = _own_board(current(), grant, board_id)
-        if board is None:
-            return error(404, 404, "Board not found.")
+        board = own_board(grant, board_id)
         return JSONResponse(board.as_json(current().pin_count(board_id)))
 
     @app.patch("/v5/boards/{board_id}", tags=["boards"])
     async def update_board(board_id: str, request: Request) -> Response:
         grant = authorize(request, "boards:write")
-        if isinstance(grant, Response):
-            return grant
-        board = _own_board(current(), grant, board_id)
-        if board is None:
-            return error(404, 404, "Board not found.")
+        board = own_board(grant, board_id)
         body = await _json_object(request)
-        if isinstance(body, Response):
-            return body
         if "name" in body:
             if not isinstance(body["name"], str) or not body["name"].strip():
                 return error(400, 1, "A board needs a name.")
@@ -287,11 +295,8 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.delete("/v5/boards/{board_id}", tags=["boards"], status_code=204)
     async def delete_board(board_id: str, request: Request) -> Response:
         grant = authorize(request, "boards:write")
-        if isinstance(grant, Response):
-            return grant
+        own_board(grant, board_id)
         state = current()
-        if _own_board(state, grant, board_id) is None:
-            return error(404, 404, "Board not found.")
         del state.boards[board_id]
         for pin_id in [p.id for p in state.pins.values() if p.board_id == board_id]:
             del state.pins[pin_id]
@@ -300,33 +305,25 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.get("/v5/boards/{board_id}/pins", tags=["boards"])
     async def board_pins(board_id: str, request: Request) -> Response:
         grant = authorize(request, "boards:read", "pins:read")
-        if isinstance(grant, Response):
-            return grant
+        own_board(grant, board_id)
         state = current()
-        if _own_board(state, grant, board_id) is None:
-            return error(404, 404, "Board not found.")
         pins = [p.as_json() for p in state.pins.values() if p.board_id == board_id]
         return page(request, pins[::-1])
 
     @app.get("/v5/pins", tags=["pins"])
     async def list_pins(request: Request) -> Response:
         grant = authorize(request, "pins:read")
-        if isinstance(grant, Response):
-            return grant
         pins = [p.as_json() for p in current().pins.values() if p.owner == grant.user]
         return page(request, pins[::-1])
 
     @app.post("/v5/pins", tags=["pins"], status_code=201)
     async def create_pin(request: Request) -> Response:
         grant = authorize(request, "pins:write")
-        if isinstance(grant, Response):
-            return grant
         body = await _json_object(request)
-        if isinstance(body, Response):
-            return body
         state = current()
         board_id = body.get("board_id")
-        if not isinstance(board_id, str) or _own_board(state, grant, board_id) is None:
+        board = state.boards.get(board_id) if isinstance(board_id, str) else None
+        if board is None or board.owner != grant.user:
             return error(400, 1, "board_id must name one of your boards.")
         source = body.get("media_source")
         if (
@@ -337,7 +334,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
             return error(400, 1, "media_source must be {source_type: image_url, url: ...}.")
         pin = state.add_pin(
             grant.user,
-            board_id,
+            board.id,
             title=str(body.get("title") or ""),
             description=str(body.get("description") or ""),
             link=body.get("link"),
@@ -349,23 +346,13 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
     @app.get("/v5/pins/{pin_id}", tags=["pins"])
     async def get_pin(pin_id: str, request: Request) -> Response:
         grant = authorize(request, "pins:read")
-        if isinstance(grant, Response):
-            return grant
-        pin = current().pins.get(pin_id)
-        if pin is None or pin.owner != grant.user:
-            return error(404, 404, "Pin not found.")
-        return JSONResponse(pin.as_json())
+        return JSONResponse(own_pin(grant, pin_id).as_json())
 
     @app.delete("/v5/pins/{pin_id}", tags=["pins"], status_code=204)
     async def delete_pin(pin_id: str, request: Request) -> Response:
         grant = authorize(request, "pins:write")
-        if isinstance(grant, Response):
-            return grant
-        state = current()
-        pin = state.pins.get(pin_id)
-        if pin is None or pin.owner != grant.user:
-            return error(404, 404, "Pin not found.")
-        del state.pins[pin_id]
+        own_pin(grant, pin_id)
+        del current().pins[pin_id]
         return Response(status_code=204)
 
     @app.api_route(
@@ -465,18 +452,13 @@ def _client_authenticated(config: SandboxConfig, header: str | None) -> bool:
     )
 
 
-def _own_board(state: SandboxState, grant: Grant, board_id: str) -> Any:
-    board = state.boards.get(board_id)
-    return board if board is not None and board.owner == grant.user else None
-
-
-async def _json_object(request: Request) -> dict[str, Any] | Response:
+async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body() or b"null")
     except ValueError:
-        return error(400, 1, "The body is not valid JSON.")
+        raise PinterestError(400, 1, "The body is not valid JSON.") from None
     if not isinstance(body, dict):
-        return error(400, 1, "The body must be a JSON object.")
+        raise PinterestError(400, 1, "The body must be a JSON object.")
     return body
 
 
