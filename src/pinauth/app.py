@@ -74,10 +74,7 @@ def create_app(
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
         services = Services(
             settings=settings,
-            engine=engine,
             sessionmaker=sessionmaker,
-            http=http,
-            cipher=cipher,
             auth=AuthService(
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),

@@ -38,10 +38,6 @@ class TokenCipher:
         except InvalidToken as e:
             raise TokenDecryptionError("no configured key decrypts this token") from e
 
-    def rotate(self, ciphertext: str) -> str:
-        """Re-encrypt under the current first key (for key rotation jobs)."""
-        return self._fernet.rotate(ciphertext.encode("ascii")).decode("ascii")
-
 
 def digest(value: str) -> str:
     """SHA-256 hex digest: what the database keeps of session ids and login nonces."""

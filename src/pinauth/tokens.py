@@ -204,7 +204,7 @@ class TokenManager:
             )
         try:
             if connection.refresh_token_encrypted is None:
-                raise TokenRejected(400, "no refresh token stored")
+                raise TokenRejected("no refresh token stored")
             refresh_token = self._cipher.decrypt(connection.refresh_token_encrypted)
             tokens = await self._oauth.refresh(refresh_token)
         except (TokenRejected, TokenDecryptionError) as e:

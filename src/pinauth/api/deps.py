@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
 from fastapi import Cookie, Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.auth import AuthService
-from pinauth.crypto import TokenCipher
 from pinauth.errors import ForbiddenOrigin, NotAuthenticated
 from pinauth.models import Connection
 from pinauth.observability import CONNECTION_ID, Metrics
@@ -27,10 +25,7 @@ class Services:
     """Process-wide objects built once by the lifespan and shared by every request."""
 
     settings: Settings
-    engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    http: httpx.AsyncClient
-    cipher: TokenCipher
     auth: AuthService
     tokens: TokenManager
     proxy: ProxyService

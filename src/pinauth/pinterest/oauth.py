@@ -29,9 +29,8 @@ class TokenRejected(PinauthError):
     code = "authorization_failed"
     default_message = "Pinterest rejected the authorization grant."
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message or self.default_message)
-        self.upstream_status = status
 
 
 class _TokenPayload(BaseModel):
@@ -111,7 +110,7 @@ class PinterestOAuth:
         now = datetime.now(UTC)
         if response.status_code in (400, 401, 403):
             log.warning("token endpoint rejected %s grant (HTTP %s)", grant, response.status_code)
-            raise TokenRejected(response.status_code, pinterest_error_message(response))
+            raise TokenRejected(pinterest_error_message(response))
         if response.status_code == 429 or response.status_code >= 500:
             log.warning(
                 "token endpoint unavailable for %s grant (HTTP %s)", grant, response.status_code
