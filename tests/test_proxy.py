@@ -678,3 +678,20 @@ def test_retry_after_as_a_future_date() -> None:
     when = datetime.now(UTC) + timedelta(seconds=30)
     response = httpx.Response(503, headers={"Retry-After": format_datetime(when, usegmt=True)})
     assert 28 <= (retry_after_seconds(response) or 0) <= 30
+
+
+async def test_short_lived_tokens_do_not_cause_a_refresh_per_call(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter
+) -> None:
+    """Tokens living 60 s, inside the 300 s margin: one refresh, not one per call."""
+    await log_in_with(client, pinterest, expires_in=60)
+    token = pinterest.post(TOKEN_URL).respond(
+        200, json=token_json(ACCESS_2, REFRESH_2, expires_in=60)
+    )
+    api = pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+
+    for _ in range(5):
+        assert (await client.get("/pinterest/boards")).status_code == 200
+
+    assert token.call_count == 1
+    assert api.call_count == 5

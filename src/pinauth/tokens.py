@@ -17,11 +17,12 @@ import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cachetools import LRUCache
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from pinauth.cache import ConnectionCache
+from pinauth.cache import MAX_ENTRIES, ConnectionCache
 from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.errors import (
     NotAuthenticated,
@@ -89,7 +90,10 @@ class TokenManager:
         self._margin = timedelta(seconds=settings.refresh_margin_seconds)
         # Weak values: a lock lives only while some request holds or awaits it.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._cooldown_until: dict[int, float] = {}
+        # Bounded: both are per connection, and connections are unbounded.
+        self._cooldown_until: LRUCache[int, float] = LRUCache(MAX_ENTRIES)
+        # How long the access tokens this process last got for a connection were valid.
+        self._lifetimes: LRUCache[int, timedelta] = LRUCache(MAX_ENTRIES)
 
     def reauthorization_required(self) -> ReauthorizationRequired:
         return ReauthorizationRequired(self._settings.login_url)
@@ -115,7 +119,13 @@ class TokenManager:
         yet, the current token is still good: use it rather than fail the call.
         """
         now = datetime.now(UTC)
-        if connection.access_token_expires_at - now > self._margin:
+        margin = self._margin
+        lifetime = self._lifetimes.get(connection.id)
+        if lifetime is not None:
+            # Tokens that live shorter than the margin would otherwise be "expiring" from
+            # the moment they are issued, and every call would refresh again.
+            margin = min(margin, lifetime / 2)
+        if connection.access_token_expires_at - now > margin:
             return self.credential(connection)
         try:
             return self.credential(await self.refresh(connection))
@@ -223,6 +233,7 @@ class TokenManager:
             )
         self._cooldown_until.pop(connection.id, None)
         self._metrics.refreshes.labels("ok").inc()
+        self._lifetimes[connection.id] = tokens.access_token_expires_at - datetime.now(UTC)
         apply_token_set(connection, tokens, self._cipher)
         log.info("refreshed tokens of connection %s", connection.id)
         return None
