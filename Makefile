@@ -23,6 +23,7 @@ env: .env
 
 # With Pinterest credentials (environment or .env) the real Pinterest is used;
 # without them, the demo: pinauth and its built-in sandbox on http://localhost:8000/.
+run: export PINAUTH_LOG_FORMAT ?= text
 run: $(STAMP) .env
 	@if [ -n "$$PINTEREST_CLIENT_ID" ] || grep -Eq '^PINTEREST_CLIENT_ID=.+' .env; then \
 		$(BIN)/pinauth serve; \
