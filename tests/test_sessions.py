@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import respx
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, select, update
 
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import AuthSession, Connection
@@ -122,3 +123,22 @@ async def test_session_cache_expiry_causes_one_database_read(
 
     assert [r.status_code for r in responses] == [200] * 20
     assert len(session_reads) == 1
+
+
+async def test_expired_sessions_are_purged_at_the_next_login(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, settings: Settings
+) -> None:
+    await log_in(client, pinterest)
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as db, db.begin():
+            await db.execute(
+                update(AuthSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
+    finally:
+        await engine.dispose()
+    client.cookies.clear()
+
+    await log_in(client, pinterest)
+
+    assert await count_rows(settings, AuthSession) == 1  # only the new one

@@ -194,6 +194,8 @@ class AuthService:
                         self._cache.forget_session(previous)
                         await sessions.delete(previous)
                     now = datetime.now(UTC)
+                    # Logins are rare next to requests: a fine moment to sweep (indexed).
+                    await sessions.delete_expired(now)
                     await sessions.add(
                         AuthSession(
                             id_hash=session_hash,
