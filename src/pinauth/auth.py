@@ -68,6 +68,12 @@ class AuthService:
         self._cipher = cipher
         self._states = state_serializer(settings.secret_key.get_secret_value())
         self.session_signer = CookieSigner(settings.secret_key.get_secret_value(), "session")
+        origins = set(settings.cors_origins)
+        for url in (settings.frontend_url, settings.redirect_uri):
+            parts = urlsplit(url)
+            if parts.scheme and parts.netloc:
+                origins.add(f"{parts.scheme}://{parts.netloc}")
+        self._trusted_origins = frozenset(origins)
 
     # --- return_to -------------------------------------------------------------------
 
@@ -92,13 +98,9 @@ class AuthService:
             and origin in self.trusted_origins()
         )
 
-    def trusted_origins(self) -> set[str]:
-        origins = set(self._settings.cors_origins)
-        for url in (self._settings.frontend_url, self._settings.redirect_uri):
-            parts = urlsplit(url)
-            if parts.scheme and parts.netloc:
-                origins.add(f"{parts.scheme}://{parts.netloc}")
-        return origins
+    def trusted_origins(self) -> frozenset[str]:
+        """Origins allowed to act on a session: the CORS list, the frontend's, pinauth's."""
+        return self._trusted_origins
 
     # --- login -----------------------------------------------------------------------
 
