@@ -695,3 +695,20 @@ async def test_short_lived_tokens_do_not_cause_a_refresh_per_call(
 
     assert token.call_count == 1
     assert api.call_count == 5
+
+
+async def test_repeated_upstream_headers_all_come_back(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter
+) -> None:
+    await log_in(client, pinterest)
+    pinterest.get(f"{API}/pins").respond(
+        200,
+        json={"items": []},
+        headers=[("Link", "<a>; rel=next"), ("Link", "<b>; rel=last"), ("X-Thing", "1")],
+    )
+
+    response = await client.get("/pinterest/pins")
+
+    assert response.headers.get_list("link") == ["<a>; rel=next", "<b>; rel=last"]
+    assert response.headers["x-thing"] == "1"
+    assert response.headers["content-length"] == str(len(response.content))
