@@ -19,6 +19,7 @@ from tests.conftest import (
     API,
     CLIENT_SECRET,
     TOKEN_URL,
+    free_port,
     log_in,
     make_settings,
     run_client,
@@ -48,8 +49,10 @@ async def test_readyz_before_migrations(tmp_path: Path, pinterest: respx.MockRou
     assert "pinauth migrate" in response.json()["message"]
 
 
-async def test_readyz_without_a_database(tmp_path: Path, pinterest: respx.MockRouter) -> None:
-    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+async def test_readyz_without_a_database(pinterest: respx.MockRouter) -> None:
+    # Nothing listens on that port. (A failing SQLite connect would also do, but aiosqlite's
+    # worker thread can outlive the test's event loop and fail the next test.)
+    settings = make_settings(f"postgresql+asyncpg://pinauth@127.0.0.1:{free_port()}/none")
     async with run_client(settings, pinterest) as client:
         response = await client.get("/readyz")
     assert response.status_code == 503
