@@ -712,3 +712,36 @@ async def test_repeated_upstream_headers_all_come_back(
     assert response.headers.get_list("link") == ["<a>; rel=next", "<b>; rel=last"]
     assert response.headers["x-thing"] == "1"
     assert response.headers["content-length"] == str(len(response.content))
+
+
+async def test_cross_origin_proxy_calls_get_cors_headers(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    origin = "https://app.example.com"
+    settings = make_settings(database_url, cors_origins=origin)
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+        preflight = await client.options(
+            "/pinterest/boards",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
+        ok = await client.get("/pinterest/boards", headers={"Origin": origin})
+        client.cookies.clear()
+        error = await client.get("/pinterest/boards", headers={"Origin": origin})
+
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == origin
+    for response in (ok, error):
+        assert response.headers["access-control-allow-origin"] == origin
+        assert response.headers["access-control-allow-credentials"] == "true"
+    assert error.status_code == 401
+    assert "x-request-id" in ok.headers
+
+
+async def test_other_methods_reach_the_documented_routes(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter
+) -> None:
+    await log_in(client, pinterest)
+    response = await client.request("HEAD", "/pinterest/boards")
+    assert response.status_code == 405

@@ -23,6 +23,8 @@ from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api.deps import Services
+from pinauth.api.pinterest import ProxyFastPath
+from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.auth import AuthService
 from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
@@ -102,6 +104,8 @@ def create_app(
             "logs": settings.opentelemetry,
         },
     )
+    # Innermost of the middlewares, so CORS and request context still wrap it.
+    app.add_middleware(ProxyFastPath, route=pinterest_routes.router.routes[0])
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -120,8 +124,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
-    # The proxy routes go straight onto the app's router, first: routes match in
-    # order, and an included router costs a second matching pass per request.
+    # The proxy's APIRoutes define and document the operation; ProxyFastPath serves the
+    # same endpoint ahead of the router, and they would answer if it stepped aside.
     app.router.routes[0:0] = pinterest_routes.router.routes
     return app
 
@@ -129,7 +133,7 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PinauthError)
     async def pinauth_error(_request: Request, exc: PinauthError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,9 +156,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def client_disconnected(_request: Request, _exc: ClientDisconnect) -> Response:
-        # The client hung up while sending its body; nobody is left to answer.
-        log.debug("client disconnected before its request body arrived")
-        return Response(status_code=400)
+        return client_disconnected_response()
 
     @app.exception_handler(Exception)
     async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
