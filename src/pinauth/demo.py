@@ -17,14 +17,21 @@ SANDBOX_PREFIX = "/sandbox"
 DEMO_DATABASE_URL = "sqlite+aiosqlite:///./pinauth-demo.db"
 
 
+_LOCAL_OR_ANY = ("127.0.0.1", "0.0.0.0", "::", "localhost")
+
+
 def public_base_url(host: str, port: int) -> str:
     """Where a browser on this machine reaches the service.
 
     One name for every browser-facing URL matters: the login cookie set on `localhost`
     is not sent to `127.0.0.1`, so a mix would fail every state check.
     """
-    name = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else host
-    return f"http://{name}:{port}"
+    return f"http://{'localhost' if host in _LOCAL_OR_ANY else host}:{port}"
+
+
+def self_url(host: str, port: int) -> str:
+    """Where the service reaches itself: loopback, unless bound to one specific address."""
+    return f"http://{'127.0.0.1' if host in _LOCAL_OR_ANY else host}:{port}"
 
 
 def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, SandboxConfig]:
@@ -36,11 +43,10 @@ def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, S
         "client_secret": SecretStr(sandbox.client_secret),
         "redirect_uri": redirect_uri,
         "authorize_url": f"{base}{SANDBOX_PREFIX}/oauth/",
-        # pinauth calls its own sandbox over loopback, like it would call Pinterest.
-        "api_url": f"http://127.0.0.1:{port}{SANDBOX_PREFIX}/v5",
-        "scopes": [*settings.scopes, "boards:write"]
-        if "boards:write" not in settings.scopes
-        else settings.scopes,
+        # pinauth calls its own sandbox over HTTP, like it would call Pinterest.
+        "api_url": f"{self_url(host, port)}{SANDBOX_PREFIX}/v5",
+        # The demo page creates boards.
+        "scopes": list(dict.fromkeys([*settings.scopes, "boards:write"])),
     }
     if "database_url" not in settings.model_fields_set:
         # Keep demo connections out of the database real ones will use.

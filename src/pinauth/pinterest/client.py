@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -15,7 +15,7 @@ import httpx
 
 from pinauth.errors import UpstreamError, UpstreamTimeout
 from pinauth.observability import Metrics
-from pinauth.pinterest.http import USER_AGENT
+from pinauth.pinterest.http import USER_AGENT, http_timeout
 from pinauth.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ class PinterestClient:
         settings: Settings,
         *,
         metrics: Metrics | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._metrics = metrics
         # The shared client's own transport (same connection pool), driven directly:
@@ -71,16 +70,10 @@ class PinterestClient:
         # redirects, cookies, hooks are all off for Pinterest), and skipping them
         # halves the client-side cost of a call (see bench/ and the README).
         self._transport = transport
-        self._timeout = httpx.Timeout(
-            connect=settings.http_connect_timeout,
-            read=settings.http_read_timeout,
-            write=settings.http_read_timeout,
-            pool=settings.http_pool_timeout,
-        ).as_dict()
+        self._timeout = http_timeout(settings).as_dict()
         self._base = settings.api_url + "/"
         self._max_retries = settings.max_retries
         self._budget = settings.retry_budget_seconds
-        self._sleep = sleep
 
     def url_for(self, request: UpstreamRequest) -> httpx.URL:
         # Plain concatenation is safe: the path is confined to unreserved characters and
@@ -158,5 +151,5 @@ class PinterestClient:
         if time.monotonic() + delay > deadline:
             return False
         log.info("retrying Pinterest call in %.2fs (attempt %d)", delay, attempt + 2)
-        await self._sleep(delay)
+        await asyncio.sleep(delay)
         return True

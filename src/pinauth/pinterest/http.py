@@ -21,6 +21,16 @@ def create_transport() -> httpx.AsyncBaseTransport:
     return AiohttpTransport()
 
 
+def http_timeout(settings: Settings) -> httpx.Timeout:
+    """Every call to Pinterest, through the client or its transport, uses these."""
+    return httpx.Timeout(
+        connect=settings.http_connect_timeout,
+        read=settings.http_read_timeout,
+        write=settings.http_read_timeout,
+        pool=settings.http_pool_timeout,
+    )
+
+
 def create_http_client(
     settings: Settings, transport: httpx.AsyncBaseTransport
 ) -> httpx.AsyncClient:
@@ -30,12 +40,7 @@ def create_http_client(
         # One client serves every user: it must never remember a cookie from one
         # user's response and send it with another's request.
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-        timeout=httpx.Timeout(
-            connect=settings.http_connect_timeout,
-            read=settings.http_read_timeout,
-            write=settings.http_read_timeout,
-            pool=settings.http_pool_timeout,
-        ),
+        timeout=http_timeout(settings),
         # Proxy env vars and .netrc must not redirect or decorate calls carrying tokens,
         # and a redirect from Pinterest must never carry the bearer token elsewhere.
         trust_env=False,
