@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install whenever the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit unit-postgres smoke env bench clean
+.PHONY: run test lint typecheck unit unit-postgres smoke env bench endpoints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ test: lint typecheck unit unit-postgres smoke
 # Not part of `make test`: timings belong in a benchmark, not in pass/fail tests.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# After updating spec/pinterest/openapi.yaml: regenerate what pinauth derives from it.
+endpoints: $(STAMP)
+	$(BIN)/python scripts/gen_endpoints.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
