@@ -17,6 +17,7 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from pinauth.migrations import schema_head
 from tests.conftest import free_port, wait_until_serving
 
 
@@ -98,7 +99,7 @@ def test_migrate_only_migrates(tmp_path: Path) -> None:
     version = sqlite3.connect(tmp_path / "cli.db").execute(
         "SELECT version_num FROM alembic_version"
     )
-    assert version.fetchone() == ("0001",)
+    assert version.fetchone() == (schema_head(),)
 
 
 def test_make_run_writes_a_fresh_env_once(tmp_path: Path) -> None:

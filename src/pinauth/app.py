@@ -105,7 +105,7 @@ def create_app(
         },
     )
     # Innermost of the middlewares, so CORS and request context still wrap it.
-    app.add_middleware(ProxyFastPath, route=pinterest_routes.router.routes[0])
+    app.add_middleware(ProxyFastPath, route=pinterest_routes.proxy_route("GET"))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

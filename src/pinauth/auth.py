@@ -184,16 +184,15 @@ class AuthService:
         tokens: TokenSet,
         session_hash: str,
         previous_session_cookie: str | None,
-    ) -> int:
+    ) -> str:
+        # A new session id at every login, and the old one dies: no fixation.
+        previous = self._session_hash(previous_session_cookie)
         for attempt in range(2):
             try:
                 async with self._sessionmaker() as db, db.begin():
                     connection = await self._upsert_connection(db, account, tokens)
                     sessions = SessionRepository(db)
-                    # A new session id at every login, and the old one dies: no fixation.
-                    previous = self._session_hash(previous_session_cookie)
                     if previous is not None:
-                        self._cache.forget_session(previous)
                         await sessions.delete(previous)
                     now = datetime.now(UTC)
                     # Logins are rare next to requests: a fine moment to sweep (indexed).
@@ -206,11 +205,14 @@ class AuthService:
                             + timedelta(seconds=self._settings.session_max_age_seconds),
                         )
                     )
-                    return connection.id
             except IntegrityError:
                 # Two first logins of one Pinterest user raced; the second updates instead.
                 if attempt:
                     raise
+                continue
+            if previous is not None:
+                self._cache.forget_session(previous)
+            return connection.public_id
         raise AssertionError("unreachable")
 
     async def _upsert_connection(
@@ -272,27 +274,34 @@ class AuthService:
         return await asyncio.shield(loading)
 
     async def _load_session(self, session_hash: str) -> Connection | None:
+        generation = self._cache.generation()
         async with self._sessionmaker() as db:
             session = await SessionRepository(db).get_active(session_hash, datetime.now(UTC))
         if session is None:
             return None
-        self._cache.remember_session(session_hash, session.connection)
+        # Not cached if a logout or disconnect happened meanwhile: the row just read may
+        # be the one it deleted.
+        self._cache.remember_session(session_hash, session.connection, generation)
         return session.connection
 
     async def logout(self, cookie: str | None) -> None:
         session_hash = self._session_hash(cookie)
         if session_hash is None:
             return
-        self._cache.forget_session(session_hash)
         async with self._sessionmaker() as db, db.begin():
             await SessionRepository(db).delete(session_hash)
+        # After the commit, so that any load that could still have read the row is older
+        # than the forgetting, and cannot cache what it read.
+        self._cache.forget_session(session_hash)
 
     async def disconnect(self, connection: Connection) -> None:
         """Forget the connection's tokens and end every session that used them."""
         async with self._sessionmaker() as db, db.begin():
             connections = ConnectionRepository(db)
-            stored = await connections.get(connection.id)
+            stored = await connections.get(connection.public_id)
             if stored is not None:
                 await connections.delete(stored)
-        self._cache.forget_connection(connection.id)
-        log.info("connection %s disconnected", connection.id)
+        # After the commit (see logout). The tombstone also stops a refresh that read the
+        # row before the delete from caching it again.
+        self._cache.forget_connection(connection.public_id)
+        log.info("connection %s disconnected", connection.public_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import enum
+import secrets
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -50,12 +52,26 @@ class ConnectionStatus(enum.StrEnum):
     REAUTHORIZATION_REQUIRED = "reauthorization_required"
 
 
+CONNECTION_ID_PREFIX = "conn_"
+
+
+def new_public_id(prefix: str = CONNECTION_ID_PREFIX) -> str:
+    """A random, never-reused id (128 bits, base32) for the API, logs and caches."""
+    return prefix + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
 class Connection(Base):
     """A Pinterest account linked to pinauth, with its (encrypted) token pair."""
 
     __tablename__ = "connections"
+    # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed by
+    # the old id may ever resolve to a new user's row.
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy declares it)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # What leaves the process (logs, caches, later the API) is this random id; the
+    # integer key is for joins only.
+    public_id: Mapped[str] = mapped_column(String(40), unique=True, default=new_public_id)
     pinterest_user_id: Mapped[str] = mapped_column(String(64), unique=True)
     username: Mapped[str] = mapped_column(String(255))
     scopes: Mapped[str] = mapped_column(Text)

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Set per request; the JSON log formatter adds them to every line logged meanwhile.
 REQUEST_ID: ContextVar[str | None] = ContextVar("pinauth_request_id", default=None)
-CONNECTION_ID: ContextVar[int | None] = ContextVar("pinauth_connection_id", default=None)
+CONNECTION_ID: ContextVar[str | None] = ContextVar("pinauth_connection_id", default=None)
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 access_log = logging.getLogger("pinauth.access")

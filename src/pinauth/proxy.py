@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 # Pinterest's error code for a token lacking a scope: a new token has the same scopes,
 # so refreshing on it would only turn every such call into a refresh.
 INSUFFICIENT_SCOPE_CODE = 3
+# A rejected token is replaced by the row's newer one if it has moved on (not proven
+# good), then by a refresh: two replacements reach a freshly issued token.
+MAX_TOKEN_REPLACEMENTS = 2
 
 
 def _token_rejected(response: httpx.Response) -> bool:
@@ -35,10 +38,15 @@ class ProxyService:
     async def call(self, connection: Connection, request: UpstreamRequest) -> httpx.Response:
         credential = await self._tokens.usable_credential(connection)
         response = await self._client.send(request, credential.access_token)
-        if _token_rejected(response):
-            # A 401 means Pinterest did not act on the request, so sending it again is
-            # safe for every method, POST included.
-            log.info("Pinterest rejected connection %s's token; refreshing", connection.id)
-            credential = await self._tokens.refresh_after_rejection(credential)
+        # A 401 means Pinterest did not act on the request, so sending it again is safe
+        # for every method, POST included. The call ends with the answer to a token
+        # Pinterest issued after the rejection, unless the tokens keep changing under it.
+        for _ in range(MAX_TOKEN_REPLACEMENTS):
+            if not _token_rejected(response):
+                break
+            log.info("Pinterest rejected connection %s's token", connection.public_id)
+            credential, fresh = await self._tokens.replace_rejected(credential)
             response = await self._client.send(request, credential.access_token)
+            if fresh:
+                break
         return response

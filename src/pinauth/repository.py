@@ -16,10 +16,11 @@ class ConnectionRepository:
     def __init__(self, db: AsyncSession) -> None:
         self._db = db
 
-    async def get(self, connection_id: int) -> Connection | None:
-        return await self._db.get(Connection, connection_id)
+    async def get(self, public_id: str) -> Connection | None:
+        stmt = select(Connection).where(Connection.public_id == public_id)
+        return (await self._db.execute(stmt)).scalar_one_or_none()
 
-    async def get_for_update(self, connection_id: int, *, lock_timeout: float) -> Connection | None:
+    async def get_for_update(self, public_id: str, *, lock_timeout: float) -> Connection | None:
         """Read the row under a lock held until commit: the cross-replica refresh arbiter.
 
         On PostgreSQL this is `SELECT … FOR UPDATE` with a bounded wait; SQLite has no
@@ -31,7 +32,7 @@ class ConnectionRepository:
             await self._db.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
         stmt = (
             select(Connection)
-            .where(Connection.id == connection_id)
+            .where(Connection.public_id == public_id)
             .with_for_update()
             .execution_options(populate_existing=True)
         )

@@ -68,7 +68,8 @@ class Credential:
     access_token: str
 
     def __repr__(self) -> str:
-        return f"Credential(connection_id={self.connection.id}, version={self.connection.version})"
+        connection = self.connection
+        return f"Credential(connection={connection.public_id}, version={connection.version})"
 
 
 class TokenManager:
@@ -88,12 +89,13 @@ class TokenManager:
         self._cipher = cipher
         self._cache = cache
         self._margin = timedelta(seconds=settings.refresh_margin_seconds)
+        # All keyed by public id, which is never reused.
         # Weak values: a lock lives only while some request holds or awaits it.
-        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Bounded: both are per connection, and connections are unbounded.
-        self._cooldown_until: LRUCache[int, float] = LRUCache(MAX_ENTRIES)
+        self._cooldown_until: LRUCache[str, float] = LRUCache(MAX_ENTRIES)
         # How long the access tokens this process last got for a connection were valid.
-        self._lifetimes: LRUCache[int, timedelta] = LRUCache(MAX_ENTRIES)
+        self._lifetimes: LRUCache[str, timedelta] = LRUCache(MAX_ENTRIES)
 
     def reauthorization_required(self) -> ReauthorizationRequired:
         return ReauthorizationRequired(self._settings.login_url)
@@ -120,7 +122,7 @@ class TokenManager:
         """
         now = datetime.now(UTC)
         margin = self._margin
-        lifetime = self._lifetimes.get(connection.id)
+        lifetime = self._lifetimes.get(connection.public_id)
         if lifetime is not None:
             # Tokens that live shorter than the margin would otherwise be "expiring" from
             # the moment they are issued, and every call would refresh again.
@@ -132,14 +134,22 @@ class TokenManager:
         except UpstreamUnavailable:
             if connection.access_token_expires_at > now:
                 log.warning(
-                    "using connection %s's current token until refresh recovers", connection.id
+                    "using connection %s's current token until refresh recovers",
+                    connection.public_id,
                 )
                 return self.credential(connection)
             raise
 
-    async def refresh_after_rejection(self, rejected: Credential) -> Credential:
-        """Pinterest refused `rejected`: refresh, unless the token already changed."""
-        return self.credential(await self.refresh(rejected.connection))
+    async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
+        """Pinterest refused `rejected`: a credential to retry with, and whether it is fresh.
+
+        Fresh means Pinterest issued it to this very caller after the rejection, so its
+        answer stands. If the row had already moved on (another request, replica or login
+        changed the tokens), its token is tried instead of spending the refresh token; it
+        is not fresh, and a caller it fails for comes back here with it.
+        """
+        connection, refreshed = await self._refresh(rejected.connection)
+        return self.credential(connection), refreshed
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -147,9 +157,15 @@ class TokenManager:
         Returns the connection as stored afterwards. Every concurrent caller that saw
         the same version gets the result of a single token request.
         """
-        lock = self._locks.get(seen.id)
+        connection, _ = await self._refresh(seen)
+        return connection
+
+    async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
+        """`refresh`, also telling whether this call got new tokens from Pinterest."""
+        public_id = seen.public_id
+        lock = self._locks.get(public_id)
         if lock is None:
-            lock = self._locks[seen.id] = asyncio.Lock()
+            lock = self._locks[public_id] = asyncio.Lock()
         try:
             async with asyncio.timeout(self._settings.refresh_lock_timeout_seconds):
                 await lock.acquire()
@@ -159,29 +175,31 @@ class TokenManager:
             ) from None
         try:
             # Whoever held the lock may have refreshed this connection for us already.
-            cached = self._cache.cached_connection(seen.id)
+            cached = self._cache.cached_connection(public_id)
             if cached is not None and cached.version > seen.version:
-                return cached
-            refreshed = await self._refresh_locked(seen)
+                return cached, False
+            refreshed, fresh = await self._refresh_locked(seen)
             self._cache.remember_connection(refreshed)
-            return refreshed
+            return refreshed, fresh
         finally:
             lock.release()
 
-    async def _refresh_locked(self, seen: Connection) -> Connection:
+    async def _refresh_locked(self, seen: Connection) -> tuple[Connection, bool]:
         failure: PinauthError | None = None
+        fresh = False
         async with self._sessionmaker() as db:
             try:
                 async with db.begin():
                     connection = await ConnectionRepository(db).get_for_update(
-                        seen.id, lock_timeout=self._settings.refresh_lock_timeout_seconds
+                        seen.public_id, lock_timeout=self._settings.refresh_lock_timeout_seconds
                     )
                     if connection is None:
                         raise NotAuthenticated("This Pinterest connection no longer exists.")
                     if connection.version != seen.version:
-                        log.debug("connection %s changed since it was read", connection.id)
+                        log.debug("connection %s changed since it was read", seen.public_id)
                     elif connection.status is ConnectionStatus.ACTIVE:
                         failure = await self._refresh_row(connection)
+                        fresh = failure is None
             except DBAPIError as e:
                 if _sqlstate(e) == LOCK_NOT_AVAILABLE:
                     raise UpstreamUnavailable(
@@ -198,7 +216,7 @@ class TokenManager:
         if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
             self._cache.remember_connection(connection)
             raise self.reauthorization_required()
-        return connection
+        return connection, fresh
 
     async def _refresh_row(self, connection: Connection) -> PinauthError | None:
         """Call the token endpoint and update the locked row.
@@ -206,7 +224,8 @@ class TokenManager:
         Returns a transient error to raise once the transaction has ended. A rejected
         refresh token is not raised here either: it marks the row, which must commit.
         """
-        remaining = self._cooldown_until.get(connection.id, 0.0) - time.monotonic()
+        public_id = connection.public_id
+        remaining = self._cooldown_until.get(public_id, 0.0) - time.monotonic()
         if remaining > 0:
             return UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
@@ -218,24 +237,24 @@ class TokenManager:
             refresh_token = self._cipher.decrypt(connection.refresh_token_encrypted)
             tokens = await self._oauth.refresh(refresh_token)
         except (TokenRejected, TokenDecryptionError) as e:
-            log.warning("connection %s needs reauthorization: %s", connection.id, type(e).__name__)
+            log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
             self._metrics.refreshes.labels("rejected").inc()
             return None
         except (UpstreamError, UpstreamTimeout) as e:
-            log.warning("refresh of connection %s failed transiently: %s", connection.id, e)
+            log.warning("refresh of connection %s failed transiently: %s", public_id, e)
             self._metrics.refreshes.labels("transient_error").inc()
-            self._cooldown_until[connection.id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
+            self._cooldown_until[public_id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
             return UpstreamUnavailable(
                 "Pinterest's token endpoint is unavailable; retry later.",
                 retry_after=max(retry_after, TRANSIENT_FAILURE_COOLDOWN),
             )
-        self._cooldown_until.pop(connection.id, None)
+        self._cooldown_until.pop(public_id, None)
         self._metrics.refreshes.labels("ok").inc()
-        self._lifetimes[connection.id] = tokens.access_token_expires_at - datetime.now(UTC)
+        self._lifetimes[public_id] = tokens.access_token_expires_at - datetime.now(UTC)
         apply_token_set(connection, tokens, self._cipher)
-        log.info("refreshed tokens of connection %s", connection.id)
+        log.info("refreshed tokens of connection %s", public_id)
         return None
 
 

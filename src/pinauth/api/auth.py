@@ -109,7 +109,6 @@ async def callback(
 @router.post(
     "/refresh",
     response_model=RefreshResponse,
-    dependencies=[TrustedOrigin],
     responses=error_responses(401, 403, 503),
 )
 async def refresh(services: ServicesDep, connection: CurrentConnection) -> RefreshResponse:
@@ -138,7 +137,6 @@ async def logout(services: ServicesDep, session_cookie: SessionCookie = None) ->
 @router.delete(
     "/connection",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[TrustedOrigin],
     responses=error_responses(401, 403),
 )
 async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Response:

@@ -109,6 +109,15 @@ for _method in PROXY_METHODS:
     )
 
 
+def proxy_route(method: str) -> BaseRoute:
+    """The proxy's APIRoute for `method`, found by name (see ProxyFastPath)."""
+    name = f"proxy_{method.lower()}"
+    for route in router.routes:
+        if getattr(route, "name", None) == name:
+            return route
+    raise LookupError(name)
+
+
 @router.get(
     "/boards",
     response_model=BoardsPage,
