@@ -11,6 +11,10 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 import respx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from pinauth.app import create_app
 from pinauth.pinterest.client import retry_after_seconds
@@ -32,6 +36,7 @@ from tests.conftest import (
     start_login,
     token_json,
 )
+from tests.helpers import browsers, counted_client, warm_up
 
 BOARD = {"id": "549755885175", "name": "Recipes", "privacy": "PUBLIC"}
 
@@ -190,20 +195,57 @@ async def test_headers_named_in_connection_are_not_forwarded(
     assert "accept-language" not in route.calls.last.request.headers
 
 
-async def test_upstream_cookies_are_never_replayed(
-    client: httpx.AsyncClient, pinterest: respx.MockRouter
-) -> None:
-    await log_in(client, pinterest)
-    route = pinterest.get(f"{API}/boards").respond(
-        200,
-        json={"items": []},
-        headers={"Set-Cookie": "tracker=user-a; Path=/; Domain=pinterest.com"},
+async def test_upstream_cookies_are_never_replayed(database_url: str) -> None:
+    """Guards both cookie jars (the OAuth client's and the proxy transport's): a cookie
+    Pinterest sets on one user's response never rides along with another user's request.
+
+    Runs over real HTTP against a loopback stand-in, with pinauth's real transport: a
+    mocked transport has no cookie jar to break. It fails with either jar removed.
+    """
+    seen_cookies: list[str] = []
+
+    async def record(request: Request) -> None:
+        seen_cookies.extend(request.headers.getlist("cookie"))
+
+    def with_cookie(response: Response, name: str) -> Response:
+        # Host-only cookies on a name (not an IP), which every cookie jar would keep.
+        response.set_cookie(name, "from-" + name, path="/")
+        return response
+
+    async def token(request: Request) -> Response:
+        await record(request)
+        code = (await request.form())["code"]
+        return with_cookie(JSONResponse(token_json(f"pina_{code}", f"pinr_{code}")), "oauth")
+
+    async def user_account(request: Request) -> Response:
+        await record(request)
+        user = request.headers["authorization"].removeprefix("Bearer pina_")
+        return with_cookie(JSONResponse({"id": user, "username": user}), "account")
+
+    async def boards(request: Request) -> Response:
+        await record(request)
+        return with_cookie(JSONResponse({"items": []}), "tracker")
+
+    stand_in = Starlette(
+        routes=[
+            Route("/v5/oauth/token", token, methods=["POST"]),
+            Route("/v5/user_account", user_account),
+            Route("/v5/boards", boards),
+        ]
     )
+    async with live_server(stand_in) as upstream:  # type: ignore[arg-type]
+        api = upstream.replace("127.0.0.1", "localhost") + "/v5"
+        settings = make_settings(database_url, api_url=api)
+        async with browsers(settings, None, 2) as (alice, bob):
+            for browser, user in ((alice, "alice"), (bob, "bob"), (alice, "alice")):
+                state = await start_login(browser)
+                callback = await browser.get(
+                    "/auth/callback", params={"code": user, "state": state}
+                )
+                assert callback.status_code == 303
+                assert (await browser.get("/pinterest/boards")).status_code == 200
 
-    await client.get("/pinterest/boards")
-    await client.get("/pinterest/boards")
-
-    assert "cookie" not in route.calls.last.request.headers
+    assert seen_cookies == []
 
 
 # --- path confinement (through a real uvicorn, which decodes %2F before routing) ----
@@ -403,18 +445,22 @@ async def test_expired_token_and_token_endpoint_down_is_a_503(
 
 
 async def test_50_concurrent_requests_with_an_expired_token_refresh_once(
-    client: httpx.AsyncClient, pinterest: respx.MockRouter
+    pinterest: respx.MockRouter, settings: Settings
 ) -> None:
-    await log_in_with(client, pinterest, expires_in=0)
+    """Guards single flight on the proxy: the token answer waits until all 50 calls are
+    inside pinauth at once. Fails (50 token requests) without the lock on SQLite."""
+    async with counted_client(settings, pinterest) as (client, in_flight):
+        await log_in_with(client, pinterest, expires_in=0)
+        await warm_up(client)
 
-    async def slow_token_endpoint(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.2)
-        return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        async def token_endpoint(_request: httpx.Request) -> httpx.Response:
+            await in_flight.reached(50)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
 
-    token = pinterest.post(TOKEN_URL).mock(side_effect=slow_token_endpoint)
-    api = pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+        token = pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+        api = pinterest.get(f"{API}/boards").respond(200, json={"items": []})
 
-    responses = await asyncio.gather(*(client.get("/pinterest/boards") for _ in range(50)))
+        responses = await asyncio.gather(*(client.get("/pinterest/boards") for _ in range(50)))
 
     assert [r.status_code for r in responses] == [200] * 50
     assert token.call_count == 1

@@ -26,6 +26,7 @@ from tests.conftest import (
     run_client,
     token_json,
 )
+from tests.helpers import counted_client, warm_up
 
 
 async def stored_connection(settings: Settings) -> Connection:
@@ -86,20 +87,21 @@ async def test_refresh_keeps_the_old_refresh_token_if_none_comes_back(
 
 
 async def test_concurrent_refreshes_make_one_token_request(
-    client: httpx.AsyncClient, pinterest: respx.MockRouter, settings: Settings
+    pinterest: respx.MockRouter, settings: Settings
 ) -> None:
-    await log_in(client, pinterest)
-    release = asyncio.Event()
+    """Guards single flight: Pinterest answers the token request only once all 20 calls
+    are inside pinauth at the same time, so a caller that could refresh on its own would
+    have. Fails (20 token requests) without the per-connection lock on SQLite."""
+    async with counted_client(settings, pinterest) as (client, in_flight):
+        await log_in(client, pinterest)
+        await warm_up(client)
 
-    async def slow_pinterest(_request: httpx.Request) -> httpx.Response:
-        await release.wait()
-        return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        async def token_endpoint(_request: httpx.Request) -> httpx.Response:
+            await in_flight.reached(20)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
 
-    route = pinterest.post(TOKEN_URL).mock(side_effect=slow_pinterest)
-    calls = [asyncio.create_task(client.post("/auth/refresh")) for _ in range(20)]
-    await asyncio.sleep(0.2)  # let all 20 reach the lock before Pinterest answers
-    release.set()
-    responses = await asyncio.gather(*calls)
+        route = pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+        responses = await asyncio.gather(*(client.post("/auth/refresh") for _ in range(20)))
 
     assert [r.status_code for r in responses] == [200] * 20
     assert route.call_count == 1
