@@ -1,4 +1,4 @@
-"""Pinterest's rate limits, respected across requests: the governor and retries."""
+"""Pinterest's rate limits, respected across requests: the governor, retries, the token cooldown."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pinauth.observability import Metrics
 from pinauth.pinterest.client import UpstreamRequest, retry_after_seconds
 from pinauth.pinterest.endpoints import CATEGORIES, OTHER
 from pinauth.settings import Settings
+from pinauth.tokens import TRANSIENT_FAILURE_COOLDOWN
 from tests.helpers import ManualClock, connect_as
 
 ADA = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
@@ -356,3 +357,45 @@ def test_holds_are_bounded_and_dropped_once_ended() -> None:
     clock.advance(30)
     governor.pinterest_asked_to_wait(connection(1, "1"), BOARDS_CALL, 429, 30)
     assert governor.remembered_connections() == 1
+
+
+# --- the token endpoint's cooldown -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected"),
+    [
+        (503, "30", 30),
+        (429, "30", 30),
+        (503, "in 30 s", 30),
+        (503, "3", TRANSIENT_FAILURE_COOLDOWN),
+        (429, "past", TRANSIENT_FAILURE_COOLDOWN),
+    ],
+)
+async def test_the_token_endpoints_cooldown_honours_retry_after_at_least_10_s(
+    client: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    status: int,
+    retry_after: str,
+    expected: int,
+) -> None:
+    """Guards the token endpoint's cooldown: as long as Pinterest's Retry-After asks (in
+    seconds or as a date), never under 10 s (a past date included), and no second token
+    request meanwhile."""
+    await connect_as(client, pinterest, settings, ADA)
+    if retry_after == "past":
+        retry_after = format_datetime(datetime.now(UTC) - timedelta(minutes=1), usegmt=True)
+    elif retry_after == "in 30 s":
+        retry_after = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    route = pinterest.post(settings.token_url).respond(
+        status, json={"code": 0, "message": "busy"}, headers={"Retry-After": retry_after}
+    )
+
+    first = await client.post("/auth/refresh")
+    second = await client.post("/auth/refresh")
+
+    assert first.status_code == second.status_code == 503
+    assert first.headers["retry-after"] == str(expected)
+    assert int(second.headers["retry-after"]) in (expected - 1, expected)
+    assert route.call_count == 1
