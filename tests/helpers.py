@@ -111,3 +111,30 @@ async def warm_up(client: httpx.AsyncClient) -> None:
     those openings behind any open transaction: that would hide a missing lock.
     """
     await asyncio.gather(*(client.get("/auth/login") for _ in range(10)))
+
+
+class ManualClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def account_tokens(account_id: str) -> tuple[str, str]:
+    """(access, refresh) tokens that name their account, so a request shows whose it is."""
+    return f"pina_ACCESS-{account_id}", f"pinr_REFRESH-{account_id}"
+
+
+async def connect_as(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, account: dict[str, Any]
+) -> str:
+    """Log `client` in as Pinterest `account`; returns the access token it was granted."""
+    access, refresh = account_tokens(account["id"])
+    await log_in_as(client, pinterest, account, access, refresh)
+    return access

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
@@ -31,6 +32,7 @@ from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import PinauthError
+from pinauth.governor import RateGovernor
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.pinterest.api import PinterestAPI
@@ -54,11 +56,13 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     sandbox: SandboxConfig | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build the service.
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
-    mounts the built-in Pinterest sandbox at /sandbox (demo mode).
+    mounts the built-in Pinterest sandbox at /sandbox (demo mode); `clock` is the
+    rate governor's monotonic clock (tests move it instead of waiting).
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
@@ -74,6 +78,7 @@ def create_app(
         oauth = PinterestOAuth(http, settings, metrics)
         cache = ConnectionCache(settings.cache_ttl_seconds)
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
+        governor = RateGovernor(metrics, clock=clock)
         services = Services(
             settings=settings,
             sessionmaker=sessionmaker,
@@ -81,7 +86,11 @@ def create_app(
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),
             tokens=tokens,
-            proxy=ProxyService(tokens, PinterestClient(network, settings, metrics=metrics)),
+            proxy=ProxyService(
+                tokens,
+                PinterestClient(network, settings, metrics=metrics, rate_limits=governor),
+                governor,
+            ),
             metrics=metrics,
             schema_head=head,
         )

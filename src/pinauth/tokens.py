@@ -40,7 +40,8 @@ from pinauth.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Seconds to wait before calling a failing token endpoint again for the same connection.
+# Seconds to wait before calling a failing token endpoint again for the same connection,
+# at least: longer if Pinterest's Retry-After asks for longer.
 TRANSIENT_FAILURE_COOLDOWN = 10
 # PostgreSQL's "lock_not_available", raised when lock_timeout runs out.
 LOCK_NOT_AVAILABLE = "55P03"
@@ -244,11 +245,11 @@ class TokenManager:
         except (UpstreamError, UpstreamTimeout) as e:
             log.warning("refresh of connection %s failed transiently: %s", public_id, e)
             self._metrics.refreshes.labels("transient_error").inc()
-            self._cooldown_until[public_id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
+            cooldown = max(retry_after, TRANSIENT_FAILURE_COOLDOWN)
+            self._cooldown_until[public_id] = time.monotonic() + cooldown
             return UpstreamUnavailable(
-                "Pinterest's token endpoint is unavailable; retry later.",
-                retry_after=max(retry_after, TRANSIENT_FAILURE_COOLDOWN),
+                "Pinterest's token endpoint is unavailable; retry later.", retry_after=cooldown
             )
         self._cooldown_until.pop(public_id, None)
         self._metrics.refreshes.labels("ok").inc()
