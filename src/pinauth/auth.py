@@ -29,6 +29,8 @@ from pinauth.tokens import apply_token_set
 log = logging.getLogger(__name__)
 
 _UNSAFE_IN_PATH = re.compile(r"[\\\x00-\x1f\x7f]")
+# It rides in the signed state to Pinterest and back into a Location header.
+MAX_RETURN_TO_LENGTH = 2048
 
 
 class _StatePayload(BaseModel):
@@ -84,12 +86,15 @@ class AuthService:
         return self._settings.frontend_url
 
     def _is_trusted_destination(self, url: str) -> bool:
-        if _UNSAFE_IN_PATH.search(url):
+        if len(url) > MAX_RETURN_TO_LENGTH or _UNSAFE_IN_PATH.search(url):
             return False
         # Browsers treat "//host" (and "/\host", excluded above) as another site.
         if url.startswith("/"):
             return not url.startswith("//")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # "https://[", "https://[host]", hosts that NFKC would change
+            return False
         origin = f"{parts.scheme}://{parts.netloc}"
         return (
             parts.scheme in ("http", "https")
