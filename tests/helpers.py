@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -218,3 +218,43 @@ async def log_in(client: httpx.AsyncClient, pinterest: respx.MockRouter) -> http
     assert response.status_code == 303, response.text
     pinterest.reset()
     return response
+
+
+def http_response(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", reason: bytes = b"OK"
+) -> bytes:
+    """An HTTP/1.1 response, byte for byte: headers no HTTP library would let a test send."""
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return (
+        b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n" % (status, reason, head, len(body)) + body
+    )
+
+
+@asynccontextmanager
+async def raw_http_upstream(answer: Callable[[str, str], bytes]) -> AsyncIterator[str]:
+    """A loopback HTTP/1.1 server writing `answer(method, target)` verbatim; yields its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: the client reuses its connection
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length" and int(value):
+                        await reader.readexactly(int(value))
+                writer.write(answer(method, target))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
