@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
+from pinauth.sandbox.errors import PinterestError
 from pinauth.sandbox.state import Fault, SandboxState, StateHolder, now
 
 
@@ -27,8 +28,23 @@ class Lifetime(BaseModel):
     seconds: int = Field(ge=0)
 
 
+async def refuse_cross_origin(request: Request) -> None:
+    """Only the sandbox's own origin (or a client that sends no Origin) may use a control.
+
+    In demo mode the controls share an origin with the demo page, and none needs a
+    body a form could not send: any page could otherwise reset the sandbox, expire
+    or revoke its tokens with a simple text/plain POST. Browsers send Origin on every
+    cross-origin request that could change something; curl and tests send none.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
+        raise PinterestError(403, 403, "The sandbox's controls refuse cross-origin requests.")
+
+
 def controls_router(holder: StateHolder) -> APIRouter:
-    router = APIRouter(prefix="/_sandbox", tags=["controls"])
+    router = APIRouter(
+        prefix="/_sandbox", tags=["controls"], dependencies=[Depends(refuse_cross_origin)]
+    )
 
     def current() -> SandboxState:
         return holder.state
