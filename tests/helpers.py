@@ -258,3 +258,15 @@ async def raw_http_upstream(answer: Callable[[str, str], bytes]) -> AsyncIterato
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def count_rows(database_url: str, table: str, where: str = "") -> int:
+    """Rows in one of pinauth's tables, read straight from the database."""
+    assert table in ("connections", "sessions", "login_states")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            query = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")
+            return int((await connection.execute(text(query))).scalar_one())
+    finally:
+        await engine.dispose()

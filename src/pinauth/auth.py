@@ -122,6 +122,7 @@ class AuthService:
                     expires_at=now + timedelta(seconds=self._settings.state_max_age_seconds),
                 )
             )
+            await states.evict_oldest(keep=self._settings.max_pending_logins)
         state = self._states.dumps(
             _StatePayload(
                 nonce_hash=nonce_hash, return_to=self.safe_return_to(return_to)
@@ -211,7 +212,14 @@ class AuthService:
                             + timedelta(seconds=self._settings.session_max_age_seconds),
                         )
                     )
-                    return connection.id
+                    evicted = await sessions.evict_oldest(
+                        connection.id, keep=self._settings.max_sessions_per_connection
+                    )
+                # Forgotten after the commit, so a reload starting later cannot cache
+                # an evicted session again.
+                for evicted_hash in evicted:
+                    self._cache.forget_session(evicted_hash)
+                return connection.id
             except IntegrityError:
                 # Two first logins of one Pinterest user raced; the second updates instead.
                 if attempt:
