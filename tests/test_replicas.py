@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.crypto import TokenCipher
 from pinauth.sandbox import SandboxConfig
-from tests.conftest import (
+from tests.helpers import (
     POSTGRES_ADMIN_URL,
     TOKEN_URL,
     free_port,

@@ -17,7 +17,7 @@ from pinauth.cli import main
 from pinauth.errors import ConfigurationError
 from pinauth.logs import StripQueryFilter
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ALL_TOKENS,
     CLIENT_SECRET,
     TOKEN_URL,

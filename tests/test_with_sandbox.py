@@ -12,8 +12,7 @@ import pytest
 
 from pinauth.app import create_app
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
-from tests.conftest import make_settings, serve_app
-from tests.helpers import ManualClock
+from tests.helpers import ManualClock, make_settings, serve_app
 
 SANDBOX = "http://sandbox.test"
 REDIRECT_URI = "http://localhost:8000/auth/callback"

@@ -33,6 +33,7 @@ from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import PinauthError
 from pinauth.governor import RateGovernor
+from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.pinterest.api import PinterestAPI
@@ -70,7 +71,7 @@ def create_app(
     head = schema_head()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+    async def lifespan(served: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings)
         sessionmaker = create_sessionmaker(engine)
         network = transport or create_transport()
@@ -96,9 +97,13 @@ def create_app(
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
+        purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
+        served.state.purger = purger  # for tests and anyone inspecting the running app
+        purger.start()
         try:
             yield {"services": services}
         finally:
+            await purger.stop()
             await http.aclose()
             await engine.dispose()
 

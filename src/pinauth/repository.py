@@ -98,6 +98,25 @@ class SessionRepository:
         result = await self._db.execute(delete(AuthSession).where(AuthSession.expires_at <= now))
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    async def evict_oldest(self, connection_id: int, *, keep: int) -> list[str]:
+        """Delete the connection's sessions beyond its `keep` newest; their id hashes.
+
+        Sessions all live equally long, so the newest are the last to expire. SKIP
+        LOCKED (PostgreSQL) leaves rows another transaction is deleting to it, so
+        concurrent evictions and purges never wait on, or deadlock with, each other.
+        """
+        excess = (
+            select(AuthSession.id_hash)
+            .where(AuthSession.connection_id == connection_id)
+            .order_by(AuthSession.expires_at.desc(), AuthSession.id_hash.desc())
+            .offset(keep)
+            .with_for_update(skip_locked=True)
+        )
+        evicted = list((await self._db.execute(excess)).scalars())
+        if evicted:
+            await self._db.execute(delete(AuthSession).where(AuthSession.id_hash.in_(evicted)))
+        return evicted
+
 
 class LoginStateRepository:
     def __init__(self, db: AsyncSession) -> None:
@@ -122,4 +141,20 @@ class LoginStateRepository:
 
     async def delete_expired(self, now: datetime) -> int:
         result = await self._db.execute(delete(LoginState).where(LoginState.expires_at <= now))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def evict_oldest(self, *, keep: int) -> int:
+        """Delete every pending login but the `keep` newest (all live equally long).
+
+        SKIP LOCKED (PostgreSQL): logins started at once each trim what no other is
+        trimming, instead of queueing or deadlocking on the same rows; the table may
+        pass `keep` by the number of logins in flight, until the next one trims it.
+        """
+        excess = (
+            select(LoginState.nonce_hash)
+            .order_by(LoginState.expires_at.desc(), LoginState.nonce_hash.desc())
+            .offset(keep)
+            .with_for_update(skip_locked=True)
+        )
+        result = await self._db.execute(delete(LoginState).where(LoginState.nonce_hash.in_(excess)))
         return int(result.rowcount)  # type: ignore[attr-defined]

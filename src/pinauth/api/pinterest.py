@@ -57,11 +57,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _relay(upstream: httpx.Response) -> Response:
     response = Response(content=upstream.content, status_code=upstream.status_code)
-    # raw_headers, not a dict: repeated headers (Link, Vary, …) must all come back.
-    response.raw_headers.extend(
-        (name.encode("latin-1"), value.encode("latin-1"))
-        for name, value in headers.response_headers(upstream.headers.multi_items())
-    )
+    # raw_headers, not a dict: repeated headers (Link, …) must all come back.
+    response.raw_headers.extend(headers.response_headers(upstream.headers.raw))
     return response
 
 

@@ -256,3 +256,14 @@ def decode_bookmark(bookmark: str) -> int | None:
         return None
     prefix, _, number = raw.partition(":")
     return int(number) if prefix == "offset" and number.isdigit() else None
+
+
+class StateHolder:
+    """The current state; /_sandbox/reset swaps in a fresh one."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.state = SandboxState(config)
+
+    def reset(self) -> None:
+        self.state = SandboxState(self.config)
