@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
-import subprocess
-import time
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -28,6 +26,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from pinauth.app import create_app
 from pinauth.migrations import upgrade_to_head
 from pinauth.settings import Settings
+from tests.helpers import PrivatePostgres, postgres_bin
+from tests.helpers import free_port as free_port
+from tests.helpers import wait_until_serving as wait_until_serving
 
 API = "https://api.pinterest.com/v5"
 TOKEN_URL = f"{API}/oauth/token"
@@ -118,6 +119,27 @@ def _truncate_all(url: str) -> None:
     asyncio.run(truncate())
 
 
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[Path]:
+    """An initdb'd cluster, copied by every private_postgres (initdb takes seconds)."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL's server programs are not installed")
+    template = PrivatePostgres.template()
+    yield template
+    shutil.rmtree(template.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres(postgres_template: Path) -> Iterator[PrivatePostgres]:
+    """A running PostgreSQL server of this test's own, which the test may stop and start."""
+    server = PrivatePostgres(postgres_template)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
 @pytest.fixture
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A database with the schema at head and no rows, for this test alone."""
@@ -178,29 +200,6 @@ def run_client(
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with serve_app(app) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until_serving(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """Poll `url` until it answers 200; fail early, with its output, if `process` dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"{process.args!r} exited with {process.returncode}:\n{output}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{process.args!r} did not answer {url} within {timeout} s")
-        time.sleep(0.1)
 
 
 @asynccontextmanager
