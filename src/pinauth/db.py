@@ -16,9 +16,11 @@ from pinauth.settings import Settings
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
+    # Error messages and logs show the SQL but never its parameters (tokens, hashes).
     if settings.is_sqlite:
         engine = create_async_engine(
             settings.database_url,
+            hide_parameters=True,
             # sqlite3's own busy wait, so concurrent writers queue instead of failing.
             connect_args={"timeout": 15},
         )
@@ -26,6 +28,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         return engine
     return create_async_engine(
         settings.database_url,
+        hide_parameters=True,
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=10,
