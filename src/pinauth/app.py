@@ -30,9 +30,10 @@ from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
-from pinauth.errors import PinauthError
+from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
+from pinauth.outage import OutageTracker
 from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
@@ -63,11 +64,13 @@ def create_app(
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
     metrics = Metrics()
+    outage = OutageTracker()
     head = schema_head()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings)
+        outage.watch(engine)
         sessionmaker = create_sessionmaker(engine)
         network = transport or create_transport()
         http = create_http_client(settings, network)
@@ -105,7 +108,7 @@ def create_app(
         },
     )
     # Innermost of the middlewares, so CORS and request context still wrap it.
-    app.add_middleware(ProxyFastPath, route=pinterest_routes.router.routes[0])
+    app.add_middleware(ProxyFastPath, route=pinterest_routes.router.routes[0], outage=outage)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -116,7 +119,7 @@ def create_app(
         )
     # Outermost: every response gets a request id, is counted, and is logged once.
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
-    _install_error_handlers(app)
+    _install_error_handlers(app, outage)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
     app.include_router(ops_routes.router)
@@ -130,9 +133,14 @@ def create_app(
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, outage: OutageTracker) -> None:
     @app.exception_handler(PinauthError)
     async def pinauth_error(_request: Request, exc: PinauthError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def database_unavailable(_request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        outage.refused()
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
