@@ -41,6 +41,7 @@ from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
+from pinauth.shutdown import Shutdown, ShutdownMiddleware
 from pinauth.tokens import TokenManager
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     sandbox: SandboxConfig | None = None,
+    shutdown: Shutdown | None = None,
 ) -> FastAPI:
     """Build the service.
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
-    mounts the built-in Pinterest sandbox at /sandbox (demo mode).
+    mounts the built-in Pinterest sandbox at /sandbox (demo mode); `shutdown` is flagged
+    by the server when it starts shutting down (see shutdown.py).
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
@@ -109,6 +112,9 @@ def create_app(
     )
     # Innermost of the middlewares, so CORS and request context still wrap it.
     app.add_middleware(ProxyFastPath, route=pinterest_routes.router.routes[0], outage=outage)
+    # Outside every route, the fast path included, and inside CORS and request context, so
+    # a request cut short by the shutdown is still logged, counted and CORS-readable.
+    app.add_middleware(ShutdownMiddleware, shutdown=shutdown or Shutdown())
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
