@@ -5,6 +5,7 @@ Helpers live in tests/helpers.py; test modules import them from there, never fro
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from pinauth.migrations import upgrade_to_head
 from pinauth.settings import Settings
 from tests.helpers import (
     POSTGRES_ADMIN_URL,
+    PrivatePostgres,
     make_settings,
     new_postgres_database,
+    postgres_bin,
     serve_app,
     truncate_all,
 )
@@ -66,3 +69,24 @@ def app(settings: Settings, pinterest: respx.MockRouter) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with serve_app(app) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[Path]:
+    """An initdb'd cluster, copied by every private_postgres (initdb takes seconds)."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL's server programs are not installed")
+    template = PrivatePostgres.template()
+    yield template
+    shutil.rmtree(template.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres(postgres_template: Path) -> Iterator[PrivatePostgres]:
+    """A running PostgreSQL server of this test's own, which the test may stop and start."""
+    server = PrivatePostgres(postgres_template)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite+aiosqlite:///./pinauth.db", validation_alias="PINAUTH_DATABASE_URL"
     )
+    # How long a request may wait for a free pooled connection, or to connect (PostgreSQL;
+    # asyncpg alone would wait 60 s), before it answers 503 database_unavailable.
+    database_timeout_seconds: float = Field(5.0, gt=0, validation_alias="PINAUTH_DATABASE_TIMEOUT")
     secret_key: SecretStr = Field(SecretStr(""), validation_alias="PINAUTH_SECRET_KEY")
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
         [], validation_alias="PINAUTH_ENCRYPTION_KEYS"
