@@ -45,6 +45,7 @@ class ExpiredRowPurger:
         self._interval = interval
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.passes = 0
         # Set after the first pass, done or failed: what a test waits on instead of sleeping.
         self.first_pass_done = asyncio.Event()
@@ -63,14 +64,16 @@ class ExpiredRowPurger:
 
     def start(self) -> None:
         if not self.running:
+            self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="pinauth-purge-expired")
 
     async def stop(self) -> None:
+        """Stop between passes. A pass under way finishes first: cancelling a database
+        call midway leaves its driver thread calling back into a loop that is closing."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping.set()
+            await task
 
     async def _run(self) -> None:
         while True:
@@ -91,4 +94,8 @@ class ExpiredRowPurger:
                     )
             self.passes += 1
             self.first_pass_done.set()
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
