@@ -10,9 +10,12 @@ from typing import Any
 import httpx
 import respx
 from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth.app import create_app
+from pinauth.crypto import TokenCipher
 from pinauth.settings import Settings
 from tests.conftest import API, SERVICE, TOKEN_URL, start_login, token_json
 
@@ -111,3 +114,64 @@ async def warm_up(client: httpx.AsyncClient) -> None:
     those openings behind any open transaction: that would hide a missing lock.
     """
     await asyncio.gather(*(client.get("/auth/login") for _ in range(10)))
+
+
+async def stored_tokens(settings: Settings) -> tuple[str, str | None, int]:
+    """The connection's access and refresh token as stored (decrypted), and its version."""
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    text(
+                        "SELECT access_token_encrypted, refresh_token_encrypted, version "
+                        "FROM connections"
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    refresh = None if row[1] is None else cipher.decrypt(row[1])
+    return cipher.decrypt(row[0]), refresh, int(row[2])
+
+
+# A database that refuses every write to connections, as one that is down would: a real
+# error from the real database, raised where pinauth writes, nothing in pinauth patched.
+_REFUSE_UPDATES = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections "
+        "BEGIN SELECT RAISE(ABORT, 'the database is unavailable'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the database is unavailable'; END $$",
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_updates()",
+    ],
+}
+_ALLOW_UPDATES = {
+    "sqlite": ["DROP TRIGGER refuse_updates"],
+    "postgresql": [
+        "DROP TRIGGER refuse_updates ON connections",
+        "DROP FUNCTION refuse_updates()",
+    ],
+}
+
+
+async def _run_sql(database_url: str, statements: dict[str, list[str]]) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements[engine.dialect.name]:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def refuse_connection_writes(database_url: str) -> None:
+    await _run_sql(database_url, _REFUSE_UPDATES)
+
+
+async def allow_connection_writes(database_url: str) -> None:
+    await _run_sql(database_url, _ALLOW_UPDATES)

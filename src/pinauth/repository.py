@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from pinauth.db import WRITE_LOCK_FIRST
 from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
+
+# Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
+# lease too, and would need the row loaded in this session.
+_connections = Connection.metadata.tables[Connection.__tablename__]
 
 
 class ConnectionRepository:
@@ -20,23 +26,69 @@ class ConnectionRepository:
         stmt = select(Connection).where(Connection.public_id == public_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
 
-    async def get_for_update(self, public_id: str, *, lock_timeout: float) -> Connection | None:
-        """Read the row under a lock held until commit: the cross-replica refresh arbiter.
+    async def begin_lease_claim(self, *, lock_timeout: float) -> None:
+        """Start a transaction that claims a refresh lease: call first, then read and claim.
 
-        On PostgreSQL this is `SELECT … FOR UPDATE` with a bounded wait; SQLite has no
-        row locks (and is single-process), so there the version counter's
-        compare-and-swap on UPDATE is the guard.
+        SQLite takes its database-wide write lock now (BEGIN IMMEDIATE), so the read and
+        the claim are one critical section across processes. PostgreSQL needs no lock to
+        read; its claim is a single compare-and-swap UPDATE, and a row lock somebody else
+        holds is waited for only `lock_timeout` seconds.
         """
+        await self._db.connection(execution_options={WRITE_LOCK_FIRST: True})
         if self._db.get_bind().dialect.name == "postgresql":
             # SET does not take bind parameters; the value is a float we formatted.
             await self._db.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
-        stmt = (
-            select(Connection)
-            .where(Connection.public_id == public_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
+
+    async def claim_refresh_lease(
+        self, public_id: str, version: int, owner: str, now: datetime, until: datetime
+    ) -> bool:
+        """Take the row's refresh lease if the row is still at `version` and nobody holds a
+        live lease; True if this call took it. Leaves `version` alone."""
+        result = await self._db.execute(
+            update(_connections)
+            .where(
+                _connections.c.public_id == public_id,
+                _connections.c.version == version,
+                _connections.c.status == ConnectionStatus.ACTIVE.value,
+                or_(
+                    _connections.c.refresh_lease_until.is_(None),
+                    _connections.c.refresh_lease_until < now,
+                ),
+            )
+            .values(refresh_lease_owner=owner, refresh_lease_until=until)
         )
-        return (await self._db.execute(stmt)).scalar_one_or_none()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def release_refresh_lease(self, public_id: str, owner: str) -> None:
+        await self._db.execute(
+            update(_connections)
+            .where(
+                _connections.c.public_id == public_id, _connections.c.refresh_lease_owner == owner
+            )
+            .values(refresh_lease_owner=None, refresh_lease_until=None)
+        )
+
+    async def replace_version(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+        """Write `values` and clear the lease, if the row is still at `version`; bumps it.
+
+        The compare-and-swap is on the version, not the lease: a write that lands late
+        (after an outage outlived the lease) still wins over a refresh that could only
+        have spent the dead refresh token, and never over a newer login or refresh.
+        """
+        result = await self._db.execute(
+            update(_connections)
+            .where(_connections.c.public_id == public_id, _connections.c.version == version)
+            .values(
+                {
+                    **values,
+                    "version": _connections.c.version + 1,
+                    "refresh_lease_owner": None,
+                    "refresh_lease_until": None,
+                    "updated_at": func.now(),
+                }
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def get_by_pinterest_user(self, pinterest_user_id: str) -> Connection | None:
         stmt = select(Connection).where(Connection.pinterest_user_id == pinterest_user_id)
