@@ -7,11 +7,8 @@ Test controls live under /_sandbox/ and exist only here, never in pinauth itself
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import html
 import json
-import secrets
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
+from pinauth.sandbox.errors import PinterestError, error
 from pinauth.sandbox.state import (
     V5_SCOPES,
     Board,
@@ -31,24 +29,13 @@ from pinauth.sandbox.state import (
     encode_bookmark,
     now,
 )
+from pinauth.sandbox.token import add_token_routes
 
 AUTHENTICATION_FAILED = "Authentication failed."
 INSUFFICIENT_SCOPE = (
     "Your token does not have sufficient permissions to perform this operation. "
     "Please ensure your token is authorized with the correct set of scopes."
 )
-
-
-class PinterestError(Exception):
-    """An error answer in Pinterest's `{"code", "message"}` shape."""
-
-    def __init__(self, status: int, code: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def error(status: int, code: int, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
 class _Holder:
@@ -153,37 +140,9 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
         code = current().issue_code(redirect_uri, scopes)
         return _redirect(redirect_uri, code=code, state=state)
 
-    # --- OAuth: token endpoint --------------------------------------------------------
+    # --- OAuth: token endpoint (and its controls) ----------------------------------------
 
-    @app.post("/v5/oauth/token", tags=["oauth"])
-    async def token(request: Request) -> Response:
-        """Exchange a code, or a refresh token, for tokens (HTTP Basic, form body)."""
-        state = current()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        form = await request.form() if content_type == "application/x-www-form-urlencoded" else {}
-        grant_type = str(form.get("grant_type", ""))
-        state.token_requests[grant_type or "(none)"] += 1
-        if not _client_authenticated(holder.config, request.headers.get("authorization")):
-            return error(401, 2, "Authentication failed: use HTTP Basic client authentication.")
-        if content_type != "application/x-www-form-urlencoded":
-            return error(400, 1, "The body must be application/x-www-form-urlencoded.")
-        if grant_type == "authorization_code":
-            code = state.codes.pop(str(form.get("code", "")), None)
-            if code is None or code.expires_at < now():
-                return error(400, 1, "Invalid authorization code.")
-            if form.get("redirect_uri") != code.redirect_uri:
-                return error(400, 1, "redirect_uri does not match the authorization request.")
-            body = state.issue_tokens(code.user, code.scopes)
-            return JSONResponse(body | {"response_type": "authorization_code"})
-        if grant_type == "refresh_token":
-            refresh = str(form.get("refresh_token", ""))
-            # Rotation: the refresh token used here dies, whatever happens next.
-            grant = state.refresh_tokens.pop(refresh, None)
-            if grant is None or grant.expires_at < now():
-                return error(400, 1, "Invalid refresh token.")
-            body = state.issue_tokens(grant.user, grant.scopes)
-            return JSONResponse(body | {"response_type": "refresh_token"})
-        return error(400, 1, f"Unsupported grant_type {grant_type!r}.")
+    add_token_routes(app, holder.config, current)
 
     # --- API ---------------------------------------------------------------------------
 
@@ -437,19 +396,6 @@ def _authorize_problem(
     if redirect_uri not in config.redirect_uris:
         return f"redirect_uri {redirect_uri!r} is not registered for this app."
     return ""
-
-
-def _client_authenticated(config: SandboxConfig, header: str | None) -> bool:
-    scheme, _, encoded = (header or "").partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        client_id, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    return secrets.compare_digest(client_id, config.client_id) and secrets.compare_digest(
-        secret, config.client_secret
-    )
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
