@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +20,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pinauth.app import create_app
 from pinauth.crypto import TokenCipher
 from pinauth.settings import Settings
-from tests.conftest import API, SERVICE, TOKEN_URL, start_login, token_json
+from tests.conftest import (
+    API,
+    SERVICE,
+    TOKEN_URL,
+    free_port,
+    start_login,
+    token_json,
+    wait_until_serving,
+)
 
 
 async def log_in_as(
@@ -175,3 +186,52 @@ async def refuse_connection_writes(database_url: str) -> None:
 
 async def allow_connection_writes(database_url: str) -> None:
     await _run_sql(database_url, _ALLOW_UPDATES)
+
+
+class Process:
+    """A `python -m pinauth …` subprocess, its output in a log file in `cwd`."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
+        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
+        self.log = cwd / f"{args[0]}-{free_port()}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pinauth", *self.args],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self) -> None:
+        assert self.popen is not None
+        try:
+            wait_until_serving(self.ready_url, self.popen)
+        except BaseException:
+            print(self.log.read_text())  # pytest shows it with the failure
+            raise
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+async def stored_refresh_token(database_url: str, key: str) -> str:
+    """The connection's refresh token as stored, decrypted with `key`."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            encrypted = (
+                await connection.execute(text("SELECT refresh_token_encrypted FROM connections"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    return TokenCipher([key]).decrypt(encrypted)

@@ -14,13 +14,6 @@ from sqlalchemy.ext.asyncio import (
 
 from pinauth.settings import Settings
 
-# Execution option: begin this SQLite transaction with BEGIN IMMEDIATE. A deferred
-# transaction that reads and then writes fails outright (SQLITE_BUSY, no busy wait) when
-# another process wrote in between, and two processes may both read the same row first;
-# taking the write lock before the first read makes read-then-write a critical section
-# across processes. PostgreSQL ignores it.
-WRITE_LOCK_FIRST = "pinauth_write_lock_first"
-
 
 def create_engine(settings: Settings) -> AsyncEngine:
     if settings.is_sqlite:
@@ -30,7 +23,6 @@ def create_engine(settings: Settings) -> AsyncEngine:
             connect_args={"timeout": 15},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(
         settings.database_url,
@@ -48,15 +40,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
-
-
-def _sqlite_begin(connection: Any) -> None:
-    # SQLAlchemy's "serializable isolation" recipe, applied only where asked for: every
-    # other transaction keeps pysqlite's own deferred BEGIN (issued at the first write),
-    # so reads stay lock-free. pysqlite sees the open transaction and adds no BEGIN of
-    # its own; its commit() ends this one.
-    if connection.get_execution_options().get(WRITE_LOCK_FIRST):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

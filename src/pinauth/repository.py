@@ -10,7 +10,6 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from pinauth.db import WRITE_LOCK_FIRST
 from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
@@ -26,30 +25,35 @@ class ConnectionRepository:
         stmt = select(Connection).where(Connection.public_id == public_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
 
-    async def begin_lease_claim(self, *, lock_timeout: float) -> None:
-        """Start a transaction that claims a refresh lease: call first, then read and claim.
+    async def claim_refresh_lease(
+        self,
+        public_id: str,
+        version: int,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        *,
+        lock_timeout: float,
+    ) -> bool:
+        """Take the row's refresh lease if the row is still at `version`, active, and
+        nobody holds a live lease; True if this call took it. Leaves `version` alone.
 
-        SQLite takes its database-wide write lock now (BEGIN IMMEDIATE), so the read and
-        the claim are one critical section across processes. PostgreSQL needs no lock to
-        read; its claim is a single compare-and-swap UPDATE, and a row lock somebody else
-        holds is waited for only `lock_timeout` seconds.
+        One UPDATE whose WHERE is the whole decision, so it is atomic on every backend:
+        on SQLite it is the transaction's first statement and takes the database's write
+        lock before anything is read (waiting out other writers with the busy timeout);
+        on PostgreSQL it re-checks the WHERE against the newest row version, waiting at
+        most `lock_timeout` for a row lock somebody else holds. Read the row after it, in
+        the same transaction, to learn why a claim failed.
         """
-        await self._db.connection(execution_options={WRITE_LOCK_FIRST: True})
         if self._db.get_bind().dialect.name == "postgresql":
             # SET does not take bind parameters; the value is a float we formatted.
             await self._db.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
-
-    async def claim_refresh_lease(
-        self, public_id: str, version: int, owner: str, now: datetime, until: datetime
-    ) -> bool:
-        """Take the row's refresh lease if the row is still at `version` and nobody holds a
-        live lease; True if this call took it. Leaves `version` alone."""
         result = await self._db.execute(
             update(_connections)
             .where(
                 _connections.c.public_id == public_id,
                 _connections.c.version == version,
-                _connections.c.status == ConnectionStatus.ACTIVE.value,
+                _connections.c.status == ConnectionStatus.ACTIVE,
                 or_(
                     _connections.c.refresh_lease_until.is_(None),
                     _connections.c.refresh_lease_until < now,

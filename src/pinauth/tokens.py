@@ -6,8 +6,8 @@ refreshes racing with the same refresh token, or a refresh whose answer is not s
 log the user out for good. Hence:
 
 - Within a process, concurrent callers share one refresh task per connection.
-- Across processes, a refresh lease on the row is claimed by compare-and-swap and
-  committed before the call (on SQLite under BEGIN IMMEDIATE). No transaction or
+- Across processes, a refresh lease on the row is claimed by a compare-and-swap UPDATE
+  and committed before the call. No transaction or
   connection is held while Pinterest answers: a cancelled request, a dead pool or a
   failed commit cannot roll the answer back with it, and a waiting process polls the row
   instead of queueing on a lock. The lease outlasts the longest possible token call.
@@ -311,27 +311,32 @@ class TokenManager:
         pause = LEASE_POLL_FIRST
         while True:
             remaining = deadline - time.monotonic()
+            now = datetime.now(UTC)
+            until = now + self._lease
             try:
                 async with self._sessionmaker() as db, db.begin():
                     repository = ConnectionRepository(db)
-                    await repository.begin_lease_claim(lock_timeout=max(remaining, 0.05))
+                    claimed = await repository.claim_refresh_lease(
+                        public_id,
+                        seen.version,
+                        owner,
+                        now,
+                        until,
+                        lock_timeout=max(remaining, 0.05),
+                    )
                     row = await repository.get(public_id)
-                    if row is None:
-                        raise NotAuthenticated("This Pinterest connection no longer exists.")
-                    if row.version != seen.version or row.status is not ConnectionStatus.ACTIVE:
-                        return row, None
-                    now = datetime.now(UTC)
-                    until = now + self._lease
-                    if await repository.claim_refresh_lease(
-                        public_id, seen.version, owner, now, until
-                    ):
-                        set_committed_value(row, "refresh_lease_owner", owner)
-                        set_committed_value(row, "refresh_lease_until", until)
-                        return row, owner
             except DBAPIError as e:
                 # A PostgreSQL row lock held by someone else: as good as a live lease.
                 if _sqlstate(e) != LOCK_NOT_AVAILABLE:
                     raise
+            else:
+                if row is None:
+                    raise NotAuthenticated("This Pinterest connection no longer exists.")
+                if claimed:
+                    return row, owner
+                if row.version != seen.version or row.status is not ConnectionStatus.ACTIVE:
+                    return row, None
+                # Otherwise another process holds a live lease: wait for its outcome.
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UpstreamUnavailable(
