@@ -1,4 +1,4 @@
-"""No rotated token lost to a stop, a second process or (visibly) a kill: real processes.
+"""No rotated token lost to a stop, an outage, a second process or (visibly) a kill.
 
 `pinauth serve` runs as a subprocess against `pinauth sandbox`, which holds its refresh
 answers after rotating the refresh token, so the process is stopped or killed at the
@@ -9,8 +9,12 @@ to keep the 2-core machine free: HTTP read 3 s, shutdown 1 s, a held answer 2 s.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -293,3 +297,104 @@ async def test_two_processes_on_one_sqlite_file_never_spend_a_refresh_token_twic
     finally:
         a.stop()
         b.stop()
+
+
+# --- the database stops during a held answer ---------------------------------------------
+# A PostgreSQL server of the test's own (the shared one must not be stopped), managed by a
+# few lines here; h-outage adds a general fixture for it (tests/helpers.PrivatePostgres),
+# which this should use once both are merged.
+
+POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+needs_postgres_server = pytest.mark.skipif(
+    not POSTGRES_BIN or shutil.which("runuser") is None,
+    reason="needs PostgreSQL's server programs and runuser",
+)
+OUTAGE_TRIES = 5
+
+
+def as_postgres(*command: str, check: bool = True) -> None:
+    # The server refuses to run as root; tests here run as root.
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*prefix, *command], check=check, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[tuple[str, Path, int]]:
+    """A running server of this test's own: (its database URL, data directory, port)."""
+    bin_dir = Path(POSTGRES_BIN[-1])
+    directory = Path(tempfile.mkdtemp(prefix="pinauth-durable-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+    data, port = directory / "data", free_port()
+    as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    pg_ctl(data, port, "start")
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres", data, port
+    finally:
+        as_postgres(
+            str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False
+        )
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def pg_ctl(data: Path, port: int, action: str) -> None:
+    bin_dir = Path(POSTGRES_BIN[-1])
+    options = f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off"
+    if action == "start":
+        # With its own log file: the server must not hold our captured stdout open.
+        log = str(data.parent / "server.log")
+        as_postgres(
+            str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", log, "-w", "start"
+        )
+    else:  # fast: open connections are cut, as when a server goes down
+        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+
+
+@needs_postgres_server
+async def test_database_stopped_during_a_held_token_answer_keeps_the_new_tokens(
+    rig: Rig,
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    private_postgres: tuple[str, Path, int],
+) -> None:
+    """Guards the in-memory copy and the write retry against a real outage, 5 times:
+    kept = once the database is back, the stored refresh token is the live one. Prints
+    how many kept, and what the triggering calls and the calls during the outage got."""
+    browser, sandbox = clients
+    database_url, data, port = private_postgres
+    base = f"http://127.0.0.1:{rig.port}"
+    rig.env["PINAUTH_DATABASE_URL"] = database_url
+    service = rig.service()
+    service.start()
+    try:
+        await asyncio.to_thread(service.wait_ready)
+        await connect(browser, sandbox, base)
+        kept = 0
+        triggering: list[int] = []
+        during: list[int] = []
+        for _ in range(OUTAGE_TRIES):
+            call = await held_refresh_in_flight(browser, sandbox, base)
+            assert call is not None
+            await asyncio.to_thread(pg_ctl, data, port, "stop")
+            triggering.append((await call).status_code)
+            during.append((await browser.get(f"{base}/pinterest/boards")).status_code)
+            await asyncio.to_thread(pg_ctl, data, port, "start")
+            # The write is retried with a growing pause (at most 5 s): wait for it to land.
+            deadline = time.monotonic() + 30
+            while not await live(rig, sandbox) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            kept += await live(rig, sandbox)
+        works = (await browser.get(f"{base}/pinterest/boards")).status_code
+        print(
+            f"\ndatabase stopped during a held token answer: {kept}/{OUTAGE_TRIES} kept; "
+            f"triggering calls got {triggering}, calls during the outage {during}, "
+            f"afterwards {works}; "
+            f"{await refreshes(sandbox)} refreshes, {await reused(sandbox)} spent twice"
+        )
+        assert kept == OUTAGE_TRIES, service.log.read_text()
+        assert triggering == [200] * OUTAGE_TRIES
+        assert works == 200
+        assert await reused(sandbox) == 0
+        stored = await stored_refresh_token(database_url, rig.key)
+        assert stored.startswith("pinr_")
+    finally:
+        service.stop()
