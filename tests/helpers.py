@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +148,22 @@ async def stored_tokens(settings: Settings) -> tuple[str, str | None, int]:
     return cipher.decrypt(row[0]), refresh, int(row[2])
 
 
-# A database that refuses every write to connections, as one that is down would: a real
-# error from the real database, raised where pinauth writes, nothing in pinauth patched.
+# A database that refuses to store new tokens, as one that is down would: a real error
+# from the real database, raised where pinauth writes them, nothing in pinauth patched.
+# Only writes that change the access token are refused, so other processes' leases and
+# marks still land (an outage seen by one process only, e.g. its pool cut off).
 _REFUSE_UPDATES = {
     "sqlite": [
-        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections "
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE OF access_token_encrypted ON connections "
+        "WHEN NEW.access_token_encrypted IS NOT OLD.access_token_encrypted "
         "BEGIN SELECT RAISE(ABORT, 'the database is unavailable'); END"
     ],
     "postgresql": [
         "CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN RAISE EXCEPTION 'the database is unavailable'; END $$",
-        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections "
-        "FOR EACH ROW EXECUTE FUNCTION refuse_updates()",
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections FOR EACH ROW "
+        "WHEN (NEW.access_token_encrypted IS DISTINCT FROM OLD.access_token_encrypted) "
+        "EXECUTE FUNCTION refuse_updates()",
     ],
 }
 _ALLOW_UPDATES = {
@@ -180,11 +185,11 @@ async def _run_sql(database_url: str, statements: dict[str, list[str]]) -> None:
         await engine.dispose()
 
 
-async def refuse_connection_writes(database_url: str) -> None:
+async def refuse_token_writes(database_url: str) -> None:
     await _run_sql(database_url, _REFUSE_UPDATES)
 
 
-async def allow_connection_writes(database_url: str) -> None:
+async def allow_token_writes(database_url: str) -> None:
     await _run_sql(database_url, _ALLOW_UPDATES)
 
 
@@ -235,3 +240,17 @@ async def stored_refresh_token(database_url: str, key: str) -> str:
     finally:
         await engine.dispose()
     return TokenCipher([key]).decrypt(encrypted)
+
+
+async def expire_refresh_leases(database_url: str) -> None:
+    """Make every refresh lease one that has run out (the time it stands for has passed)."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("UPDATE connections SET refresh_lease_until = :past").bindparams(
+                    past=datetime(2000, 1, 1, tzinfo=UTC)
+                )
+            )
+    finally:
+        await engine.dispose()

@@ -24,9 +24,10 @@ from tests.conftest import (
     token_json,
 )
 from tests.helpers import (
-    allow_connection_writes,
+    allow_token_writes,
     counted_client,
-    refuse_connection_writes,
+    expire_refresh_leases,
+    refuse_token_writes,
     stored_tokens,
 )
 
@@ -72,7 +73,7 @@ async def test_refused_token_write_keeps_serving_the_new_token_and_stores_it_lat
 
     async def token_endpoint(_request: httpx.Request) -> httpx.Response:
         # Pinterest has rotated the token; now the database goes away.
-        await refuse_connection_writes(settings.database_url)
+        await refuse_token_writes(settings.database_url)
         return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
 
     async with run_client(settings, pinterest) as client:
@@ -90,7 +91,7 @@ async def test_refused_token_write_keeps_serving_the_new_token_and_stores_it_lat
         assert token.call_count == 1
         assert await stored_tokens(settings) == (ACCESS_1, REFRESH_1, version)
 
-        await allow_connection_writes(settings.database_url)
+        await allow_token_writes(settings.database_url)
 
     assert await stored_tokens(settings) == (ACCESS_2, REFRESH_2, version + 1)
     log = caplog.text
@@ -177,3 +178,44 @@ async def test_a_lease_elsewhere_that_ends_hands_over_the_new_tokens(
     assert [r.status_code for r in responses] == [200, 200]
     assert token.call_count == 1
     assert responses[0].json() == responses[1].json()
+
+
+async def test_a_late_write_wins_over_a_rejection_of_the_token_it_replaced(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards `over_rejection`: A got the new pair but the database refused it for longer
+    than A's lease. B then took the lease over, spent the dead refresh token, was rejected
+    and marked the connection reauthorization_required. A's write, landing afterwards,
+    must still win: its pair is the live one. Fails (the user stays logged out, with the
+    live pair dropped) without the `over_rejection` condition."""
+    settings_a = make_settings(database_url)
+    settings_b = make_settings(database_url, encryption_keys=settings_a.encryption_keys[0])
+
+    async def token_endpoint(request: httpx.Request) -> httpx.Response:
+        if REFRESH_1 in request.content.decode() and not spent:
+            spent.append(REFRESH_1)
+            await refuse_token_writes(database_url)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        return httpx.Response(400, json={"code": 1, "message": "Invalid refresh token."})
+
+    spent: list[str] = []
+    async with run_client(settings_b, pinterest) as b:
+        async with run_client(settings_a, pinterest) as a:
+            await log_in(a, pinterest)
+            b.cookies.update(a.cookies)
+            token = pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+            assert (await a.post("/auth/refresh")).status_code == 200
+            # A's lease runs out while its write is refused (here: it is made to).
+            await expire_refresh_leases(database_url)
+
+            rejected = await b.post("/auth/refresh")
+            assert rejected.status_code == 401
+            assert rejected.json()["error"] == "reauthorization_required"
+
+            await allow_token_writes(database_url)
+            # A's shutdown waits for its write.
+    assert await stored_tokens(settings_a) == (ACCESS_2, REFRESH_2, 3)
+    assert token.call_count == 2
+    async with run_client(settings_b, pinterest) as fresh:  # nothing cached
+        fresh.cookies.update(b.cookies)
+        assert (await fresh.get("/me")).json()["status"] == "active"

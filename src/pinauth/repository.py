@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
@@ -72,20 +72,34 @@ class ConnectionRepository:
             .values(refresh_lease_owner=None, refresh_lease_until=None)
         )
 
-    async def replace_version(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+    async def replace_version(
+        self, public_id: str, version: int, values: dict[str, Any], *, over_rejection: bool = False
+    ) -> bool:
         """Write `values` and clear the lease, if the row is still at `version`; bumps it.
 
-        The compare-and-swap is on the version, not the lease: a write that lands late
-        (after an outage outlived the lease) still wins over a refresh that could only
-        have spent the dead refresh token, and never over a newer login or refresh.
+        The compare-and-swap is on the version, not the lease, so it never wins over a
+        newer login or refresh. `over_rejection` is for storing a refresh's answer: that
+        write also wins over a row another process marked reauthorization_required at
+        `version + 1`, because the token that process found dead is the one this answer
+        replaced (it could only get there after an outage outlived this refresh's lease).
         """
+        c = _connections.c
+        current = c.version == version
+        if over_rejection:
+            current = or_(
+                current,
+                and_(
+                    c.version == version + 1,
+                    c.status == ConnectionStatus.REAUTHORIZATION_REQUIRED,
+                ),
+            )
         result = await self._db.execute(
             update(_connections)
-            .where(_connections.c.public_id == public_id, _connections.c.version == version)
+            .where(c.public_id == public_id, current)
             .values(
                 {
                     **values,
-                    "version": _connections.c.version + 1,
+                    "version": c.version + 1,
                     "refresh_lease_owner": None,
                     "refresh_lease_until": None,
                     "updated_at": func.now(),

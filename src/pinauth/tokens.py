@@ -413,7 +413,9 @@ class TokenManager:
 
     async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
         async with self._sessionmaker() as db, db.begin():
-            return await ConnectionRepository(db).replace_version(public_id, version, values)
+            return await ConnectionRepository(db).replace_version(
+                public_id, version, values, over_rejection=True
+            )
 
     async def _write_until_stored(
         self, row: Connection, version: int, values: dict[str, Any]
