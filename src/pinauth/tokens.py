@@ -425,19 +425,25 @@ class TokenManager:
         attempts = 1
         try:
             while True:
-                # Shutdown wakes the wait, so the last tries happen before the exit.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause):
-                        await self._closing.wait()
+                if self._closing.is_set():
+                    await asyncio.sleep(WRITE_RETRY_FIRST)
+                else:
+                    # Shutdown cuts the pause short: the last tries come before the exit.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await self._closing.wait()
                 attempts += 1
                 try:
                     stored = await self._write(public_id, version, values)
                 except DATABASE_DOWN:
                     pause = min(pause * 2, WRITE_RETRY_MAX)
-                    if self._closing.is_set():
-                        pause = WRITE_RETRY_FIRST
                     continue
                 break
+        except asyncio.CancelledError:
+            log.error(
+                "connection %s's new tokens were never stored; it must log in again", public_id
+            )
+            raise
         finally:
             if self._unsaved.get(public_id) is row:
                 del self._unsaved[public_id]
@@ -450,8 +456,8 @@ class TokenManager:
         """Wait for token calls in flight and for unsaved tokens' writes, then stop.
 
         Each token call is bounded by its own timeout; the writes get as long as a
-        lease lasts. Whatever is still unsaved after that is logged, loudly: those
-        users must log in again.
+        lease lasts. A write still failing after that is logged, loudly: that user must
+        log in again.
         """
         self._closing.set()
         waiting = {*self._in_flight.values(), *self._writers}
@@ -462,10 +468,6 @@ class TokenManager:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        for public_id in self._unsaved:
-            log.error(
-                "connection %s's new tokens were never stored; it must log in again", public_id
-            )
 
 
 def _committed(row: Connection, version: int) -> None:
