@@ -231,7 +231,11 @@ class TokenManager:
     def _newer_than(self, seen: Connection) -> Connection | None:
         """A version of the row newer than `seen` that this process already holds."""
         pending = self._unsaved.get(seen.public_id)
-        if pending is not None and pending.version >= seen.version:
+        if (
+            pending is not None
+            and pending.version >= seen.version
+            and not self._cache.is_deleted(seen.public_id)
+        ):
             # Its write is still being retried: the database holds the spent refresh
             # token, so these tokens are the only good ones.
             return pending
