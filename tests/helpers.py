@@ -24,6 +24,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,6 +41,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth.app import create_app
+from pinauth.crypto import TokenCipher
 from pinauth.logs import JsonFormatter
 from pinauth.settings import Settings
 
@@ -575,3 +577,131 @@ def _as_postgres(*command: str, check: bool = True) -> None:
     result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{result.stderr}")
+
+
+async def stored_tokens(settings: Settings) -> tuple[str, str | None, int]:
+    """The connection's access and refresh token as stored (decrypted), and its version."""
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    text(
+                        "SELECT access_token_encrypted, refresh_token_encrypted, version "
+                        "FROM connections"
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    refresh = None if row[1] is None else cipher.decrypt(row[1])
+    return cipher.decrypt(row[0]), refresh, int(row[2])
+
+
+# A database that refuses to store new tokens, as one that is down would: a real error
+# from the real database, raised where pinauth writes them, nothing in pinauth patched.
+# Only writes that change the access token are refused, so other processes' leases and
+# marks still land (an outage seen by one process only, e.g. its pool cut off).
+_REFUSE_UPDATES = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE OF access_token_encrypted ON connections "
+        "WHEN NEW.access_token_encrypted IS NOT OLD.access_token_encrypted "
+        "BEGIN SELECT RAISE(ABORT, 'the database is unavailable'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the database is unavailable'; END $$",
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections FOR EACH ROW "
+        "WHEN (NEW.access_token_encrypted IS DISTINCT FROM OLD.access_token_encrypted) "
+        "EXECUTE FUNCTION refuse_updates()",
+    ],
+}
+_ALLOW_UPDATES = {
+    "sqlite": ["DROP TRIGGER refuse_updates"],
+    "postgresql": [
+        "DROP TRIGGER refuse_updates ON connections",
+        "DROP FUNCTION refuse_updates()",
+    ],
+}
+
+
+async def _run_sql(database_url: str, statements: dict[str, list[str]]) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements[engine.dialect.name]:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def refuse_token_writes(database_url: str) -> None:
+    await _run_sql(database_url, _REFUSE_UPDATES)
+
+
+async def allow_token_writes(database_url: str) -> None:
+    await _run_sql(database_url, _ALLOW_UPDATES)
+
+
+class Process:
+    """A `python -m pinauth …` subprocess, its output in a log file in `cwd`."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
+        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
+        self.log = cwd / f"{args[0]}-{free_port()}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pinauth", *self.args],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self) -> None:
+        assert self.popen is not None
+        try:
+            wait_until_serving(self.ready_url, self.popen)
+        except BaseException:
+            print(self.log.read_text())  # pytest shows it with the failure
+            raise
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+async def stored_refresh_token(database_url: str, key: str) -> str:
+    """The connection's refresh token as stored, decrypted with `key`."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            encrypted = (
+                await connection.execute(text("SELECT refresh_token_encrypted FROM connections"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    return TokenCipher([key]).decrypt(encrypted)
+
+
+async def expire_refresh_leases(database_url: str) -> None:
+    """Make every refresh lease one that has run out (the time it stands for has passed)."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("UPDATE connections SET refresh_lease_until = :past").bindparams(
+                    past=datetime(2000, 1, 1, tzinfo=UTC)
+                )
+            )
+    finally:
+        await engine.dispose()

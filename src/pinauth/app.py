@@ -110,6 +110,9 @@ def create_app(
             yield {"services": services}
         finally:
             await purger.stop()
+            # Token calls in flight and unsaved tokens first: they need both the HTTP
+            # client and the database, and are the only copy of a user's refresh token.
+            await tokens.aclose()
             await http.aclose()
             await engine.dispose()
 

@@ -28,6 +28,11 @@ class Lifetime(BaseModel):
     seconds: int = Field(ge=0)
 
 
+class TokenHold(BaseModel):
+    seconds: float = Field(gt=0, le=60, description="how long each answer is held")
+    times: int = Field(1, ge=1, le=10_000, description="how many refresh answers to hold")
+
+
 async def refuse_cross_origin(request: Request) -> None:
     """Only the sandbox's own origin (or a client that sends no Origin) may use a control.
 
@@ -54,6 +59,18 @@ def controls_router(holder: StateHolder) -> APIRouter:
         """Forget every token, code, fault and counter; restore the sample boards."""
         holder.reset()
         return {"status": "reset"}
+
+    @router.put("/token-hold")
+    async def hold_token_answers(hold: TokenHold) -> dict[str, int]:
+        """Hold each of the next `times` refresh answers `seconds` after rotating."""
+        holds = current().token_holds
+        holds.extend([hold.seconds] * hold.times)
+        return {"held": len(holds)}
+
+    @router.get("/refresh-token-reuse")
+    async def refresh_token_reuse() -> dict[str, int]:
+        """How often a refresh token was presented again after it had been spent."""
+        return {"reused": current().refresh_token_reuses}
 
     @router.put("/access-token-lifetime")
     async def set_lifetime(lifetime: Lifetime) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import html
@@ -97,8 +98,14 @@ def oauth_router(holder: StateHolder) -> APIRouter:
             # Rotation: the refresh token used here dies, whatever happens next.
             grant = state.refresh_tokens.pop(refresh, None)
             if grant is None or grant.expires_at < now():
+                if refresh in state.spent_refresh_tokens:
+                    state.refresh_token_reuses += 1
                 return error(400, 1, "Invalid refresh token.")
+            state.spent_refresh_tokens.add(refresh)
             body = state.issue_tokens(grant.user, grant.scopes)
+            if state.token_holds:
+                # Rotated already: whoever does not get this answer has lost the grant.
+                await asyncio.sleep(state.token_holds.pop(0))
             return JSONResponse(body | {"response_type": "refresh_token"})
         return error(400, 1, f"Unsupported grant_type {grant_type!r}.")
 

@@ -151,6 +151,11 @@ class SandboxState:
     faults: list[Fault] = field(default_factory=list)
     token_requests: Counter[str] = field(default_factory=Counter)
     api_requests: Counter[str] = field(default_factory=Counter)
+    # Refresh tokens used once (rotated away), and how often one was presented again.
+    spent_refresh_tokens: set[str] = field(default_factory=set)
+    refresh_token_reuses: int = 0
+    # Seconds to hold each of the next refresh answers after rotating.
+    token_holds: list[float] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(549755885175))
 
     def __post_init__(self) -> None:
