@@ -47,6 +47,7 @@ from tests.helpers import (
     make_settings,
     run_client,
     sandbox_login,
+    stored_tokens,
     token_json,
 )
 
@@ -188,15 +189,16 @@ def test_postgres_stopped_and_started_under_real_processes(
     )
 
 
-async def test_database_stopped_during_a_token_refresh_is_a_503_and_logs_no_token(
+async def test_database_stopped_during_a_token_refresh_keeps_the_tokens_and_logs_none(
     private_postgres: PrivatePostgres,
     private_database: str,
     pinterest: respx.MockRouter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Guards the measured leak: PostgreSQL stops while the refresh waits for Pinterest, so
-    the UPDATE carrying the new encrypted tokens fails on a dead connection. The client gets
-    503 database_unavailable (not 500), and no token, ciphertext or traceback is logged."""
+    """Guards the measured leak and loss: PostgreSQL stops while the refresh waits for
+    Pinterest, so the write of the new encrypted tokens fails on a dead connection. The
+    process keeps the new pair and answers with it (no 500), stores it once the database
+    is back, and no token, ciphertext or traceback is logged."""
     settings = make_settings(private_database, cache_ttl_seconds=0)
     arrived, release = asyncio.Event(), asyncio.Event()
 
@@ -216,22 +218,21 @@ async def test_database_stopped_during_a_token_refresh_is_a_503_and_logs_no_toke
             response = await refresh
             await asyncio.to_thread(private_postgres.start)
             me = await client.get("/me")
+        # The lifespan's shutdown waited for the write that was still pending.
+        stored_access, stored_refresh, _ = await stored_tokens(settings)
 
-    assert response.status_code == 503, response.text
-    assert response.json()["error"] == "database_unavailable"
-    assert int(response.headers["retry-after"]) >= 1
+    assert response.status_code == 200, response.text
     assert me.status_code == 200
+    assert (stored_access, stored_refresh) == (ACCESS_2, REFRESH_2)
     output = logs.getvalue()
     for secret in (ACCESS_2, REFRESH_2, FERNET_PREFIX, "Traceback"):
         assert secret not in output, f"{secret!r} was logged"
-    assert len(events(logs, STARTED)) == 1
-    [ended] = events(logs, ENDED)
-    assert ended["refused_requests"] == 1
+    assert len(events(logs, STARTED)) <= 1
     report(
         capsys,
-        f"PostgreSQL stopped during a held token answer: client got {response.status_code} "
-        f"{response.json()['error']}; log: {output.count('Traceback')} tracebacks, "
-        f"{output.count(FERNET_PREFIX)} ciphertexts, cause {events(logs, STARTED)[0]['cause']}",
+        f"PostgreSQL stopped during a held token answer: client got {response.status_code}, "
+        f"new pair stored after restart: {stored_access == ACCESS_2}; log: "
+        f"{output.count('Traceback')} tracebacks, {output.count(FERNET_PREFIX)} ciphertexts",
     )
 
 
