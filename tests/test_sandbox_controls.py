@@ -26,6 +26,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/_sandbox/access-token-lifetime": {"seconds": 60},
     "/_sandbox/faults": {"path_prefix": "/v5/boards", "status": 500},
     "/_sandbox/introspect": {"token": "pina_x"},
+    "/_sandbox/token-hold": {"seconds": 1},
 }
 
 

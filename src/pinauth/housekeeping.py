@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.errors import DatabaseUnavailable
 from pinauth.repository import LoginStateRepository, SessionRepository
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class ExpiredRowPurger:
         while True:
             try:
                 purged = await self.purge_once()
+            except DatabaseUnavailable:
+                # The outage tracker has said so once already; a traceback adds nothing.
+                log.info("purge skipped: the database is unavailable")
             except Exception:
                 # A database that is down or not yet migrated must not end the task:
                 # the next pass tries again, and readiness reports the database.
