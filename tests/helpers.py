@@ -6,13 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import respx
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
+from pinauth.db import create_engine, create_sessionmaker
 from pinauth.settings import Settings
 from tests.conftest import API, SERVICE, TOKEN_URL, start_login, token_json
 
@@ -111,3 +114,38 @@ async def warm_up(client: httpx.AsyncClient) -> None:
     those openings behind any open transaction: that would hide a missing lock.
     """
     await asyncio.gather(*(client.get("/auth/login") for _ in range(10)))
+
+
+async def create_api_key(settings: Settings, name: str = "backend") -> str:
+    """A new API key, made the way `pinauth api-keys create` makes it."""
+    engine = create_engine(settings)
+    try:
+        return (await ApiKeyService(create_sessionmaker(engine), 0).create(name)).key
+    finally:
+        await engine.dispose()
+
+
+async def connect_end_user(
+    backend: httpx.AsyncClient,
+    browser: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    end_user_id: str,
+    account: dict[str, Any],
+    access: str,
+    refresh: str,
+) -> str:
+    """The whole connect flow: the backend mints a connect session, the browser follows
+    it through consent; returns the connection id the backend then finds."""
+    minted = await backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+    assert minted.status_code == 201, minted.text
+    login = await browser.get(minted.json()["connect_url"])
+    assert login.status_code == 302, login.text
+    state = parse_qs(urlsplit(login.headers["location"]).query)["state"][0]
+    pinterest.post(TOKEN_URL).respond(200, json=token_json(access, refresh))
+    pinterest.get(f"{API}/user_account").respond(200, json=account)
+    callback = await browser.get("/auth/callback", params={"code": "code", "state": state})
+    assert callback.status_code == 303, callback.text
+    pinterest.reset()
+    pinterest.routes.clear()
+    me = await browser.get("/me")
+    return str(me.json()["connection_id"])
