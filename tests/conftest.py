@@ -110,7 +110,10 @@ def _truncate_all(url: str) -> None:
         try:
             async with engine.begin() as connection:
                 await connection.execute(
-                    text("TRUNCATE connections, sessions, login_states RESTART IDENTITY CASCADE")
+                    text(
+                        "TRUNCATE connections, sessions, login_states, api_keys,"
+                        " connect_sessions RESTART IDENTITY CASCADE"
+                    )
                 )
         finally:
             await engine.dispose()
