@@ -125,3 +125,59 @@ def test_connect_browse_create_refresh_deny_and_disconnect(demo_server: str) -> 
             expect(other.get_by_role("link", name="Connect Pinterest")).to_be_visible()
         finally:
             browser.close()
+
+
+def test_a_backend_connects_its_user_and_posts_a_pin(demo_server: str, tmp_path: Path) -> None:
+    """Issue 10 end to end: the backend (this test) mints a connect session, Chromium
+    follows connect_url and approves, and the backend then finds the connection by its
+    end user and creates a pin for it through the proxy, with nothing but its API key."""
+    base = demo_server
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    env["PINAUTH_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"
+    created = subprocess.run(
+        [sys.executable, "-m", "pinauth", "api-keys", "create", "--name", "e2e"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.splitlines()[-1]
+    backend = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=15)
+    with backend:
+        _connect_and_post_a_pin(backend)
+
+
+def _connect_and_post_a_pin(backend: httpx.Client) -> None:
+    minted = backend.post("/v1/connect-sessions", json={"end_user_id": "customer-7"}).json()
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(minted["connect_url"])
+            expect = playwright_sync.expect
+            expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+            page.get_by_role("button", name="Allow").click()
+            expect(page.locator("#username")).to_have_text("sandbox_pinner")
+        finally:
+            browser.close()
+
+    [connection] = backend.get("/v1/connections", params={"end_user_id": "customer-7"}).json()[
+        "items"
+    ]
+    named = {"Pinauth-Connection-Id": connection["id"]}
+    board = backend.get("/pinterest/boards", headers=named).json()["items"][0]
+    pin = backend.post(
+        "/pinterest/pins",
+        headers=named,
+        json={
+            "board_id": board["id"],
+            "title": "Posted by the backend",
+            "media_source": {"source_type": "image_url", "url": "https://example.com/a.jpg"},
+        },
+    )
+    assert pin.status_code == 201, pin.text
+    pins = backend.get(f"/pinterest/boards/{board['id']}/pins", headers=named).json()
+    assert "Posted by the backend" in {p.get("title") for p in pins["items"]}
+    assert connection["end_user_id"] == "customer-7"
