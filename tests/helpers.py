@@ -1,23 +1,298 @@
-"""Helpers shared by tests (fixtures stay in conftest.py)."""
+"""Test helpers shared by the test modules: constants, app runners, login steps, servers."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+import base64
+import glob
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 import respx
+import uvicorn
 from asgi_lifespan import LifespanManager
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
+from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
+from pinauth.logs import JsonFormatter
 from pinauth.settings import Settings
-from tests.conftest import API, SERVICE, TOKEN_URL, start_login, token_json
+
+API = "https://api.pinterest.com/v5"
+TOKEN_URL = f"{API}/oauth/token"
+CLIENT_ID = "1234567"
+CLIENT_SECRET = "client-secret-value-xyz"
+SERVICE = "http://localhost:8000"
+BASIC = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+
+# Distinctive token values, so a leak is easy to grep for.
+ACCESS_1 = "pina_ACCESS-ONE-5f2c9e"
+REFRESH_1 = "pinr_REFRESH-ONE-8d1a7b"
+ACCESS_2 = "pina_ACCESS-TWO-a93b01"
+REFRESH_2 = "pinr_REFRESH-TWO-c4e6f2"
+ALL_TOKENS = (ACCESS_1, REFRESH_1, ACCESS_2, REFRESH_2)
+
+
+def token_json(
+    access: str = ACCESS_1,
+    refresh: str | None = REFRESH_1,
+    *,
+    expires_in: int | str = 2592000,
+    response_type: str = "authorization_code",
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "access_token": access,
+        "token_type": "bearer",
+        "expires_in": expires_in,
+        "scope": "user_accounts:read,boards:read,pins:read",
+        "response_type": response_type,
+    }
+    if refresh is not None:
+        body |= {
+            "refresh_token": refresh,
+            "refresh_token_expires_in": 5184000,
+            "refresh_token_expires_at": 1900000000,
+        }
+    return body
+
+
+USER_ACCOUNT = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
+
+
+# `make test` runs the suite twice: on SQLite, and with this set to a PostgreSQL server
+# (postgresql+asyncpg://user@host:port/admin_db), where it gets a database of its own.
+POSTGRES_ADMIN_URL = os.environ.get("PINAUTH_TEST_POSTGRES_URL", "")
+
+
+@contextmanager
+def new_postgres_database(prefix: str) -> Iterator[str]:
+    """An empty PostgreSQL database of its own; dropped on exit. Yields its URL."""
+    admin = make_url(POSTGRES_ADMIN_URL)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+    async def admin_sql(statement: str) -> None:
+        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def truncate_all(url: str) -> None:
+    async def truncate() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text(
+                        "TRUNCATE connections, sessions, login_states, api_keys, connect_sessions"
+                        " RESTART IDENTITY CASCADE"
+                    )
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(truncate())
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "database_url": database_url,
+        "secret_key": "test-secret-key-" + "k" * 32,
+        "encryption_keys": Fernet.generate_key().decode(),
+    } | overrides
+    return Settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def serve_app(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, reached in-process like a browser would."""
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url=SERVICE) as client,
+    ):
+        yield client
+
+
+def run_client(
+    settings: Settings, pinterest: respx.MockRouter
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return serve_app(create_app(settings, transport=httpx.MockTransport(pinterest.async_handler)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Poll `url` until it answers 200; fail early, with its output, if `process` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"{process.args!r} exited with {process.returncode}:\n{output}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{process.args!r} did not answer {url} within {timeout} s")
+        time.sleep(0.1)
+
+
+@asynccontextmanager
+async def live_server(app: FastAPI) -> AsyncIterator[str]:
+    """The app behind a real uvicorn on a loopback port, in this event loop."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def raw_request(base: str, method: str, target: str, cookie: str) -> tuple[int, bytes]:
+    """Send a request line byte for byte (httpx would normalise `..` away first)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def mock_login_upstream(
+    pinterest: respx.MockRouter, tokens: dict[str, Any] | None = None
+) -> tuple[respx.Route, respx.Route]:
+    token = pinterest.post(TOKEN_URL).respond(200, json=tokens or token_json())
+    account = pinterest.get(f"{API}/user_account").respond(200, json=USER_ACCOUNT)
+    return token, account
+
+
+async def start_login(client: httpx.AsyncClient, return_to: str | None = None) -> str:
+    """Run /auth/login like a browser; return the state Pinterest would echo back."""
+    params = {"return_to": return_to} if return_to else {}
+    response = await client.get("/auth/login", params=params)
+    assert response.status_code == 302
+    return parse_qs(urlsplit(response.headers["location"]).query)["state"][0]
+
+
+async def log_in(client: httpx.AsyncClient, pinterest: respx.MockRouter) -> httpx.Response:
+    """A complete, successful login; the client keeps the session cookie.
+
+    Pinterest's recorded calls are reset afterwards, so tests count only their own.
+    """
+    mock_login_upstream(pinterest)
+    state = await start_login(client)
+    response = await client.get("/auth/callback", params={"code": "auth-code-1", "state": state})
+    assert response.status_code == 303, response.text
+    pinterest.reset()
+    return response
+
+
+def http_response(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", reason: bytes = b"OK"
+) -> bytes:
+    """An HTTP/1.1 response, byte for byte: headers no HTTP library would let a test send."""
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return (
+        b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n" % (status, reason, head, len(body)) + body
+    )
+
+
+@asynccontextmanager
+async def raw_http_upstream(answer: Callable[[str, str], bytes]) -> AsyncIterator[str]:
+    """A loopback HTTP/1.1 server writing `answer(method, target)` verbatim; yields its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: the client reuses its connection
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length" and int(value):
+                        await reader.readexactly(int(value))
+                writer.write(answer(method, target))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def count_rows(database_url: str, table: str, where: str = "") -> int:
+    """Rows in one of pinauth's tables, read straight from the database."""
+    assert table in ("connections", "sessions", "login_states")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            query = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")
+            return int((await connection.execute(text(query))).scalar_one())
+    finally:
+        await engine.dispose()
 
 
 async def log_in_as(
@@ -114,6 +389,327 @@ async def warm_up(client: httpx.AsyncClient) -> None:
     those openings behind any open transaction: that would hide a missing lock.
     """
     await asyncio.gather(*(client.get("/auth/login") for _ in range(10)))
+
+
+class ManualClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def account_tokens(account_id: str) -> tuple[str, str]:
+    """(access, refresh) tokens that name their account, so a request shows whose it is."""
+    return f"pina_ACCESS-{account_id}", f"pinr_REFRESH-{account_id}"
+
+
+async def connect_as(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, account: dict[str, Any]
+) -> str:
+    """Log `client` in as Pinterest `account`; returns the access token it was granted."""
+    access, refresh = account_tokens(account["id"])
+    await log_in_as(client, pinterest, account, access, refresh)
+    return access
+
+
+@contextmanager
+def captured_logs(level: int = logging.INFO) -> Iterator[io.StringIO]:
+    """Everything logged meanwhile, as JSON lines formatted like `pinauth serve` does."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+def events(stream: io.StringIO, text: str) -> list[dict[str, Any]]:
+    """The captured JSON log lines whose event contains `text`."""
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    return [line for line in lines if text in line["event"]]
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This process's environment without any PINAUTH_/PINTEREST_ setting, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    return env | values
+
+
+class PinauthProcess:
+    """`python -m pinauth <args>` with its output (stdout and stderr) in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
+        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
+        self.log = cwd / f"{args[0]}-{free_port()}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pinauth", *self.args],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until_serving(self.ready_url, self.popen)
+        except BaseException:
+            print(self.output())  # pytest shows it with the failure
+            raise
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait for the exit; returns the exit status."""
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON log lines (PINAUTH_LOG_FORMAT=json); anything else fails the test."""
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+
+def sandbox_login(browser: httpx.Client, base: str, sandbox: str) -> None:
+    """A user logs in through pinauth at `base` and consents on the sandbox at `sandbox`."""
+    login = browser.get(f"{base}/auth/login")
+    assert login.status_code == 302, login.text
+    params = parse_qs(urlsplit(login.headers["location"]).query)
+    fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+    decision = httpx.post(f"{sandbox}/oauth/", data=fields | {"decision": "allow"})
+    callback = urlsplit(decision.headers["location"]).query
+    assert browser.get(f"{base}/auth/callback?{callback}").status_code == 303
+
+
+def postgres_bin() -> Path | None:
+    """Where PostgreSQL's server programs are (Debian's layout), if they are installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(found[-1]).parent if found else None
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own, on a free port, that it can stop and start.
+
+    Its data directory is a copy of a template cluster (`initdb` once per test session).
+    The server refuses to run as root, so its programs run as the `postgres` OS user, in
+    a directory under /tmp that user can reach (pytest's tmp_path is private to root).
+    """
+
+    def __init__(self, template: Path) -> None:
+        bin_dir = postgres_bin()
+        assert bin_dir is not None
+        self.bin = bin_dir
+        self.directory = _postgres_tempdir()
+        self.data = self.directory / "data"
+        self.port = free_port()
+        _as_postgres("cp", "-a", str(template), str(self.data))
+
+    @staticmethod
+    def template() -> Path:
+        """A fresh cluster (trust authentication, superuser postgres) to copy from."""
+        bin_dir = postgres_bin()
+        assert bin_dir is not None
+        data = _postgres_tempdir() / "template"
+        _as_postgres(
+            str(bin_dir / "initdb"),
+            *("-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "--no-instructions"),
+        )
+        return data
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off"
+        )
+        log = str(self.directory / "server.log")
+        _as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start"
+        )
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are terminated, as when a server goes down."""
+        _as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def create_database(self, name: str) -> str:
+        """A new database on this server; returns its URL."""
+        _as_postgres(
+            str(self.bin / "psql"),
+            *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q"),
+            *("-c", f'CREATE DATABASE "{name}"'),
+        )
+        return self.url(name)
+
+    def remove(self) -> None:
+        """Stop the server if it runs, and delete its directory."""
+        _as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop", check=False
+        )
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _postgres_tempdir() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="pinauth-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+    return directory
+
+
+def _as_postgres(*command: str, check: bool = True) -> None:
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{result.stderr}")
+
+
+async def stored_tokens(settings: Settings) -> tuple[str, str | None, int]:
+    """The connection's access and refresh token as stored (decrypted), and its version."""
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    text(
+                        "SELECT access_token_encrypted, refresh_token_encrypted, version "
+                        "FROM connections"
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    refresh = None if row[1] is None else cipher.decrypt(row[1])
+    return cipher.decrypt(row[0]), refresh, int(row[2])
+
+
+# A database that refuses to store new tokens, as one that is down would: a real error
+# from the real database, raised where pinauth writes them, nothing in pinauth patched.
+# Only writes that change the access token are refused, so other processes' leases and
+# marks still land (an outage seen by one process only, e.g. its pool cut off).
+_REFUSE_UPDATES = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE OF access_token_encrypted ON connections "
+        "WHEN NEW.access_token_encrypted IS NOT OLD.access_token_encrypted "
+        "BEGIN SELECT RAISE(ABORT, 'the database is unavailable'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the database is unavailable'; END $$",
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON connections FOR EACH ROW "
+        "WHEN (NEW.access_token_encrypted IS DISTINCT FROM OLD.access_token_encrypted) "
+        "EXECUTE FUNCTION refuse_updates()",
+    ],
+}
+_ALLOW_UPDATES = {
+    "sqlite": ["DROP TRIGGER refuse_updates"],
+    "postgresql": [
+        "DROP TRIGGER refuse_updates ON connections",
+        "DROP FUNCTION refuse_updates()",
+    ],
+}
+
+
+async def _run_sql(database_url: str, statements: dict[str, list[str]]) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements[engine.dialect.name]:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def refuse_token_writes(database_url: str) -> None:
+    await _run_sql(database_url, _REFUSE_UPDATES)
+
+
+async def allow_token_writes(database_url: str) -> None:
+    await _run_sql(database_url, _ALLOW_UPDATES)
+
+
+class Process:
+    """A `python -m pinauth …` subprocess, its output in a log file in `cwd`."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
+        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
+        self.log = cwd / f"{args[0]}-{free_port()}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pinauth", *self.args],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self) -> None:
+        assert self.popen is not None
+        try:
+            wait_until_serving(self.ready_url, self.popen)
+        except BaseException:
+            print(self.log.read_text())  # pytest shows it with the failure
+            raise
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+async def stored_refresh_token(database_url: str, key: str) -> str:
+    """The connection's refresh token as stored, decrypted with `key`."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            encrypted = (
+                await connection.execute(text("SELECT refresh_token_encrypted FROM connections"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    return TokenCipher([key]).decrypt(encrypted)
+
+
+async def expire_refresh_leases(database_url: str) -> None:
+    """Make every refresh lease one that has run out (the time it stands for has passed)."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("UPDATE connections SET refresh_lease_until = :past").bindparams(
+                    past=datetime(2000, 1, 1, tzinfo=UTC)
+                )
+            )
+    finally:
+        await engine.dispose()
 
 
 async def create_api_key(settings: Settings, name: str = "backend") -> str:

@@ -17,8 +17,17 @@ from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import ConnectSession
 from pinauth.settings import Settings
-from tests.conftest import API, TOKEN_URL, make_settings, token_json
-from tests.helpers import bearers, browsers, connect_end_user, create_api_key, log_in_as
+from tests.helpers import (
+    API,
+    TOKEN_URL,
+    bearers,
+    browsers,
+    connect_end_user,
+    create_api_key,
+    log_in_as,
+    make_settings,
+    token_json,
+)
 
 ADA = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
 GRACE = {"id": "549755885999", "username": "grace_pins", "account_type": "BUSINESS"}

@@ -18,7 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from pinauth.migrations import schema_head
-from tests.conftest import free_port, wait_until_serving
+from tests.helpers import free_port, wait_until_serving
 
 
 def service_env(tmp_path: Path) -> dict[str, str]:

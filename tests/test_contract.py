@@ -21,7 +21,7 @@ from openapi_core.testing import MockRequest, MockResponse
 from pinauth.app import create_app
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
-from tests.conftest import make_settings, serve_app
+from tests.helpers import make_settings, serve_app
 
 # Vendored with its provenance, so these tests always run on a fresh clone.
 SPEC = Path(__file__).resolve().parents[1] / "spec" / "pinterest" / "openapi.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until_serving
+from tests.helpers import free_port, wait_until_serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -123,6 +123,76 @@ def test_connect_browse_create_refresh_deny_and_disconnect(demo_server: str) -> 
             assert not [c for c in other.context.cookies() if c["name"] == "pinauth_session"]
             other.goto(f"{base}/")
             expect(other.get_by_role("link", name="Connect Pinterest")).to_be_visible()
+        finally:
+            browser.close()
+
+
+# login_url values a relayed error body could carry, and where the demo page may send
+# the browser for each ("{base}" is the demo's own origin).
+LOGIN_URLS = [
+    ("javascript:window.pwned=1", "{base}/auth/login"),
+    (" javascript:window.pwned=1", "{base}/auth/login"),
+    ("JaVaScRiPt:window.pwned=1", "{base}/auth/login"),
+    ("data:text/html,<script>window.pwned=1</script>", "{base}/auth/login"),
+    ("https://evil.example/auth/login", "{base}/auth/login"),
+    ("//evil.example/auth/login", "{base}/auth/login"),
+    ("{base}.evil.example/auth/login", "{base}/auth/login"),
+    ("blob:{base}/0b9c4d5e", "{base}/auth/login"),
+    ("", "{base}/auth/login"),
+    ("/auth/login?return_to=%2F", "{base}/auth/login?return_to=%2F"),
+    ("{base}/auth/login", "{base}/auth/login"),
+]
+
+
+def test_the_demo_page_follows_only_same_origin_login_urls(demo_server: str) -> None:
+    """Guards demo.js's login_url check, in Chromium: a reauthorization_required body
+    relayed from "Pinterest" (a sandbox fault) with a javascript: login_url yields a
+    same-origin Reconnect link, and clicking it runs nothing; the table above runs
+    explain() itself on each candidate URL."""
+    base = demo_server
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            expect = playwright_sync.expect
+            page.goto(f"{base}/")
+            page.get_by_role("link", name="Connect Pinterest").click()
+            page.get_by_role("button", name="Allow").click()
+            expect(page.locator("#username")).to_have_text("sandbox_pinner")
+
+            # "Pinterest" answers the next boards call with a body naming a script URL.
+            httpx.post(
+                f"{base.replace('localhost', '127.0.0.1')}/sandbox/_sandbox/faults",
+                json={
+                    "path_prefix": "/v5/boards",
+                    "status": 403,
+                    "body": {
+                        "error": "reauthorization_required",
+                        "message": "x",
+                        "login_url": "javascript:window.pwned=1",
+                    },
+                },
+            ).raise_for_status()
+            page.reload()
+            link = page.get_by_role("link", name="Reconnect Pinterest")
+            expect(link).to_have_attribute("href", f"{base}/auth/login")
+            link.click()
+            expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+            assert page.evaluate("window.pwned") is None
+
+            page.goto(f"{base}/")
+            for candidate, expected in LOGIN_URLS:
+                href = page.evaluate(
+                    """(loginUrl) => {
+                      const data = { error: "reauthorization_required", login_url: loginUrl };
+                      explain({ data });
+                      return document.querySelector("#message a").getAttribute("href");
+                    }""",
+                    candidate.format(base=base),
+                )
+                assert href == expected.format(base=base), candidate
+            assert page.evaluate("window.pwned") is None
         finally:
             browser.close()
 

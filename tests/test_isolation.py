@@ -13,8 +13,16 @@ from pinauth.cache import ConnectionCache
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import Connection
 from pinauth.settings import Settings
-from tests.conftest import API, TOKEN_URL, make_settings, run_client, token_json
-from tests.helpers import bearers, browsers, log_in_as
+from tests.helpers import (
+    API,
+    TOKEN_URL,
+    bearers,
+    browsers,
+    log_in_as,
+    make_settings,
+    run_client,
+    token_json,
+)
 
 ALICE = {"id": "1000000000001", "username": "alice", "account_type": "PINNER"}
 BOB = {"id": "2000000000002", "username": "bob", "account_type": "PINNER"}

@@ -12,7 +12,7 @@ import respx
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     API,
     BASIC,
     CLIENT_ID,
@@ -130,6 +130,15 @@ async def test_expires_in_sent_as_string_is_understood(
         ("/ok\r\nSet-Cookie: x=1", "/"),
         ("https://app.example.com@evil.com/", "/"),
         ("https://app.example.com/after", "https://app.example.com/after"),
+        # Unparseable (urlsplit raises on them): the frontend URL, not a 500.
+        ("https://[", "/"),
+        ("https://[host]", "/"),
+        ("https://[::1", "/"),
+        ("https://app.example\uff0ecom/", "/"),
+        ("https://ex\u2100ample.com/", "/"),
+        # Too long to carry through Pinterest and back in a Location header.
+        ("/" + "a" * 2048, "/"),
+        ("/" + "a" * 2047, "/" + "a" * 2047),
     ],
 )
 async def test_return_to_only_to_trusted_places(

@@ -17,8 +17,14 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from pinauth.crypto import CookieSigner, TokenCipher, digest
 from pinauth.migrations import alembic_config, upgrade_to_head
 from pinauth.settings import Settings
-from tests.conftest import API, POSTGRES_ADMIN_URL, make_settings, new_postgres_database, run_client
-from tests.helpers import bearers
+from tests.helpers import (
+    API,
+    POSTGRES_ADMIN_URL,
+    bearers,
+    make_settings,
+    new_postgres_database,
+    run_client,
+)
 
 OLD_ACCESS, OLD_REFRESH = "pina_FROM-0001-ACCESS", "pinr_FROM-0001-REFRESH"
 

@@ -14,7 +14,7 @@ import respx
 
 from pinauth.logs import JsonFormatter, logging_config
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ALL_TOKENS,
     API,
     CLIENT_SECRET,

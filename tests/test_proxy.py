@@ -20,13 +20,15 @@ from pinauth.app import create_app
 from pinauth.pinterest.client import retry_after_seconds
 from pinauth.pinterest.paths import InvalidPath, confine
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ACCESS_1,
     ACCESS_2,
     API,
     REFRESH_2,
     SERVICE,
     TOKEN_URL,
+    browsers,
+    counted_client,
     live_server,
     log_in,
     make_settings,
@@ -35,8 +37,8 @@ from tests.conftest import (
     run_client,
     start_login,
     token_json,
+    warm_up,
 )
-from tests.helpers import browsers, counted_client, warm_up
 
 BOARD = {"id": "549755885175", "name": "Recipes", "privacy": "PUBLIC"}
 
@@ -716,7 +718,7 @@ async def test_boards_passes_pinterest_errors_through(
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("7", 7.0), ("0", 0.0), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    [("7", 7.0), ("0", 0.0), (None, None), ("soon", None)],
 )
 def test_retry_after_forms(header: str | None, expected: float | None) -> None:
     headers = {"Retry-After": header} if header is not None else {}
@@ -759,7 +761,7 @@ async def test_repeated_upstream_headers_all_come_back(
     response = await client.get("/pinterest/pins")
 
     assert response.headers.get_list("link") == ["<a>; rel=next", "<b>; rel=last"]
-    assert response.headers["x-thing"] == "1"
+    assert "x-thing" not in response.headers  # not on the allowlist
     assert response.headers["content-length"] == str(len(response.content))
 
 

@@ -14,19 +14,20 @@ from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import Connection
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ACCESS_2,
     BASIC,
     REFRESH_1,
     REFRESH_2,
     SERVICE,
     TOKEN_URL,
+    counted_client,
     log_in,
     make_settings,
     run_client,
     token_json,
+    warm_up,
 )
-from tests.helpers import counted_client, warm_up
 
 
 async def stored_connection(settings: Settings) -> Connection:

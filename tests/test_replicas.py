@@ -18,60 +18,26 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pinauth.crypto import TokenCipher
 from pinauth.sandbox import SandboxConfig
-from tests.conftest import (
+from tests.helpers import (
     POSTGRES_ADMIN_URL,
     TOKEN_URL,
+    Process,
+    create_api_key,
     free_port,
     log_in,
     make_settings,
     new_postgres_database,
     run_client,
+    stored_refresh_token,
     token_json,
-    wait_until_serving,
 )
-from tests.helpers import create_api_key
 
 pytestmark = pytest.mark.skipif(
     not POSTGRES_ADMIN_URL, reason="replicas need PostgreSQL (PINAUTH_TEST_POSTGRES_URL)"
 )
 
 SANDBOX = SandboxConfig()
-
-
-class Process:
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
-        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
-        self.log = cwd / f"{args[0]}-{free_port()}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "pinauth", *self.args],
-                env=self.env,
-                cwd=self.cwd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self) -> None:
-        assert self.popen is not None
-        try:
-            wait_until_serving(self.ready_url, self.popen)
-        except BaseException:
-            print(self.log.read_text())  # pytest shows it with the failure
-            raise
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 @pytest.fixture
@@ -121,18 +87,6 @@ def deployment(database_url: str, tmp_path: Path) -> Iterator[dict[str, object]]
     finally:
         for process in (*replicas, sandbox):
             process.stop()
-
-
-async def stored_refresh_token(database_url: str, key: str) -> str:
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as connection:
-            encrypted = (
-                await connection.execute(text("SELECT refresh_token_encrypted FROM connections"))
-            ).scalar_one()
-    finally:
-        await engine.dispose()
-    return TokenCipher([key]).decrypt(encrypted)
 
 
 async def refreshes(sandbox: httpx.AsyncClient) -> int:

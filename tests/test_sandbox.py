@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -338,3 +339,32 @@ async def test_introspection_tells_live_from_dead_tokens(sandbox: httpx.AsyncCli
     assert await inspect(second["refresh_token"]) == {"active": True, "token_type": "refresh_token"}
     assert await inspect(first["refresh_token"]) == {"active": False, "token_type": None}
     assert await inspect(second["access_token"]) == {"active": True, "token_type": "access_token"}
+
+
+async def test_held_refresh_answer_has_already_rotated_and_reuse_is_counted(
+    sandbox: httpx.AsyncClient,
+) -> None:
+    """The hold control: while a refresh answer is held, its refresh token is already
+    dead (the window in which a client process can lose the grant); presenting a spent
+    refresh token again is counted."""
+    first = await tokens_for(sandbox)
+    assert (await sandbox.put("/_sandbox/token-hold", json={"seconds": 30})).json() == {"held": 1}
+    refresh = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+    held = asyncio.create_task(token(sandbox, refresh))
+    while (await sandbox.get("/_sandbox/counters")).json()["token_requests"].get(
+        "refresh_token"
+    ) != 1:
+        await asyncio.sleep(0)  # yield until the request is inside the sandbox
+    inspected = await sandbox.post("/_sandbox/introspect", json={"token": first["refresh_token"]})
+    assert inspected.json() == {"active": False, "token_type": None}
+    assert not held.done()
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+
+    assert (await sandbox.get("/_sandbox/refresh-token-reuse")).json() == {"reused": 0}
+    assert (await token(sandbox, refresh)).status_code == 400
+    assert (await token(sandbox, refresh)).status_code == 400
+    never_issued = {"grant_type": "refresh_token", "refresh_token": "pinr_never"}
+    assert (await token(sandbox, never_issued)).status_code == 400
+    assert (await sandbox.get("/_sandbox/refresh-token-reuse")).json() == {"reused": 2}

@@ -18,11 +18,13 @@ from pinauth.cli import main
 from pinauth.errors import ConfigurationError
 from pinauth.logs import StripQueryFilter
 from pinauth.settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ALL_TOKENS,
     CLIENT_SECRET,
     SERVICE,
     TOKEN_URL,
+    browsers,
+    create_api_key,
     log_in,
     make_settings,
     mock_login_upstream,
@@ -30,7 +32,6 @@ from tests.conftest import (
     start_login,
     token_json,
 )
-from tests.helpers import browsers, create_api_key
 
 
 async def test_no_token_or_secret_in_database_responses_or_logs(

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, event, func, select, update
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import AuthSession, Connection
 from pinauth.settings import Settings
-from tests.conftest import log_in, make_settings, run_client
+from tests.helpers import log_in, make_settings, run_client
 
 
 async def count_rows(settings: Settings, model: type[AuthSession] | type[Connection]) -> int:

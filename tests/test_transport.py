@@ -12,7 +12,7 @@ from pinauth.errors import UpstreamError, UpstreamTimeout
 from pinauth.pinterest.client import PinterestClient, UpstreamRequest
 from pinauth.pinterest.http import create_transport
 from pinauth.settings import Settings
-from tests.conftest import free_port, make_settings
+from tests.helpers import free_port, make_settings
 
 
 async def echo(request: web.Request) -> web.Response:

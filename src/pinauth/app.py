@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
@@ -34,9 +35,12 @@ from pinauth.connections import ConnectionService
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
-from pinauth.errors import PinauthError
+from pinauth.errors import DatabaseUnavailable, PinauthError
+from pinauth.governor import RateGovernor
+from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
+from pinauth.outage import OutageTracker
 from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
@@ -44,6 +48,7 @@ from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
+from pinauth.shutdown import Shutdown, ShutdownMiddleware
 from pinauth.tokens import TokenManager
 
 log = logging.getLogger(__name__)
@@ -58,20 +63,26 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     sandbox: SandboxConfig | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    shutdown: Shutdown | None = None,
 ) -> FastAPI:
     """Build the service.
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
-    mounts the built-in Pinterest sandbox at /sandbox (demo mode).
+    mounts the built-in Pinterest sandbox at /sandbox (demo mode); `clock` is the
+    rate governor's monotonic clock (tests move it instead of waiting); `shutdown` is
+    flagged by the server when it starts shutting down (see shutdown.py).
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
     metrics = Metrics()
+    outage = OutageTracker()
     head = schema_head()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+    async def lifespan(served: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings)
+        outage.watch(engine)
         sessionmaker = create_sessionmaker(engine)
         network = transport or create_transport()
         http = create_http_client(settings, network)
@@ -79,6 +90,7 @@ def create_app(
         cache = ConnectionCache(settings.cache_ttl_seconds)
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
         api_keys = ApiKeyService(sessionmaker, settings.cache_ttl_seconds)
+        governor = RateGovernor(metrics, clock=clock)
         services = Services(
             settings=settings,
             sessionmaker=sessionmaker,
@@ -89,15 +101,26 @@ def create_app(
             connect_sessions=ConnectSessions(settings, sessionmaker),
             connections=ConnectionService(sessionmaker, cache),
             tokens=tokens,
-            proxy=ProxyService(tokens, PinterestClient(network, settings, metrics=metrics)),
+            proxy=ProxyService(
+                tokens,
+                PinterestClient(network, settings, metrics=metrics, rate_limits=governor),
+                governor,
+            ),
             metrics=metrics,
             schema_head=head,
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
+        purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
+        served.state.purger = purger  # for tests and anyone inspecting the running app
+        purger.start()
         try:
             yield {"services": services}
         finally:
+            await purger.stop()
+            # Token calls in flight and unsaved tokens first: they need both the HTTP
+            # client and the database, and are the only copy of a user's refresh token.
+            await tokens.aclose()
             await api_keys.aclose()
             await http.aclose()
             await engine.dispose()
@@ -114,7 +137,10 @@ def create_app(
         },
     )
     # Innermost of the middlewares, so CORS and request context still wrap it.
-    app.add_middleware(ProxyFastPath, route=pinterest_routes.proxy_route("GET"))
+    app.add_middleware(ProxyFastPath, route=pinterest_routes.proxy_route("GET"), outage=outage)
+    # Outside every route, the fast path included, and inside CORS and request context, so
+    # a request cut short by the shutdown is still logged, counted and CORS-readable.
+    app.add_middleware(ShutdownMiddleware, shutdown=shutdown or Shutdown())
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -125,7 +151,7 @@ def create_app(
         )
     # Outermost: every response gets a request id, is counted, and is logged once.
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
-    _install_error_handlers(app)
+    _install_error_handlers(app, outage)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
     app.include_router(v1_routes.router)
@@ -140,9 +166,14 @@ def create_app(
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, outage: OutageTracker) -> None:
     @app.exception_handler(PinauthError)
     async def pinauth_error(_request: Request, exc: PinauthError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def database_unavailable(_request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        outage.refused()
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

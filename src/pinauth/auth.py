@@ -41,6 +41,8 @@ from pinauth.tokens import apply_token_set
 log = logging.getLogger(__name__)
 
 _UNSAFE_IN_PATH = re.compile(r"[\\\x00-\x1f\x7f]")
+# It rides in the signed state to Pinterest and back into a Location header.
+MAX_RETURN_TO_LENGTH = 2048
 
 
 class _StatePayload(BaseModel):
@@ -96,12 +98,15 @@ class AuthService:
         return self._settings.frontend_url
 
     def is_trusted_destination(self, url: str) -> bool:
-        if _UNSAFE_IN_PATH.search(url):
+        if len(url) > MAX_RETURN_TO_LENGTH or _UNSAFE_IN_PATH.search(url):
             return False
         # Browsers treat "//host" (and "/\host", excluded above) as another site.
         if url.startswith("/"):
             return not url.startswith("//")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # "https://[", "https://[host]", hosts that NFKC would change
+            return False
         origin = f"{parts.scheme}://{parts.netloc}"
         return (
             parts.scheme in ("http", "https")
@@ -145,6 +150,7 @@ class AuthService:
                     end_user_id=end_user_id,
                 )
             )
+            await states.evict_oldest(keep=self._settings.max_pending_logins)
         state = self._states.dumps(
             _StatePayload(
                 nonce_hash=nonce_hash, return_to=self.safe_return_to(return_to)
@@ -236,13 +242,18 @@ class AuthService:
                             + timedelta(seconds=self._settings.session_max_age_seconds),
                         )
                     )
+                    evicted = await sessions.evict_oldest(
+                        connection.id, keep=self._settings.max_sessions_per_connection
+                    )
             except IntegrityError:
                 # Two first logins of one Pinterest user raced; the second updates instead.
                 if attempt:
                     raise
                 continue
-            if previous is not None:
-                self._cache.forget_session(previous)
+            # Forgotten after the commit, so a reload starting later cannot cache an ended
+            # session again (and one already running is older than the forgetting).
+            for ended in (*evicted, *([previous] if previous is not None else [])):
+                self._cache.forget_session(ended)
             return connection.public_id
         raise AssertionError("unreachable")
 

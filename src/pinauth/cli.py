@@ -29,9 +29,11 @@ def _load_settings() -> Settings:
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from pinauth.app import create_app
     from pinauth.migrations import upgrade_to_head
+    from pinauth.shutdown import Server, Shutdown
 
     settings = _load_settings()
     sandbox = None
@@ -57,13 +59,14 @@ def _serve(args: argparse.Namespace) -> None:
     settings.validate_for_serving()
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     upgrade_to_head(settings.database_url)
-    app = create_app(settings, sandbox=sandbox)
+    shutdown = Shutdown()
+    app = create_app(settings, sandbox=sandbox, shutdown=shutdown)
     # Everything built so far (modules, routes, models) lives as long as the process;
     # freezing it keeps the cyclic GC from re-scanning it in every full collection,
     # which showed up as latency spikes under load (see bench/).
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -76,6 +79,12 @@ def _serve(args: argparse.Namespace) -> None:
         # Keeps `Server` banners off responses; the service's name is no one's business.
         server_header=False,
     )
+    # uvicorn.run() with a server that flags the shutdown, so requests it cancels at the
+    # timeout answer 503 (see shutdown.py).
+    server = Server(config, shutdown)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 def _sandbox(args: argparse.Namespace) -> None:

@@ -166,3 +166,29 @@ class ConnectionIdRequired(PinauthError):
     default_message = (
         "With an API key, name the connection to act for in the Pinauth-Connection-Id header."
     )
+
+
+class DatabaseUnavailable(PinauthError):
+    """The database cannot be reached or refuses work; nothing about the request is wrong."""
+
+    status_code = 503
+    code = "database_unavailable"
+    default_message = "pinauth's database is unavailable at the moment; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class ShuttingDown(PinauthError):
+    """The process stopped before this request finished (its shutdown timeout ran out)."""
+
+    status_code = 503
+    code = "shutting_down"
+    default_message = (
+        "pinauth was shutting down and stopped this request before it finished; retry it "
+        "(a request that changes something may already have taken effect)."
+    )
+
+    def __init__(self, *, retry_after: int = 5) -> None:
+        # Connection: close, so the client's retry opens a connection to a live process.
+        super().__init__(headers={"Retry-After": str(max(1, retry_after)), "Connection": "close"})

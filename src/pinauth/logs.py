@@ -4,10 +4,82 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeAlias
+
+from sqlalchemy.exc import StatementError
 
 from pinauth.observability import context_fields
+
+ExcInfo: TypeAlias = (
+    tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+)
+
+# Database drivers quote SQL parameters in their messages: asyncpg's "invalid input for
+# query argument $1: '<value>'", PostgreSQL's 'invalid input syntax for type integer: "<value>"'
+# and a unique violation's "DETAIL: Key (...)=(<value>)"; SQLAlchemy adds "[parameters: ...]"
+# unless hide_parameters is on. Parameters are tokens, session hashes and user data, so a
+# traceback keeps its frames and SQL but not those messages. SQLite's messages name tables
+# and constraints, never values, and are kept: they are what makes a traceback useful.
+_QUOTING_DRIVERS = ("asyncpg", "psycopg", "sqlalchemy.dialects")
+_WITHHELD = "[message withheld: it may quote SQL parameters]"
+
+
+def _quotes_parameters(error: BaseException) -> bool:
+    return isinstance(error, StatementError) or type(error).__module__.startswith(_QUOTING_DRIVERS)
+
+
+def _safe_message(error: BaseException) -> str:
+    if isinstance(error, StatementError):
+        orig = error.orig
+        text = (
+            f"({type(orig).__module__}.{type(orig).__qualname__}) {_safe_message(orig)}"
+            if orig is not None
+            else _WITHHELD
+        )
+        return f"{text}\n[SQL: {error.statement}]" if error.statement else text
+    if not type(error).__module__.startswith(_QUOTING_DRIVERS):
+        return str(error)
+    code = getattr(error, "sqlstate", None)
+    return f"{_WITHHELD} ({code})" if code else _WITHHELD
+
+
+def format_exception(exc_info: ExcInfo) -> str:
+    """The traceback as logging prints it, minus messages that may quote SQL parameters.
+
+    Withheld: the messages of database errors that may quote parameters, and of whatever
+    those were raised from (the value asyncpg failed to encode is in its ValueError too).
+    """
+    _, error, tb = exc_info
+    if error is None:
+        return "NoneType: None"
+    report = traceback.TracebackException(type(error), error, tb, compact=True)
+    pending: list[tuple[traceback.TracebackException, BaseException, bool]] = [
+        (report, error, False)
+    ]
+    seen: set[int] = set()
+    while pending:
+        node, exc, below = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if below or _quotes_parameters(exc):
+            # TracebackException renders the message it keeps in _str (3.11 and later;
+            # tests/test_outage.py fails if that changes).
+            node._str = _WITHHELD if below else _safe_message(exc)  # type: ignore[attr-defined]
+            node.__notes__ = None
+        below = below or type(exc).__module__.startswith(_QUOTING_DRIVERS)
+        if node.__cause__ is not None and exc.__cause__ is not None:
+            pending.append((node.__cause__, exc.__cause__, below))
+        if node.__context__ is not None and exc.__context__ is not None:
+            pending.append((node.__context__, exc.__context__, below))
+        if node.exceptions and isinstance(exc, BaseExceptionGroup):
+            pending.extend(
+                (n, e, below) for n, e in zip(node.exceptions, exc.exceptions, strict=False)
+            )
+    return "".join(report.format()).rstrip("\n")
 
 
 class StripQueryFilter(logging.Filter):
@@ -54,11 +126,24 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei)
+
+
+class TextFormatter(logging.Formatter):
+    """logging's plain format, with tracebacks that withhold SQL parameters."""
+
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei)
+
 
 def logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
     """A dictConfig for uvicorn and pinauth alike."""
     level = level.upper()
-    text_format = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    text_format = {
+        "()": TextFormatter,
+        "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    }
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -88,4 +173,7 @@ def logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
             # httpx logs full request URLs at INFO; keep it quiet.
             "httpx": {"level": "WARNING"},
         },
+        # Everything else (SQLAlchemy's pool, asyncio) in the same format, through the same
+        # traceback filter, rather than Python's bare last-resort handler.
+        "root": {"handlers": ["default"], "level": "WARNING"},
     }

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from filelock import FileLock
+from sqlalchemy import make_url
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -31,7 +35,36 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade_to_head(database_url: str) -> None:
     """Bring the schema to the newest revision. Blocking: call it outside the event loop."""
-    command.upgrade(alembic_config(database_url), "head")
+    with _sqlite_migration_lock(database_url):
+        command.upgrade(alembic_config(database_url), "head")
+
+
+def sqlite_lock_path(database_url: str) -> Path | None:
+    """The lock file beside a SQLite database file; None for other databases or memory."""
+    url = make_url(database_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or url.query.get("mode") == "memory":
+        return None
+    if url.query.get("uri") == "true":
+        database = database.removeprefix("file:")
+    if database in ("", ":memory:"):
+        return None
+    return Path(database).with_name(Path(database).name + ".migrate.lock")
+
+
+@contextmanager
+def _sqlite_migration_lock(database_url: str) -> Iterator[None]:
+    """Queue processes migrating one SQLite file, as the advisory lock does on PostgreSQL.
+
+    SQLite has no lock a migration can hold across its DDL, so two processes starting on
+    a fresh file both saw no schema and both created it: one failed ("table connections
+    already exists") and exited. An exclusive lock on a file beside the database makes
+    the second wait; it then finds the schema at head and does nothing. The OS releases
+    the lock if its holder dies, so a crash cannot wedge the next start.
+    """
+    path = sqlite_lock_path(database_url)
+    with FileLock(path) if path is not None else nullcontext():
+        yield
 
 
 def schema_head() -> str:

@@ -129,6 +129,11 @@ class Connection(Base):
     # a compare-and-swap that makes a lost concurrent update fail loudly, and lets
     # in-process caches tell a stale token from a fresh one.
     version: Mapped[int] = mapped_column(Integer)
+    # A committed claim on the next call to Pinterest's token endpoint (see tokens.py):
+    # whoever holds it may spend the refresh token; everyone else waits for the new
+    # version or for the lease to run out. Changing it does not bump `version`.
+    refresh_lease_owner: Mapped[str | None] = mapped_column(String(32))
+    refresh_lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 

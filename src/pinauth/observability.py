@@ -51,6 +51,21 @@ class Metrics:
         )
         for outcome in ("ok", "rejected", "transient_error"):
             self.refreshes.labels(outcome)
+        # Labelled by the spec's rate-limit categories: a fixed set, never a path.
+        self.governed_calls = Counter(
+            "pinauth_governed_calls",
+            "Proxied calls pinauth answered 429 itself, without calling Pinterest, because "
+            "Pinterest had asked the connection to wait in that rate-limit category.",
+            ["category"],
+            registry=self.registry,
+        )
+        self.upstream_rate_limits = Counter(
+            "pinauth_upstream_rate_limits",
+            "Pinterest's answers asking a connection to wait (429, or 503 with Retry-After) "
+            "to proxied calls, by rate-limit category and status.",
+            ["category", "status"],
+            registry=self.registry,
+        )
         self.connections = Gauge(
             "pinauth_connections",
             "Stored Pinterest connections, by status (read at scrape time).",

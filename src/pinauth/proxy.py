@@ -1,4 +1,4 @@
-"""Calling Pinterest for a connection: fresh tokens, one retry after a 401."""
+"""Calling Pinterest for a connection: its rate limits, fresh tokens, one retry after a 401."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 import httpx
 
+from pinauth.governor import RateGovernor
 from pinauth.models import Connection
 from pinauth.pinterest.client import PinterestClient, UpstreamRequest
 from pinauth.tokens import TokenManager
@@ -31,13 +32,20 @@ def _token_rejected(response: httpx.Response) -> bool:
 
 
 class ProxyService:
-    def __init__(self, tokens: TokenManager, client: PinterestClient) -> None:
+    def __init__(
+        self, tokens: TokenManager, client: PinterestClient, governor: RateGovernor
+    ) -> None:
         self._tokens = tokens
         self._client = client
+        self._governor = governor
 
     async def call(self, connection: Connection, request: UpstreamRequest) -> httpx.Response:
+        # Before the token: a call Pinterest asked us to hold back needs neither.
+        held = self._governor.held(connection, request)
+        if held is not None:
+            return held
         credential = await self._tokens.usable_credential(connection)
-        response = await self._client.send(request, credential.access_token)
+        response = await self._client.send(request, credential.access_token, connection)
         # A 401 means Pinterest did not act on the request, so sending it again is safe
         # for every method, POST included. The call ends with the answer to a token
         # Pinterest issued after the rejection, unless the tokens keep changing under it.
@@ -46,7 +54,7 @@ class ProxyService:
                 break
             log.info("Pinterest rejected connection %s's token", connection.public_id)
             credential, fresh = await self._tokens.replace_rejected(credential)
-            response = await self._client.send(request, credential.access_token)
+            response = await self._client.send(request, credential.access_token, connection)
             if fresh:
                 break
         return response

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
@@ -18,6 +19,10 @@ from pinauth.models import (
     LoginState,
 )
 
+# Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
+# lease too, and would need the row loaded in this session.
+_connections = Connection.metadata.tables[Connection.__tablename__]
+
 
 class ConnectionRepository:
     def __init__(self, db: AsyncSession) -> None:
@@ -27,23 +32,88 @@ class ConnectionRepository:
         stmt = select(Connection).where(Connection.public_id == public_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
 
-    async def get_for_update(self, public_id: str, *, lock_timeout: float) -> Connection | None:
-        """Read the row under a lock held until commit: the cross-replica refresh arbiter.
+    async def claim_refresh_lease(
+        self,
+        public_id: str,
+        version: int,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        *,
+        lock_timeout: float,
+    ) -> bool:
+        """Take the row's refresh lease if the row is still at `version`, active, and
+        nobody holds a live lease; True if this call took it. Leaves `version` alone.
 
-        On PostgreSQL this is `SELECT … FOR UPDATE` with a bounded wait; SQLite has no
-        row locks (and is single-process), so there the version counter's
-        compare-and-swap on UPDATE is the guard.
+        One UPDATE whose WHERE is the whole decision, so it is atomic on every backend:
+        on SQLite it is the transaction's first statement and takes the database's write
+        lock before anything is read (waiting out other writers with the busy timeout);
+        on PostgreSQL it re-checks the WHERE against the newest row version, waiting at
+        most `lock_timeout` for a row lock somebody else holds. Read the row after it, in
+        the same transaction, to learn why a claim failed.
         """
         if self._db.get_bind().dialect.name == "postgresql":
             # SET does not take bind parameters; the value is a float we formatted.
             await self._db.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'"))
-        stmt = (
-            select(Connection)
-            .where(Connection.public_id == public_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
+        result = await self._db.execute(
+            update(_connections)
+            .where(
+                _connections.c.public_id == public_id,
+                _connections.c.version == version,
+                _connections.c.status == ConnectionStatus.ACTIVE,
+                or_(
+                    _connections.c.refresh_lease_until.is_(None),
+                    _connections.c.refresh_lease_until < now,
+                ),
+            )
+            .values(refresh_lease_owner=owner, refresh_lease_until=until)
         )
-        return (await self._db.execute(stmt)).scalar_one_or_none()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def release_refresh_lease(self, public_id: str, owner: str) -> None:
+        await self._db.execute(
+            update(_connections)
+            .where(
+                _connections.c.public_id == public_id, _connections.c.refresh_lease_owner == owner
+            )
+            .values(refresh_lease_owner=None, refresh_lease_until=None)
+        )
+
+    async def replace_version(
+        self, public_id: str, version: int, values: dict[str, Any], *, over_rejection: bool = False
+    ) -> bool:
+        """Write `values` and clear the lease, if the row is still at `version`; bumps it.
+
+        The compare-and-swap is on the version, not the lease, so it never wins over a
+        newer login or refresh. `over_rejection` is for storing a refresh's answer: that
+        write also wins over a row another process marked reauthorization_required at
+        `version + 1`, because the token that process found dead is the one this answer
+        replaced (it could only get there after an outage outlived this refresh's lease).
+        """
+        c = _connections.c
+        current = c.version == version
+        if over_rejection:
+            current = or_(
+                current,
+                and_(
+                    c.version == version + 1,
+                    c.status == ConnectionStatus.REAUTHORIZATION_REQUIRED,
+                ),
+            )
+        result = await self._db.execute(
+            update(_connections)
+            .where(c.public_id == public_id, current)
+            .values(
+                {
+                    **values,
+                    "version": c.version + 1,
+                    "refresh_lease_owner": None,
+                    "refresh_lease_until": None,
+                    "updated_at": func.now(),
+                }
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def get_by_owner(
         self, end_user_id: str | None, pinterest_user_id: str
@@ -137,6 +207,25 @@ class SessionRepository:
         result = await self._db.execute(delete(AuthSession).where(AuthSession.expires_at <= now))
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    async def evict_oldest(self, connection_id: int, *, keep: int) -> list[str]:
+        """Delete the connection's sessions beyond its `keep` newest; their id hashes.
+
+        Sessions all live equally long, so the newest are the last to expire. SKIP
+        LOCKED (PostgreSQL) leaves rows another transaction is deleting to it, so
+        concurrent evictions and purges never wait on, or deadlock with, each other.
+        """
+        excess = (
+            select(AuthSession.id_hash)
+            .where(AuthSession.connection_id == connection_id)
+            .order_by(AuthSession.expires_at.desc(), AuthSession.id_hash.desc())
+            .offset(keep)
+            .with_for_update(skip_locked=True)
+        )
+        evicted = list((await self._db.execute(excess)).scalars())
+        if evicted:
+            await self._db.execute(delete(AuthSession).where(AuthSession.id_hash.in_(evicted)))
+        return evicted
+
 
 class LoginStateRepository:
     def __init__(self, db: AsyncSession) -> None:
@@ -165,6 +254,22 @@ class LoginStateRepository:
 
     async def delete_expired(self, now: datetime) -> int:
         result = await self._db.execute(delete(LoginState).where(LoginState.expires_at <= now))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def evict_oldest(self, *, keep: int) -> int:
+        """Delete every pending login but the `keep` newest (all live equally long).
+
+        SKIP LOCKED (PostgreSQL): logins started at once each trim what no other is
+        trimming, instead of queueing or deadlocking on the same rows; the table may
+        pass `keep` by the number of logins in flight, until the next one trims it.
+        """
+        excess = (
+            select(LoginState.nonce_hash)
+            .order_by(LoginState.expires_at.desc(), LoginState.nonce_hash.desc())
+            .offset(keep)
+            .with_for_update(skip_locked=True)
+        )
+        result = await self._db.execute(delete(LoginState).where(LoginState.nonce_hash.in_(excess)))
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 

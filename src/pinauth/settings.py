@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite+aiosqlite:///./pinauth.db", validation_alias="PINAUTH_DATABASE_URL"
     )
+    # How long a request may wait for a free pooled connection, or to connect (PostgreSQL;
+    # asyncpg alone would wait 60 s), before it answers 503 database_unavailable.
+    database_timeout_seconds: float = Field(5.0, gt=0, validation_alias="PINAUTH_DATABASE_TIMEOUT")
     secret_key: SecretStr = Field(SecretStr(""), validation_alias="PINAUTH_SECRET_KEY")
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
         [], validation_alias="PINAUTH_ENCRYPTION_KEYS"
@@ -93,6 +96,14 @@ class Settings(BaseSettings):
     # How long a process trusts its cached session and connection before re-reading the
     # database: bounds how late another replica's logout or disconnect is noticed here.
     cache_ttl_seconds: float = Field(5.0, ge=0, validation_alias="PINAUTH_CACHE_TTL")
+    # Rows anyone can make are bounded, the oldest evicted (see the README's security notes):
+    # a browser's sessions per Pinterest connection, and logins started but not finished.
+    max_sessions_per_connection: int = Field(
+        20, ge=1, validation_alias="PINAUTH_MAX_SESSIONS_PER_CONNECTION"
+    )
+    max_pending_logins: int = Field(1000, ge=1, validation_alias="PINAUTH_MAX_PENDING_LOGINS")
+    # How often each process deletes expired sessions and pending logins.
+    purge_interval_seconds: float = Field(600.0, gt=0, validation_alias="PINAUTH_PURGE_INTERVAL")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
     boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")

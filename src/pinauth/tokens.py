@@ -1,32 +1,50 @@
-"""Keeps each connection's tokens fresh: one refresh at a time, even across replicas.
+"""Keeps each connection's tokens fresh: one refresh at a time, even across processes,
+and no token Pinterest sent is ever dropped.
 
 Pinterest rotates the refresh token on every refresh and kills the old one, so two
-refreshes racing with the same refresh token log the user out for good. Within a
-process an asyncio lock per connection makes concurrent callers share one refresh;
-across processes the connection row is re-read under `SELECT … FOR UPDATE`, and a
-caller that finds the version moved on since it last looked uses the new tokens
-instead of refreshing again.
+refreshes racing with the same refresh token, or a refresh whose answer is not stored,
+log the user out for good. Hence:
+
+- Within a process, concurrent callers share one refresh task per connection.
+- Across processes, a refresh lease on the row is claimed by a compare-and-swap UPDATE
+  and committed before the call. No transaction or
+  connection is held while Pinterest answers: a cancelled request, a dead pool or a
+  failed commit cannot roll the answer back with it, and a waiting process polls the row
+  instead of queueing on a lock. The lease outlasts the longest possible token call.
+- The task is owned by the TokenManager, not the request (callers wait through
+  `asyncio.shield`), and shutdown waits for it.
+- The answer is written with a compare-and-swap on the version the refresh started from.
+  If the database will not take it, the process keeps and serves the new tokens and
+  retries the write until it lands.
+
+What no code can close: the process dies (kill -9) after Pinterest rotated the token and
+before the write. The lease then runs out, the next refresh spends the dead refresh
+token, Pinterest rejects it, and the connection asks for a new login (401 with
+login_url); meanwhile callers get 503 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
 
 from cachetools import LRUCache
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.orm.attributes import set_committed_value
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
 from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.errors import (
+    DatabaseUnavailable,
     NotAuthenticated,
-    PinauthError,
     ReauthorizationRequired,
     UpstreamError,
     UpstreamTimeout,
@@ -40,10 +58,26 @@ from pinauth.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Seconds to wait before calling a failing token endpoint again for the same connection.
+# Seconds to wait before calling a failing token endpoint again for the same connection,
+# at least: longer if Pinterest's Retry-After asks for longer.
 TRANSIENT_FAILURE_COOLDOWN = 10
 # PostgreSQL's "lock_not_available", raised when lock_timeout runs out.
 LOCK_NOT_AVAILABLE = "55P03"
+# What a database that is down, restarting or unreachable raises; anything else is a bug
+# that retrying would only repeat.
+# What a failed write of new tokens looks like: the engine turns a lost or refused
+# database into DatabaseUnavailable (see outage.py); anything else the driver raises
+# (a trigger, a constraint) still means the tokens are not stored.
+DATABASE_DOWN = (DatabaseUnavailable, DBAPIError, OSError)
+# A lease outlives the token call by this much: the write of its answer, and clock skew
+# between processes (leases are stamped with each process's own clock).
+LEASE_MARGIN_SECONDS = 5.0
+# Polling another process's lease: first pause and the longest one.
+LEASE_POLL_FIRST = 0.02
+LEASE_POLL_MAX = 0.5
+# Retrying the write of tokens the database would not take.
+WRITE_RETRY_FIRST = 0.25
+WRITE_RETRY_MAX = 5.0
 
 
 def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCipher) -> None:
@@ -90,9 +124,20 @@ class TokenManager:
         self._cipher = cipher
         self._cache = cache
         self._margin = timedelta(seconds=settings.refresh_margin_seconds)
+        # The longest a token call can take: every phase of the request at its timeout.
+        self._call_budget = (
+            settings.http_pool_timeout
+            + settings.http_connect_timeout
+            + 2 * settings.http_read_timeout  # the write timeout is the read timeout
+        )
+        self._lease = timedelta(seconds=self._call_budget + LEASE_MARGIN_SECONDS)
         # All keyed by public id, which is never reused.
-        # Weak values: a lock lives only while some request holds or awaits it.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # The refresh in flight per connection; an entry lives only while its task runs.
+        self._in_flight: dict[str, asyncio.Task[tuple[Connection, bool]]] = {}
+        # Rows with tokens the database has not taken yet, and the tasks retrying them.
+        self._unsaved: dict[str, Connection] = {}
+        self._writers: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
         # Bounded: both are per connection, and connections are unbounded.
         self._cooldown_until: LRUCache[str, float] = LRUCache(MAX_ENTRIES)
         # How long the access tokens this process last got for a connection were valid.
@@ -162,101 +207,295 @@ class TokenManager:
         return connection
 
     async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
-        """`refresh`, also telling whether this call got new tokens from Pinterest."""
+        """`refresh`, also telling whether this call got new tokens from Pinterest.
+
+        The refresh runs in a task this manager owns, and callers wait for it through
+        `asyncio.shield`: a client that disconnects, or a request cancelled at shutdown,
+        must not cancel a token call whose answer is the only valid refresh token.
+        Concurrent callers share the one task in flight for the connection.
+        """
         public_id = seen.public_id
-        lock = self._locks.get(public_id)
-        if lock is None:
-            lock = self._locks[public_id] = asyncio.Lock()
+        task = self._in_flight.get(public_id)
+        if task is None:
+            newer = self._newer_than(seen)
+            if newer is not None:
+                return newer, False
+            task = asyncio.create_task(self._refresh_once(seen), name=f"refresh {public_id}")
+            self._in_flight[public_id] = task
+            task.add_done_callback(partial(self._refresh_done, public_id))
+            return await asyncio.shield(task)
+        # Someone else's refresh: wait for it only so long, as for a lock.
         try:
             async with asyncio.timeout(self._settings.refresh_lock_timeout_seconds):
-                await lock.acquire()
+                connection, _ = await asyncio.shield(task)
         except TimeoutError:
             raise UpstreamUnavailable(
                 "A token refresh for this connection is still in progress; retry shortly."
             ) from None
-        try:
-            # Whoever held the lock may have refreshed this connection for us already.
-            cached = self._cache.cached_connection(public_id)
-            if cached is not None and cached.version > seen.version:
-                return cached, False
-            refreshed, fresh = await self._refresh_locked(seen)
-            self._cache.remember_connection(refreshed)
-            return refreshed, fresh
-        finally:
-            lock.release()
+        return connection, False
 
-    async def _refresh_locked(self, seen: Connection) -> tuple[Connection, bool]:
-        failure: PinauthError | None = None
-        fresh = False
-        async with self._sessionmaker() as db:
-            try:
-                async with db.begin():
-                    connection = await ConnectionRepository(db).get_for_update(
-                        seen.public_id, lock_timeout=self._settings.refresh_lock_timeout_seconds
-                    )
-                    if connection is None:
-                        raise NotAuthenticated("This Pinterest connection no longer exists.")
-                    if connection.version != seen.version:
-                        log.debug("connection %s changed since it was read", seen.public_id)
-                    elif connection.status is ConnectionStatus.ACTIVE:
-                        failure = await self._refresh_row(connection)
-                        fresh = failure is None
-            except DBAPIError as e:
-                if _sqlstate(e) == LOCK_NOT_AVAILABLE:
-                    raise UpstreamUnavailable(
-                        "Another replica is refreshing this connection; retry shortly."
-                    ) from e
-                raise
-            except StaleDataError as e:
-                # Only reachable when processes share SQLite, which has no row locks.
-                raise UpstreamUnavailable(
-                    "This connection changed during the refresh; retry shortly."
-                ) from e
-        if failure is not None:
-            raise failure
-        if connection.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
-            self._cache.remember_connection(connection)
-            raise self.reauthorization_required()
-        return connection, fresh
+    def _newer_than(self, seen: Connection) -> Connection | None:
+        """A version of the row newer than `seen` that this process already holds."""
+        pending = self._unsaved.get(seen.public_id)
+        if (
+            pending is not None
+            and pending.version >= seen.version
+            and not self._cache.is_deleted(seen.public_id)
+        ):
+            # Its write is still being retried: the database holds the spent refresh
+            # token, so these tokens are the only good ones.
+            return pending
+        cached = self._cache.cached_connection(seen.public_id)
+        if cached is not None and cached.version > seen.version:
+            return cached
+        return None
 
-    async def _refresh_row(self, connection: Connection) -> PinauthError | None:
-        """Call the token endpoint and update the locked row.
+    def _refresh_done(self, public_id: str, task: asyncio.Task[tuple[Connection, bool]]) -> None:
+        if self._in_flight.get(public_id) is task:
+            del self._in_flight[public_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone
 
-        Returns a transient error to raise once the transaction has ended. A rejected
-        refresh token is not raised here either: it marks the row, which must commit.
-        """
-        public_id = connection.public_id
+    async def _refresh_once(self, seen: Connection) -> tuple[Connection, bool]:
+        """Claim the lease, call the token endpoint with no transaction open, store."""
+        public_id = seen.public_id
         remaining = self._cooldown_until.get(public_id, 0.0) - time.monotonic()
         if remaining > 0:
-            return UpstreamUnavailable(
+            raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
                 retry_after=int(remaining) + 1,
             )
+        row, owner = await self._claim_lease(seen)
+        if owner is None:
+            if row.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+                self._cache.remember_connection(row)
+                raise self.reauthorization_required()
+            log.debug("connection %s changed since it was read", public_id)
+            self._cache.remember_connection(row)
+            return row, False
         try:
-            if connection.refresh_token_encrypted is None:
+            if row.refresh_token_encrypted is None:
                 raise TokenRejected("no refresh token stored")
-            refresh_token = self._cipher.decrypt(connection.refresh_token_encrypted)
-            tokens = await self._oauth.refresh(refresh_token)
+            refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
+            # Bounded absolutely (httpx's read timeout is per read), so the lease, which
+            # is longer than this, cannot run out while the answer may still come.
+            async with asyncio.timeout(self._call_budget):
+                tokens = await self._oauth.refresh(refresh_token)
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
-            connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
             self._metrics.refreshes.labels("rejected").inc()
-            return None
-        except (UpstreamError, UpstreamTimeout) as e:
+            return await self._mark_rejected(row, seen.version)
+        except (UpstreamError, UpstreamTimeout, TimeoutError) as e:
             log.warning("refresh of connection %s failed transiently: %s", public_id, e)
             self._metrics.refreshes.labels("transient_error").inc()
-            self._cooldown_until[public_id] = time.monotonic() + TRANSIENT_FAILURE_COOLDOWN
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
-            return UpstreamUnavailable(
-                "Pinterest's token endpoint is unavailable; retry later.",
-                retry_after=max(retry_after, TRANSIENT_FAILURE_COOLDOWN),
-            )
+            cooldown = max(retry_after, TRANSIENT_FAILURE_COOLDOWN)
+            self._cooldown_until[public_id] = time.monotonic() + cooldown
+            await self._release_lease(public_id, owner)
+            raise UpstreamUnavailable(
+                "Pinterest's token endpoint is unavailable; retry later.", retry_after=cooldown
+            ) from None
+        except BaseException:
+            # Cancelled only by shutdown giving up on it, or a bug: let the lease go now
+            # rather than make every process wait for it to run out.
+            await asyncio.shield(self._release_lease(public_id, owner))
+            raise
         self._cooldown_until.pop(public_id, None)
         self._metrics.refreshes.labels("ok").inc()
         self._lifetimes[public_id] = tokens.access_token_expires_at - datetime.now(UTC)
-        apply_token_set(connection, tokens, self._cipher)
+        apply_token_set(row, tokens, self._cipher)
         log.info("refreshed tokens of connection %s", public_id)
-        return None
+        return await self._store(row, seen.version), True
+
+    async def _claim_lease(self, seen: Connection) -> tuple[Connection, str | None]:
+        """The row, and the lease owner id if this call may spend its refresh token.
+
+        No owner means the row moved on (another process refreshed, the user logged in
+        again, or the refresh token was rejected): use the row as it is. A live lease
+        held by someone else is waited out by polling, at most PINAUTH_REFRESH_LOCK_TIMEOUT;
+        its holder either stores a new version or its lease runs out and is taken over.
+        """
+        public_id = seen.public_id
+        owner = secrets.token_hex(16)
+        deadline = time.monotonic() + self._settings.refresh_lock_timeout_seconds
+        pause = LEASE_POLL_FIRST
+        while True:
+            remaining = deadline - time.monotonic()
+            now = datetime.now(UTC)
+            until = now + self._lease
+            try:
+                async with self._sessionmaker() as db, db.begin():
+                    repository = ConnectionRepository(db)
+                    claimed = await repository.claim_refresh_lease(
+                        public_id,
+                        seen.version,
+                        owner,
+                        now,
+                        until,
+                        lock_timeout=max(remaining, 0.05),
+                    )
+                    row = await repository.get(public_id)
+            except DBAPIError as e:
+                # A PostgreSQL row lock held by someone else: as good as a live lease.
+                if _sqlstate(e) != LOCK_NOT_AVAILABLE:
+                    raise
+            else:
+                if row is None:
+                    raise NotAuthenticated("This Pinterest connection no longer exists.")
+                if claimed:
+                    return row, owner
+                if row.version != seen.version or row.status is not ConnectionStatus.ACTIVE:
+                    return row, None
+                # Otherwise another process holds a live lease: wait for its outcome.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamUnavailable(
+                    "Another process is refreshing this connection; retry shortly."
+                )
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, LEASE_POLL_MAX)
+
+    async def _release_lease(self, public_id: str, owner: str) -> None:
+        try:
+            async with self._sessionmaker() as db, db.begin():
+                await ConnectionRepository(db).release_refresh_lease(public_id, owner)
+        except DATABASE_DOWN as e:
+            # The lease runs out by itself; waiting processes take it over then.
+            log.warning(
+                "could not release connection %s's refresh lease: %s", public_id, type(e).__name__
+            )
+
+    async def _mark_rejected(self, row: Connection, version: int) -> tuple[Connection, bool]:
+        """Pinterest refused the refresh token: the row needs a new login, unless it has
+        moved on meanwhile (a late write of this very token's successor, or a login)."""
+        public_id = row.public_id
+        async with self._sessionmaker() as db, db.begin():
+            repository = ConnectionRepository(db)
+            marked = await repository.replace_version(
+                public_id, version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
+            )
+            current = row if marked else await repository.get(public_id)
+        if current is None:
+            raise NotAuthenticated("This Pinterest connection no longer exists.")
+        if marked:
+            set_committed_value(row, "status", ConnectionStatus.REAUTHORIZATION_REQUIRED)
+            _committed(row, version + 1)
+        self._cache.remember_connection(current)
+        if current.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+            raise self.reauthorization_required()
+        return current, False
+
+    async def _store(self, row: Connection, version: int) -> Connection:
+        """Store the new tokens; if the database will not take them, keep them here.
+
+        They are then served from this process (the cache and `_unsaved`) while a
+        background task retries the write until it lands.
+        """
+        public_id = row.public_id
+        values = _token_columns(row)
+        for key, value in values.items():
+            set_committed_value(row, key, value)
+        _committed(row, version + 1)
+        try:
+            stored = await self._write(public_id, version, values)
+        except DATABASE_DOWN as e:
+            # The type only: a driver's message may quote the SQL's parameters.
+            log.error(
+                "could not store connection %s's new tokens (%s); serving them from memory "
+                "and retrying the write until the database takes it",
+                public_id,
+                type(e).__name__,
+            )
+            self._unsaved[public_id] = row
+            self._cache.remember_connection(row)
+            writer = asyncio.create_task(
+                self._write_until_stored(row, version, values), name=f"store {public_id}"
+            )
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+            return row
+        if not stored:
+            # Only a new login (or a delete) moves the row while this process holds the
+            # lease; its tokens are at least as new as these.
+            raise UpstreamUnavailable("This connection changed during the refresh; retry shortly.")
+        self._cache.remember_connection(row)
+        return row
+
+    async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+        async with self._sessionmaker() as db, db.begin():
+            return await ConnectionRepository(db).replace_version(
+                public_id, version, values, over_rejection=True
+            )
+
+    async def _write_until_stored(
+        self, row: Connection, version: int, values: dict[str, Any]
+    ) -> None:
+        public_id = row.public_id
+        pause = WRITE_RETRY_FIRST
+        attempts = 1
+        try:
+            while True:
+                if self._closing.is_set():
+                    await asyncio.sleep(WRITE_RETRY_FIRST)
+                else:
+                    # Shutdown cuts the pause short: the last tries come before the exit.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await self._closing.wait()
+                attempts += 1
+                try:
+                    stored = await self._write(public_id, version, values)
+                except DATABASE_DOWN:
+                    pause = min(pause * 2, WRITE_RETRY_MAX)
+                    continue
+                break
+        except asyncio.CancelledError:
+            log.error(
+                "connection %s's new tokens were never stored; it must log in again", public_id
+            )
+            raise
+        finally:
+            if self._unsaved.get(public_id) is row:
+                del self._unsaved[public_id]
+        if stored:
+            log.warning("stored connection %s's new tokens after %d attempts", public_id, attempts)
+        else:
+            log.warning("connection %s changed before its new tokens could be stored", public_id)
+
+    async def aclose(self) -> None:
+        """Wait for token calls in flight and for unsaved tokens' writes, then stop.
+
+        Each token call is bounded by its own timeout; the writes get as long as a
+        lease lasts. A write still failing after that is logged, loudly: that user must
+        log in again.
+        """
+        self._closing.set()
+        waiting = {*self._in_flight.values(), *self._writers}
+        if waiting:
+            log.info("waiting for %d token refreshes and writes to finish", len(waiting))
+            _, late = await asyncio.wait(waiting, timeout=self._lease.total_seconds())
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+
+
+def _committed(row: Connection, version: int) -> None:
+    """Record `version` on a detached row as stored state, not as a pending change."""
+    set_committed_value(row, "version", version)
+    set_committed_value(row, "refresh_lease_owner", None)
+    set_committed_value(row, "refresh_lease_until", None)
+
+
+def _token_columns(row: Connection) -> dict[str, Any]:
+    return {
+        "access_token_encrypted": row.access_token_encrypted,
+        "access_token_expires_at": row.access_token_expires_at,
+        "refresh_token_encrypted": row.refresh_token_encrypted,
+        "refresh_token_expires_at": row.refresh_token_expires_at,
+        "scopes": row.scopes,
+        "status": row.status,
+    }
 
 
 def _sqlstate(error: DBAPIError) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
@@ -18,16 +19,23 @@ from pinauth.observability import Metrics
 from pinauth.pinterest.http import USER_AGENT, http_timeout
 from pinauth.settings import Settings
 
+if TYPE_CHECKING:
+    from pinauth.models import Connection
+
 log = logging.getLogger(__name__)
 
 # Methods where sending twice means the same as once; only these are retried blindly.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# Answers in which Pinterest may ask to be left alone for a while (see governor.py).
+WAIT_STATUSES = frozenset({429, 503})
 # Network failures where Pinterest cannot have acted on the request, or (for idempotent
 # methods) where acting twice is harmless.
 RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 4.0
+# A Retry-After date already past means "now" to everyone who got it: spread them out.
+PAST_RETRY_AFTER_SECONDS = (1.0, 3.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +48,11 @@ class UpstreamRequest:
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Retry-After as seconds, from either its delta-seconds or HTTP-date form."""
+    """Retry-After as seconds, from either its delta-seconds or HTTP-date form.
+
+    A date in the past is a short jittered delay, not zero: every client that got it
+    would otherwise come back at the same instant.
+    """
     value = response.headers.get("Retry-After")
     if value is None:
         return None
@@ -53,7 +65,20 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    seconds = (when - datetime.now(UTC)).total_seconds()
+    return seconds if seconds > 0 else random.uniform(*PAST_RETRY_AFTER_SECONDS)
+
+
+class RateLimitListener(Protocol):
+    """Told of every answer in which Pinterest may be asking a connection to wait."""
+
+    def pinterest_asked_to_wait(
+        self,
+        connection: Connection,
+        request: UpstreamRequest,
+        status: int,
+        retry_after: float | None,
+    ) -> None: ...
 
 
 class PinterestClient:
@@ -63,8 +88,10 @@ class PinterestClient:
         settings: Settings,
         *,
         metrics: Metrics | None = None,
+        rate_limits: RateLimitListener | None = None,
     ) -> None:
         self._metrics = metrics
+        self._rate_limits = rate_limits
         # The shared client's own transport (same connection pool), driven directly:
         # proxied calls want none of AsyncClient's per-request features (auth flows,
         # redirects, cookies, hooks are all off for Pinterest), and skipping them
@@ -83,8 +110,16 @@ class PinterestClient:
             url += "?" + request.query.decode("latin-1")
         return httpx.URL(url)
 
-    async def send(self, request: UpstreamRequest, access_token: str) -> httpx.Response:
-        """Send once, retrying idempotent methods on transient failures within the budget."""
+    async def send(
+        self, request: UpstreamRequest, access_token: str, connection: Connection | None = None
+    ) -> httpx.Response:
+        """Send once, retrying idempotent methods on transient failures within the budget.
+
+        Under a 429 at most one retry, and only after the Retry-After Pinterest gave, if it
+        fits the budget: a rate limit is not transient, and every retry counts against it.
+        The rate-limit listener hears of each 429 and 503 as it arrives, before any wait,
+        so that other calls for `connection` hold back meanwhile.
+        """
         url = self.url_for(request)
         headers = [
             *request.headers,
@@ -95,6 +130,7 @@ class PinterestClient:
         retryable = request.method in IDEMPOTENT_METHODS
         deadline = time.monotonic() + self._budget
         attempt = 0
+        retried_429 = False
         while True:
             started = time.perf_counter()
             try:
@@ -111,11 +147,17 @@ class PinterestClient:
             finally:
                 if self._metrics is not None:
                     self._metrics.observe_upstream(request.path, time.perf_counter() - started)
-            if (
-                retryable
-                and response.status_code in RETRYABLE_STATUSES
-                and await self._wait_before_retry(attempt, retry_after_seconds(response), deadline)
-            ):
+            status = response.status_code
+            if status not in RETRYABLE_STATUSES:
+                return response
+            retry_after = retry_after_seconds(response)
+            if status in WAIT_STATUSES and connection is not None and self._rate_limits is not None:
+                self._rate_limits.pinterest_asked_to_wait(connection, request, status, retry_after)
+            if status == 429:
+                if retried_429 or retry_after is None:
+                    return response
+                retried_429 = True
+            if retryable and await self._wait_before_retry(attempt, retry_after, deadline):
                 attempt += 1
                 continue
             return response

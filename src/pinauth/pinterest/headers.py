@@ -1,40 +1,34 @@
-"""Which headers cross the proxy, in each direction."""
+"""Which headers cross the proxy, in each direction: allowlists both ways."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 # Requests: an allowlist. The client's Cookie, Authorization, Host, X-Forwarded-* and the
 # like belong to the client's conversation with pinauth, never to Pinterest.
 FORWARDED_REQUEST_HEADERS = frozenset({"accept", "accept-language", "content-type"})
 
-# Responses: everything but what would be wrong or dangerous to pass on. Set-Cookie
-# would plant Pinterest's cookies on the pinauth origin; the body is re-framed here
-# (httpx has already decoded it), so framing and encoding headers describe nothing.
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
-    "set-cookie",
-    "set-cookie2",
-    "content-length",
-    "content-encoding",
-    "cache-control",
-    "server",
-    "date",
-    "alt-svc",
-    "strict-transport-security",
-}
+# Responses: an allowlist too, of what tells the client about Pinterest's answer.
+# Everything else stays behind: Set-Cookie would plant Pinterest's cookies on pinauth's
+# origin; Location and Refresh would send the browser elsewhere; Access-Control-* would
+# widen pinauth's CORS policy; Clear-Site-Data would wipe the app's own storage; framing
+# and encoding headers no longer describe the body pinauth re-frames. Lowercase bytes,
+# compared with the upstream's raw names lowercased.
+RELAYED_RESPONSE_HEADERS = frozenset({b"content-type", b"link", b"retry-after", b"x-pinterest-rid"})
+# Pinterest's rate-limit headers (x-ratelimit-*, and x-userendpoint-ratelimit-* on the
+# per-user, per-endpoint limits).
+RELAYED_RESPONSE_HEADER_PREFIXES = (b"x-ratelimit-", b"x-userendpoint-ratelimit-")
+
+# RFC 9110 field-value characters, less obs-text (bytes >= 0x80, obsolete): a value
+# with anything else (control characters, UTF-8 that some stacks decode and others
+# refuse) is dropped rather than relayed or allowed to fail the response.
+_NOT_FIELD_VALUE = re.compile(rb"[^\t\x20-\x7e]")
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+# Responses carry one user's data: no shared cache may keep them.
+NO_STORE = (b"cache-control", b"no-store")
 
 
 def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -52,10 +46,25 @@ def request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]
     return [(name, value) for name, value in headers if name.lower() in allowed]
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    headers = list(headers)
-    dropped = DROPPED_RESPONSE_HEADERS | _connection_listed(headers)
-    kept = [(name, value) for name, value in headers if name.lower() not in dropped]
-    # Responses carry one user's data: no shared cache may keep them.
-    kept.append(("cache-control", "no-store"))
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Pinterest's raw response headers that may reach the client, plus no-store.
+
+    Bytes from end to end: httpx decodes a header block as UTF-8 when it can, and a
+    value such as "€" then cannot be encoded back to latin-1 for the response.
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    connection: bytes | None = None
+    for name, value in raw:
+        name = name.lower()
+        if name in RELAYED_RESPONSE_HEADERS or name.startswith(RELAYED_RESPONSE_HEADER_PREFIXES):
+            if not _NOT_FIELD_VALUE.search(value):
+                kept.append((name, value))
+        elif name == b"connection":
+            connection = value if connection is None else connection + b"," + value
+    # A header the upstream names in Connection is hop-by-hop (RFC 9110 7.6.1), even
+    # an allowed one; the usual bare keep-alive/close names none and costs one lookup.
+    if connection is not None and kept and connection.lower() not in _PLAIN_CONNECTION:
+        listed = {token.strip().lower() for token in connection.split(b",")}
+        kept = [header for header in kept if header[0] not in listed]
+    kept.append(NO_STORE)
     return kept

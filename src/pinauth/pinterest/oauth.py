@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from pinauth.errors import PinauthError, UpstreamError, UpstreamUnavailable
 from pinauth.observability import Metrics
+from pinauth.pinterest.client import retry_after_seconds
 from pinauth.pinterest.http import pinterest_error_message, translate_transport_errors
 from pinauth.settings import Settings
 
@@ -144,5 +146,5 @@ def _token_set(payload: _TokenPayload, now: datetime) -> TokenSet:
 
 
 def _retry_after(response: httpx.Response) -> int:
-    value = response.headers.get("Retry-After", "")
-    return int(value) if value.isdigit() else DEFAULT_RETRY_AFTER
+    seconds = retry_after_seconds(response)
+    return DEFAULT_RETRY_AFTER if seconds is None else math.ceil(seconds)

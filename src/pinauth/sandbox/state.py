@@ -151,6 +151,11 @@ class SandboxState:
     faults: list[Fault] = field(default_factory=list)
     token_requests: Counter[str] = field(default_factory=Counter)
     api_requests: Counter[str] = field(default_factory=Counter)
+    # Refresh tokens used once (rotated away), and how often one was presented again.
+    spent_refresh_tokens: set[str] = field(default_factory=set)
+    refresh_token_reuses: int = 0
+    # Seconds to hold each of the next refresh answers after rotating.
+    token_holds: list[float] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(549755885175))
 
     def __post_init__(self) -> None:
@@ -256,3 +261,14 @@ def decode_bookmark(bookmark: str) -> int | None:
         return None
     prefix, _, number = raw.partition(":")
     return int(number) if prefix == "offset" and number.isdigit() else None
+
+
+class StateHolder:
+    """The current state; /_sandbox/reset swaps in a fresh one."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.state = SandboxState(config)
+
+    def reset(self) -> None:
+        self.state = SandboxState(self.config)

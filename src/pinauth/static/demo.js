@@ -33,11 +33,27 @@ function show(text, kind = "error", link = null) {
   box.hidden = false;
 }
 
+// An error body can be Pinterest's, relayed unchanged by the proxy, so its login_url is
+// followed only if it stays on pinauth's own origin: never javascript:, never elsewhere.
+function sameOriginLoginUrl(candidate) {
+  const base = new URL(API || "/", location.href);
+  const fallback = new URL(`${API}/auth/login`, location.href).href;
+  if (typeof candidate !== "string" || !candidate) return fallback;
+  let url;
+  try {
+    url = new URL(candidate, base);
+  } catch {
+    return fallback;
+  }
+  // blob: URLs report their creator's origin, hence the protocol check as well.
+  return url.protocol === base.protocol && url.origin === base.origin ? url.href : fallback;
+}
+
 function explain(error) {
   const data = error.data || {};
   if (data.error === "reauthorization_required") {
     show("Pinterest no longer accepts this connection's tokens.", "error",
-         { href: data.login_url || "/auth/login", text: "Reconnect Pinterest" });
+         { href: sameOriginLoginUrl(data.login_url), text: "Reconnect Pinterest" });
     signedOut();
   } else if (data.error === "not_authenticated") {
     signedOut();

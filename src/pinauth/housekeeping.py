@@ -1,0 +1,101 @@
+"""Housekeeping: a background task that deletes expired sessions and pending logins.
+
+Expired rows are already refused wherever they are read; deleting them keeps the
+tables (and their indexes) the size of what is live. Every replica runs the task;
+the DELETEs are idempotent, so replicas overlapping cost nothing but a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pinauth.repository import LoginStateRepository, SessionRepository
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    sessions: int
+    login_states: int
+
+
+class ExpiredRowPurger:
+    """Purges once at start-up, then every `interval` seconds, until stopped."""
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        interval: float,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._interval = interval
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.passes = 0
+        # Set after the first pass, done or failed: what a test waits on instead of sleeping.
+        self.first_pass_done = asyncio.Event()
+
+    async def purge_once(self) -> Purged:
+        """Delete every session and pending login expired by the clock's now."""
+        now = self._clock()
+        async with self._sessionmaker() as db, db.begin():
+            sessions = await SessionRepository(db).delete_expired(now)
+            login_states = await LoginStateRepository(db).delete_expired(now)
+        return Purged(sessions=sessions, login_states=login_states)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="pinauth-purge-expired")
+
+    async def stop(self) -> None:
+        """Stop between passes. A pass under way finishes first: cancelling a database
+        call midway leaves its driver thread calling back into a loop that is closing."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping.set()
+            await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                purged = await self.purge_once()
+            except Exception:
+                # A database that is down or not yet migrated must not end the task:
+                # the next pass tries again, and readiness reports the database.
+                log.warning(
+                    "purging expired rows failed; next try in %ss", self._interval, exc_info=True
+                )
+            else:
+                if purged.sessions or purged.login_states:
+                    log.info(
+                        "purged %d expired sessions and %d expired pending logins",
+                        purged.sessions,
+                        purged.login_states,
+                    )
+            self.passes += 1
+            self.first_pass_done.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return

@@ -1,0 +1,161 @@
+"""The sandbox's OAuth side: Pinterest's consent page and its token endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import html
+import secrets
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from pinauth.sandbox.errors import error
+from pinauth.sandbox.state import V5_SCOPES, SandboxConfig, SandboxState, StateHolder, now
+
+
+def oauth_router(holder: StateHolder) -> APIRouter:
+    router = APIRouter()
+
+    def current() -> SandboxState:
+        return holder.state
+
+    # --- OAuth: consent page -----------------------------------------------------------
+
+    @router.get("/oauth/", response_class=HTMLResponse, include_in_schema=False)
+    async def consent(request: Request) -> Response:
+        q = request.query_params
+        problem = _authorize_problem(holder.config, q.get("client_id"), q.get("redirect_uri"))
+        if problem:
+            # Never redirect to an unregistered URI: show the error here, like Pinterest.
+            return HTMLResponse(_page("Cannot authorize", f"<p>{html.escape(problem)}</p>"), 400)
+        redirect_uri = q["redirect_uri"]
+        state = q.get("state", "")
+        if q.get("response_type") != "code":
+            return _redirect(redirect_uri, error="unsupported_response_type", state=state)
+        scopes = [s for s in q.get("scope", "").split(",") if s]
+        unknown = [s for s in scopes if s not in V5_SCOPES]
+        if not scopes or unknown:
+            return _redirect(redirect_uri, error="invalid_scope", state=state)
+        fields = "".join(
+            f'<input type="hidden" name="{name}" value="{html.escape(q.get(name, ""))}">'
+            for name in ("client_id", "redirect_uri", "scope", "state")
+        )
+        scope_items = "".join(f"<li><code>{html.escape(s)}</code></li>" for s in scopes)
+        body = f"""
+        <p class="lead">App <strong>{html.escape(holder.config.client_id)}</strong> wants to
+        access the Pinterest account <strong>{html.escape(holder.config.username)}</strong>.</p>
+        <p>It asks for:</p><ul>{scope_items}</ul>
+        <form method="post" action="">{fields}
+          <button name="decision" value="allow" class="allow">Allow</button>
+          <button name="decision" value="deny" class="deny">Deny</button>
+        </form>
+        <p class="note">This is pinauth's sandbox: no real Pinterest account is involved.</p>"""
+        return HTMLResponse(_page("Connect to Pinterest", body))
+
+    @router.post("/oauth/", include_in_schema=False)
+    async def decide(request: Request) -> Response:
+        form = await request.form()
+        values = {k: str(v) for k, v in form.items()}
+        problem = _authorize_problem(
+            holder.config, values.get("client_id"), values.get("redirect_uri")
+        )
+        if problem:
+            return HTMLResponse(_page("Cannot authorize", f"<p>{html.escape(problem)}</p>"), 400)
+        redirect_uri, state = values["redirect_uri"], values.get("state", "")
+        if values.get("decision") != "allow":
+            return _redirect(redirect_uri, error="access_denied", state=state)
+        scopes = frozenset(s for s in values.get("scope", "").split(",") if s in V5_SCOPES)
+        code = current().issue_code(redirect_uri, scopes)
+        return _redirect(redirect_uri, code=code, state=state)
+
+    # --- OAuth: token endpoint --------------------------------------------------------
+
+    @router.post("/v5/oauth/token", tags=["oauth"])
+    async def token(request: Request) -> Response:
+        """Exchange a code, or a refresh token, for tokens (HTTP Basic, form body)."""
+        state = current()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        form = await request.form() if content_type == "application/x-www-form-urlencoded" else {}
+        grant_type = str(form.get("grant_type", ""))
+        state.token_requests[grant_type or "(none)"] += 1
+        if not _client_authenticated(holder.config, request.headers.get("authorization")):
+            return error(401, 2, "Authentication failed: use HTTP Basic client authentication.")
+        if content_type != "application/x-www-form-urlencoded":
+            return error(400, 1, "The body must be application/x-www-form-urlencoded.")
+        if grant_type == "authorization_code":
+            code = state.codes.pop(str(form.get("code", "")), None)
+            if code is None or code.expires_at < now():
+                return error(400, 1, "Invalid authorization code.")
+            if form.get("redirect_uri") != code.redirect_uri:
+                return error(400, 1, "redirect_uri does not match the authorization request.")
+            body = state.issue_tokens(code.user, code.scopes)
+            return JSONResponse(body | {"response_type": "authorization_code"})
+        if grant_type == "refresh_token":
+            refresh = str(form.get("refresh_token", ""))
+            # Rotation: the refresh token used here dies, whatever happens next.
+            grant = state.refresh_tokens.pop(refresh, None)
+            if grant is None or grant.expires_at < now():
+                if refresh in state.spent_refresh_tokens:
+                    state.refresh_token_reuses += 1
+                return error(400, 1, "Invalid refresh token.")
+            state.spent_refresh_tokens.add(refresh)
+            body = state.issue_tokens(grant.user, grant.scopes)
+            if state.token_holds:
+                # Rotated already: whoever does not get this answer has lost the grant.
+                await asyncio.sleep(state.token_holds.pop(0))
+            return JSONResponse(body | {"response_type": "refresh_token"})
+        return error(400, 1, f"Unsupported grant_type {grant_type!r}.")
+
+    return router
+
+
+def _authorize_problem(
+    config: SandboxConfig, client_id: str | None, redirect_uri: str | None
+) -> str:
+    if client_id != config.client_id:
+        return f"Unknown client_id {client_id!r}."
+    if redirect_uri not in config.redirect_uris:
+        return f"redirect_uri {redirect_uri!r} is not registered for this app."
+    return ""
+
+
+def _client_authenticated(config: SandboxConfig, header: str | None) -> bool:
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        client_id, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return secrets.compare_digest(client_id, config.client_id) and secrets.compare_digest(
+        secret, config.client_secret
+    )
+
+
+def _redirect(redirect_uri: str, **params: str) -> RedirectResponse:
+    separator = "&" if "?" in redirect_uri else "?"
+    return RedirectResponse(f"{redirect_uri}{separator}{urlencode(params)}", status_code=302)
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)} · pinauth sandbox</title>
+<style>
+  body {{ font: 16px/1.5 system-ui, sans-serif; background: #f3f3f3; color: #111;
+         display: grid; place-items: center; min-height: 100vh; margin: 0; }}
+  main {{ background: #fff; border-radius: 16px; padding: 2rem 2.5rem; max-width: 28rem;
+         box-shadow: 0 4px 24px rgba(0,0,0,.08); }}
+  h1 {{ margin-top: 0; font-size: 1.4rem; }} .badge {{ color: #e60023; font-weight: 700; }}
+  button {{ font: inherit; font-weight: 600; border: 0; border-radius: 24px;
+           padding: .6rem 1.4rem; cursor: pointer; margin-right: .5rem; }}
+  .allow {{ background: #e60023; color: #fff; }} .deny {{ background: #e9e9e9; }}
+  .note {{ color: #767676; font-size: .85rem; margin-top: 1.5rem; }}
+  code {{ background: #f0f0f0; padding: 0 .3rem; border-radius: 4px; }}
+</style></head>
+<body><main><p class="badge">Pinterest sandbox</p><h1>{html.escape(title)}</h1>{body}</main>
+</body></html>"""
