@@ -225,17 +225,33 @@ def _connect_and_post_a_pin(backend: httpx.Client) -> None:
         try:
             page = browser.new_page()
             page.set_default_timeout(15_000)
-            page.goto(minted["connect_url"])
             expect = playwright_sync.expect
+
+            def connect(end_user_id: str, account: str) -> None:
+                minted = backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+                page.goto(minted.json()["connect_url"])
+                expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+                page.get_by_label(account).check()
+                page.get_by_role("button", name="Allow").click()
+                expect(page.locator("#username")).to_have_text(account)
+
+            page.goto(minted["connect_url"])
             expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
             page.get_by_role("button", name="Allow").click()
             expect(page.locator("#username")).to_have_text("sandbox_pinner")
+            # One end user links a second account; another end user links the first.
+            connect("customer-7", "sandbox_studio")
+            connect("customer-8", "sandbox_pinner")
         finally:
             browser.close()
 
-    [connection] = backend.get("/v1/connections", params={"end_user_id": "customer-7"}).json()[
-        "items"
-    ]
+    mine = backend.get("/v1/connections", params={"end_user_id": "customer-7"}).json()["items"]
+    theirs = backend.get("/v1/connections", params={"end_user_id": "customer-8"}).json()["items"]
+    assert [c["username"] for c in mine] == ["sandbox_pinner", "sandbox_studio"]
+    assert [c["username"] for c in theirs] == ["sandbox_pinner"]
+    assert theirs[0]["id"] not in {c["id"] for c in mine}
+
+    connection = mine[0]
     named = {"Pinauth-Connection-Id": connection["id"]}
     board = backend.get("/pinterest/boards", headers=named).json()["items"][0]
     pin = backend.post(
