@@ -40,8 +40,10 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
 from pinauth.crypto import TokenCipher
+from pinauth.db import create_engine, create_sessionmaker
 from pinauth.logs import JsonFormatter
 from pinauth.settings import Settings
 
@@ -118,7 +120,10 @@ def truncate_all(url: str) -> None:
         try:
             async with engine.begin() as connection:
                 await connection.execute(
-                    text("TRUNCATE connections, sessions, login_states RESTART IDENTITY CASCADE")
+                    text(
+                        "TRUNCATE connections, sessions, login_states, api_keys, connect_sessions"
+                        " RESTART IDENTITY CASCADE"
+                    )
                 )
         finally:
             await engine.dispose()
@@ -705,3 +710,38 @@ async def expire_refresh_leases(database_url: str) -> None:
             )
     finally:
         await engine.dispose()
+
+
+async def create_api_key(settings: Settings, name: str = "backend") -> str:
+    """A new API key, made the way `pinauth api-keys create` makes it."""
+    engine = create_engine(settings)
+    try:
+        return (await ApiKeyService(create_sessionmaker(engine), 0).create(name)).key
+    finally:
+        await engine.dispose()
+
+
+async def connect_end_user(
+    backend: httpx.AsyncClient,
+    browser: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    end_user_id: str,
+    account: dict[str, Any],
+    access: str,
+    refresh: str,
+) -> str:
+    """The whole connect flow: the backend mints a connect session, the browser follows
+    it through consent; returns the connection id the backend then finds."""
+    minted = await backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+    assert minted.status_code == 201, minted.text
+    login = await browser.get(minted.json()["connect_url"])
+    assert login.status_code == 302, login.text
+    state = parse_qs(urlsplit(login.headers["location"]).query)["state"][0]
+    pinterest.post(TOKEN_URL).respond(200, json=token_json(access, refresh))
+    pinterest.get(f"{API}/user_account").respond(200, json=account)
+    callback = await browser.get("/auth/callback", params={"code": "code", "state": state})
+    assert callback.status_code == 303, callback.text
+    pinterest.reset()
+    pinterest.routes.clear()
+    me = await browser.get("/me")
+    return str(me.json()["connection_id"])

@@ -195,3 +195,75 @@ def test_the_demo_page_follows_only_same_origin_login_urls(demo_server: str) -> 
             assert page.evaluate("window.pwned") is None
         finally:
             browser.close()
+
+
+def test_a_backend_connects_its_user_and_posts_a_pin(demo_server: str, tmp_path: Path) -> None:
+    """Issue 10 end to end: the backend (this test) mints a connect session, Chromium
+    follows connect_url and approves, and the backend then finds the connection by its
+    end user and creates a pin for it through the proxy, with nothing but its API key."""
+    base = demo_server
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    env["PINAUTH_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"
+    created = subprocess.run(
+        [sys.executable, "-m", "pinauth", "api-keys", "create", "--name", "e2e"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.splitlines()[-1]
+    backend = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=15)
+    with backend:
+        _connect_and_post_a_pin(backend)
+
+
+def _connect_and_post_a_pin(backend: httpx.Client) -> None:
+    minted = backend.post("/v1/connect-sessions", json={"end_user_id": "customer-7"}).json()
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            expect = playwright_sync.expect
+
+            def connect(end_user_id: str, account: str) -> None:
+                minted = backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+                page.goto(minted.json()["connect_url"])
+                expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+                page.get_by_label(account).check()
+                page.get_by_role("button", name="Allow").click()
+                expect(page.locator("#username")).to_have_text(account)
+
+            page.goto(minted["connect_url"])
+            expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+            page.get_by_role("button", name="Allow").click()
+            expect(page.locator("#username")).to_have_text("sandbox_pinner")
+            # One end user links a second account; another end user links the first.
+            connect("customer-7", "sandbox_studio")
+            connect("customer-8", "sandbox_pinner")
+        finally:
+            browser.close()
+
+    mine = backend.get("/v1/connections", params={"end_user_id": "customer-7"}).json()["items"]
+    theirs = backend.get("/v1/connections", params={"end_user_id": "customer-8"}).json()["items"]
+    assert [c["username"] for c in mine] == ["sandbox_pinner", "sandbox_studio"]
+    assert [c["username"] for c in theirs] == ["sandbox_pinner"]
+    assert theirs[0]["id"] not in {c["id"] for c in mine}
+
+    connection = mine[0]
+    named = {"Pinauth-Connection-Id": connection["id"]}
+    board = backend.get("/pinterest/boards", headers=named).json()["items"][0]
+    pin = backend.post(
+        "/pinterest/pins",
+        headers=named,
+        json={
+            "board_id": board["id"],
+            "title": "Posted by the backend",
+            "media_source": {"source_type": "image_url", "url": "https://example.com/a.jpg"},
+        },
+    )
+    assert pin.status_code == 201, pin.text
+    pins = backend.get(f"/pinterest/boards/{board['id']}/pins", headers=named).json()
+    assert "Posted by the backend" in {p.get("title") for p in pins["items"]}
+    assert connection["end_user_id"] == "customer-7"

@@ -16,25 +16,31 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         ("/auth/logout", "post"): {"204", "403"},
         ("/auth/connection", "delete"): {"204", "401", "403"},
         ("/me", "get"): {"200", "401"},
+        ("/v1/connect-sessions", "post"): {"201", "401", "422"},
+        ("/v1/connections", "get"): {"200", "401", "404", "422"},
+        ("/v1/connections/{connection_id}", "get"): {"200", "401", "404"},
+        ("/v1/connections/{connection_id}", "delete"): {"204", "401", "404"},
     }
     for (path, method), statuses in expected.items():
         operation = paths[path][method]
         assert operation["summary"], (path, method)
         assert operation.get("description"), (path, method)
         assert statuses <= set(operation["responses"]), (path, method)
-        for status in statuses - {"200", "204", "302", "303"}:
+        for status in statuses - {"200", "201", "204", "302", "303"}:
             schema = operation["responses"][status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
     for method in ("get", "post", "put", "patch", "delete"):
         operation = paths["/pinterest/{path}"][method]
         assert operation["operationId"] == f"proxy_{method}"
-        assert [p["name"] for p in operation["parameters"]] == ["path"]
+        assert [p["name"] for p in operation["parameters"]] == ["path", "Pinauth-Connection-Id"]
+        assert operation["security"] == [{"apiKey": []}, {}]  # an API key, or the cookie
         assert {"200", "400", "401", "413", "502", "503", "504"} <= set(operation["responses"])
     boards = paths["/boards"]["get"]
     assert {p["name"] for p in boards["parameters"]} == {"page_size", "bookmark", "all"}
     me = paths["/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert me == {"$ref": "#/components/schemas/MeResponse"}
     assert set(spec["components"]["schemas"]["MeResponse"]["properties"]) == {
+        "connection_id",
         "pinterest_user_id",
         "username",
         "scopes",
@@ -42,6 +48,20 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         "refresh_token_expires_at",
         "status",
     }
+
+
+async def test_backend_routes_use_the_bearer_scheme(client: httpx.AsyncClient) -> None:
+    """Swagger UI's Authorize button works for every /v1 route."""
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key from `pinauth api-keys create`.",
+    }
+    for path, operations in spec["paths"].items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                assert operation["security"] == [{"apiKey": []}], path
 
 
 async def test_docs_page(client: httpx.AsyncClient) -> None:

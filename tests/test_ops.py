@@ -141,6 +141,8 @@ async def test_json_logs_through_a_full_flow_leak_nothing(
         await log_in(client, pinterest)
         session_cookie = client.cookies["pinauth_session"]
         pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+        await client.get("/pinterest/boards?page_size=5")
+        # A bearer credential is an API-key attempt: refused, and never logged either.
         await client.get(
             "/pinterest/boards?page_size=5",
             headers={"Authorization": "Bearer client-secret-bearer"},

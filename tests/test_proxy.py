@@ -153,7 +153,9 @@ async def test_only_allowlisted_headers_reach_pinterest(
             "Accept": "application/json",
             "Accept-Language": "fr",
             "Content-Type": "application/json",
-            "Authorization": "Bearer client-supplied",
+            # A browser names no connection; if it tries, the header is ignored (the
+            # cookie decides) and goes no further.
+            "Pinauth-Connection-Id": "conn_someone_else",
             "Cookie": f"pinauth_session={client.cookies['pinauth_session']}; other=1",
             "X-Forwarded-For": "10.0.0.1",
             "X-Forwarded-Host": "evil.example",
@@ -178,6 +180,7 @@ async def test_only_allowlisted_headers_reach_pinterest(
         "x-custom-secret",
         "upgrade",
         "proxy-authorization",
+        "pinauth-connection-id",
     ):
         assert name not in sent, name
     assert client.cookies["pinauth_session"] not in str(sent)

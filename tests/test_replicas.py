@@ -23,6 +23,7 @@ from tests.helpers import (
     POSTGRES_ADMIN_URL,
     TOKEN_URL,
     Process,
+    create_api_key,
     free_port,
     log_in,
     make_settings,
@@ -188,3 +189,45 @@ async def test_refresh_waits_for_a_held_row_lock_only_so_long(
     assert int(response.headers["retry-after"]) >= 1
     assert 0.4 < waited < 5
     assert token_route.call_count == 0
+
+
+async def test_connect_sessions_and_backend_storms_span_replicas(
+    deployment: dict[str, object],
+) -> None:
+    """A connect session minted on A completes on B; then 100 concurrent calls with an
+    expired token, API-key and cookie callers mixed over both replicas: one refresh."""
+    a, b = str(deployment["a"]), str(deployment["b"])
+    settings = make_settings(str(deployment["database_url"]))
+    key = await create_api_key(settings)
+    limits = httpx.Limits(max_connections=100)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=60) as browser,
+        httpx.AsyncClient(
+            limits=limits, timeout=60, headers={"Authorization": f"Bearer {key}"}
+        ) as backend,
+        httpx.AsyncClient(base_url=str(deployment["sandbox"])) as sandbox,
+    ):
+        minted = await backend.post(f"{a}/v1/connect-sessions", json={"end_user_id": "u-9"})
+        token = minted.json()["token"]
+        login = await browser.get(f"{b}/auth/login", params={"connect_session": token})
+        assert login.status_code == 302
+        params = parse_qs(urlsplit(login.headers["location"]).query)
+        fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+        decision = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
+        callback = urlsplit(decision.headers["location"]).query
+        assert (await browser.get(f"{b}/auth/callback?{callback}")).status_code == 303
+        found = (await backend.get(f"{a}/v1/connections", params={"end_user_id": "u-9"})).json()
+        [connection] = found["items"]
+        assert (await browser.get(f"{a}/me")).json()["connection_id"] == connection["id"]
+
+        await sandbox.post("/_sandbox/expire-access-tokens")
+        before = await refreshes(sandbox)
+        named = {"Pinauth-Connection-Id": connection["id"]}
+        calls = [
+            (backend.get(url, headers=named) if i % 2 else browser.get(url))
+            for i in range(100)
+            for url in [f"{(a, b)[i % 4 // 2]}/pinterest/boards"]
+        ]
+        statuses = [response.status_code for response in await asyncio.gather(*calls)]
+        assert statuses == [200] * 100
+        assert await refreshes(sandbox) - before == 1

@@ -120,6 +120,41 @@ async def test_allow_and_deny_redirect_with_state(sandbox: httpx.AsyncClient) ->
     assert denied == {"error": ["access_denied"], "state": ["st"]}
 
 
+async def test_the_consent_page_chooses_which_account_approves(
+    sandbox: httpx.AsyncClient,
+) -> None:
+    """Several sandbox accounts can be linked: each approval is for the chosen one, with
+    its own id and boards; the default is the first; an unknown account is refused."""
+    page = (await sandbox.get("/oauth/", params=authorize_params())).text
+    accounts = {}
+    for account in (None, "sandbox_studio", "sandbox_pinner"):
+        fields = {k: v for k, v in authorize_params().items() if k != "response_type"}
+        if account:
+            fields["account"] = account
+        decided = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
+        code = parse_qs(urlsplit(decided.headers["location"]).query)["code"][0]
+        granted = await token(
+            sandbox,
+            {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI},
+        )
+        bearer = {"Authorization": f"Bearer {granted.json()['access_token']}"}
+        me = (await sandbox.get("/v5/user_account", headers=bearer)).json()
+        boards = (await sandbox.get("/v5/boards", headers=bearer)).json()["items"]
+        accounts[account] = (me["id"], me["username"], {b["id"] for b in boards})
+    fields = {k: v for k, v in authorize_params().items() if k != "response_type"}
+    unknown = await sandbox.post(
+        "/oauth/", data=fields | {"decision": "allow", "account": "someone_else"}
+    )
+
+    assert 'value="sandbox_pinner" checked' in page
+    assert 'value="sandbox_studio"' in page
+    assert accounts[None] == accounts["sandbox_pinner"]
+    assert accounts["sandbox_studio"][1] == "sandbox_studio"
+    assert accounts["sandbox_studio"][0] != accounts["sandbox_pinner"][0]
+    assert not accounts["sandbox_studio"][2] & accounts["sandbox_pinner"][2]
+    assert unknown.status_code == 400
+
+
 # --- token endpoint ------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -20,9 +21,13 @@ from pinauth.settings import Settings
 from tests.helpers import (
     ALL_TOKENS,
     CLIENT_SECRET,
+    SERVICE,
     TOKEN_URL,
+    browsers,
+    create_api_key,
     log_in,
     make_settings,
+    mock_login_upstream,
     serve_app,
     start_login,
     token_json,
@@ -74,7 +79,13 @@ async def stored_bytes(database_url: str) -> bytes:
         async with engine.connect() as connection:
             rows = [
                 repr(row).encode()
-                for table in ("connections", "sessions", "login_states")
+                for table in (
+                    "connections",
+                    "sessions",
+                    "login_states",
+                    "api_keys",
+                    "connect_sessions",
+                )
                 for row in (await connection.execute(text(f"SELECT * FROM {table}"))).all()
             ]
     finally:
@@ -84,6 +95,52 @@ async def stored_bytes(database_url: str) -> bytes:
         path = Path(database_url.split("///", 1)[1])
         rows += [p.read_bytes() for p in path.parent.glob(path.name + "*")]
     return b"".join(rows)
+
+
+async def test_api_keys_and_connect_sessions_never_leak(
+    settings: Settings, pinterest: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the app's own credentials: after creation, an API key and a connect-session
+    token appear in no response, log line or database column in plain text."""
+    caplog.set_level(logging.DEBUG)
+    key = await create_api_key(settings)
+    bodies: list[str] = []
+    async with browsers(settings, pinterest, 2) as [backend, browser]:
+        backend.headers["Authorization"] = f"Bearer {key}"
+        minted = await backend.post(
+            "/v1/connect-sessions", json={"end_user_id": "u1", "return_to": "/x"}
+        )
+        token = minted.json()["token"]
+        pending = await backend.post("/v1/connect-sessions", json={"end_user_id": "u2"})
+        unused_token = pending.json()["token"]
+        login = await browser.get(minted.json()["connect_url"])
+        bodies.append(str(login.headers) + login.text)
+        state = parse_qs(urlsplit(login.headers["location"]).query)["state"][0]
+        mock_login_upstream(pinterest)
+        callback = await browser.get("/auth/callback", params={"code": "c", "state": state})
+        for response in (
+            callback,
+            await browser.get("/auth/login", params={"connect_session": token}),  # used
+            await browser.get("/me"),
+            await backend.get("/v1/connections"),
+            await backend.get("/v1/connections", params={"end_user_id": "u1"}),
+            await backend.get("/pinterest/boards"),
+        ):
+            bodies.append(str(response.headers) + response.text)
+
+    raw = await stored_bytes(settings.database_url)
+    # httpx logs each request of the test's own browser (which does carry the token in
+    # its URL); everything pinauth logged must not.
+    logs = "\n".join(
+        record.getMessage()
+        for record in caplog.records
+        if not (record.name == "httpx" and f" {SERVICE}/" in record.getMessage())
+    )
+    for secret in (key, token, unused_token):
+        assert secret.encode() not in raw, f"{secret} stored in plaintext"
+        assert secret not in logs, f"{secret} logged"
+        for body in bodies:
+            assert secret not in body, f"{secret} in a response"
 
 
 def test_weak_secret_key_is_refused(database_url: str) -> None:

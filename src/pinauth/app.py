@@ -23,11 +23,15 @@ from pinauth.api import demo as demo_routes
 from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
+from pinauth.api import v1 as v1_routes
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
+from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService
 from pinauth.cache import ConnectionCache
+from pinauth.connect import ConnectSessions
+from pinauth.connections import ConnectionService
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
@@ -85,6 +89,7 @@ def create_app(
         oauth = PinterestOAuth(http, settings, metrics)
         cache = ConnectionCache(settings.cache_ttl_seconds)
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
+        api_keys = ApiKeyService(sessionmaker, settings.cache_ttl_seconds)
         governor = RateGovernor(metrics, clock=clock)
         services = Services(
             settings=settings,
@@ -92,6 +97,9 @@ def create_app(
             auth=AuthService(
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),
+            api_keys=api_keys,
+            connect_sessions=ConnectSessions(settings, sessionmaker),
+            connections=ConnectionService(sessionmaker, cache),
             tokens=tokens,
             proxy=ProxyService(
                 tokens,
@@ -113,6 +121,7 @@ def create_app(
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.
             await tokens.aclose()
+            await api_keys.aclose()
             await http.aclose()
             await engine.dispose()
 
@@ -145,6 +154,7 @@ def create_app(
     _install_error_handlers(app, outage)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
+    app.include_router(v1_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")

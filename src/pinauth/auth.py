@@ -17,12 +17,24 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
+from pinauth.connect import connect_session_hash
 from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
-from pinauth.errors import AccessDenied, AuthorizationFailed, InvalidRequest, InvalidState
+from pinauth.errors import (
+    AccessDenied,
+    AuthorizationFailed,
+    InvalidConnectSession,
+    InvalidRequest,
+    InvalidState,
+)
 from pinauth.models import AuthSession, Connection, LoginState
 from pinauth.pinterest.api import PinterestAccount, PinterestAPI
 from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
-from pinauth.repository import ConnectionRepository, LoginStateRepository, SessionRepository
+from pinauth.repository import (
+    ConnectionRepository,
+    ConnectSessionRepository,
+    LoginStateRepository,
+    SessionRepository,
+)
 from pinauth.settings import Settings
 from pinauth.tokens import apply_token_set
 
@@ -81,11 +93,11 @@ class AuthService:
 
     def safe_return_to(self, return_to: str | None) -> str:
         """`return_to` if it stays on a trusted site, else the configured frontend URL."""
-        if return_to and self._is_trusted_destination(return_to):
+        if return_to and self.is_trusted_destination(return_to):
             return return_to
         return self._settings.frontend_url
 
-    def _is_trusted_destination(self, url: str) -> bool:
+    def is_trusted_destination(self, url: str) -> bool:
         if len(url) > MAX_RETURN_TO_LENGTH or _UNSAFE_IN_PATH.search(url):
             return False
         # Browsers treat "//host" (and "/\host", excluded above) as another site.
@@ -109,17 +121,33 @@ class AuthService:
 
     # --- login -----------------------------------------------------------------------
 
-    async def start_login(self, return_to: str | None) -> LoginStart:
+    async def start_login(
+        self, return_to: str | None, connect_session: str | None = None
+    ) -> LoginStart:
+        """Record a pending login; with a connect session, burn it and bind its end user.
+
+        An unusable connect session is refused here, before the browser meets Pinterest.
+        """
         nonce = secrets.token_urlsafe(32)
         nonce_hash = digest(nonce)
         now = datetime.now(UTC)
+        end_user_id = None
         async with self._sessionmaker() as db, db.begin():
+            if connect_session is not None:
+                grant = await ConnectSessionRepository(db).consume(
+                    connect_session_hash(connect_session), now
+                )
+                if grant is None:
+                    raise InvalidConnectSession()
+                end_user_id = grant.end_user_id
+                return_to = grant.return_to or return_to
             states = LoginStateRepository(db)
             await states.delete_expired(now)
             await states.add(
                 LoginState(
                     nonce_hash=nonce_hash,
                     expires_at=now + timedelta(seconds=self._settings.state_max_age_seconds),
+                    end_user_id=end_user_id,
                 )
             )
             await states.evict_oldest(keep=self._settings.max_pending_logins)
@@ -130,7 +158,9 @@ class AuthService:
         )
         return LoginStart(authorize_url=self._oauth.authorize_url(state), nonce=nonce)
 
-    async def _consume_state(self, state: str | None, nonce: str | None) -> _StatePayload:
+    async def _consume_state(
+        self, state: str | None, nonce: str | None
+    ) -> tuple[_StatePayload, str | None]:
         """Verify the state completely before anything else happens; burn it on success."""
         if not state:
             raise InvalidState("The callback has no state parameter; start again from /auth/login.")
@@ -147,10 +177,10 @@ class AuthService:
                 "start again from /auth/login."
             )
         async with self._sessionmaker() as db, db.begin():
-            fresh = await LoginStateRepository(db).consume(payload.nonce_hash, datetime.now(UTC))
-        if not fresh:
+            pending = await LoginStateRepository(db).consume(payload.nonce_hash, datetime.now(UTC))
+        if pending is None:
             raise InvalidState("This login was already completed or has expired.")
-        return payload
+        return payload, pending.end_user_id
 
     async def complete_login(
         self,
@@ -170,14 +200,14 @@ class AuthService:
             if error == "access_denied":
                 raise AccessDenied()
             raise AuthorizationFailed(f"Pinterest ended the authorization with error {error!r}.")
-        payload = await self._consume_state(state, nonce)
+        payload, end_user_id = await self._consume_state(state, nonce)
         if not code:
             raise InvalidRequest("The callback has no code parameter.")
         tokens = await self._oauth.exchange_code(code)
         account = await self._api.user_account(tokens.access_token)
         session_id = secrets.token_urlsafe(32)
         connection_id = await self._store_login(
-            account, tokens, digest(session_id), previous_session_cookie
+            account, tokens, end_user_id, digest(session_id), previous_session_cookie
         )
         log.info("connection %s logged in as Pinterest user %s", connection_id, account.id)
         return LoginResult(
@@ -188,6 +218,7 @@ class AuthService:
         self,
         account: PinterestAccount,
         tokens: TokenSet,
+        end_user_id: str | None,
         session_hash: str,
         previous_session_cookie: str | None,
     ) -> str:
@@ -196,7 +227,7 @@ class AuthService:
         for attempt in range(2):
             try:
                 async with self._sessionmaker() as db, db.begin():
-                    connection = await self._upsert_connection(db, account, tokens)
+                    connection = await self._upsert_connection(db, account, tokens, end_user_id)
                     sessions = SessionRepository(db)
                     if previous is not None:
                         await sessions.delete(previous)
@@ -227,12 +258,18 @@ class AuthService:
         raise AssertionError("unreachable")
 
     async def _upsert_connection(
-        self, db: AsyncSession, account: PinterestAccount, tokens: TokenSet
+        self,
+        db: AsyncSession,
+        account: PinterestAccount,
+        tokens: TokenSet,
+        end_user_id: str | None,
     ) -> Connection:
+        """The (end user, Pinterest account) connection, created or renewed in place."""
         connections = ConnectionRepository(db)
-        connection = await connections.get_by_pinterest_user(account.id)
+        connection = await connections.get_by_owner(end_user_id, account.id)
         if connection is None:
             connection = Connection(
+                end_user_id=end_user_id,
                 pinterest_user_id=account.id,
                 username=account.username,
                 scopes=",".join(tokens.scopes or self._settings.scopes),
@@ -304,15 +341,3 @@ class AuthService:
         # After the commit, so that any load that could still have read the row is older
         # than the forgetting, and cannot cache what it read.
         self._cache.forget_session(session_hash)
-
-    async def disconnect(self, connection: Connection) -> None:
-        """Forget the connection's tokens and end every session that used them."""
-        async with self._sessionmaker() as db, db.begin():
-            connections = ConnectionRepository(db)
-            stored = await connections.get(connection.public_id)
-            if stored is not None:
-                await connections.delete(stored)
-        # After the commit (see logout). The tombstone also stops a refresh that read the
-        # row before the delete from caching it again.
-        self._cache.forget_connection(connection.public_id)
-        log.info("connection %s disconnected", connection.public_id)

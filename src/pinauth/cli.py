@@ -8,10 +8,11 @@ import logging
 import logging.config
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
 from pydantic import ValidationError
 
-from pinauth.errors import ConfigurationError
+from pinauth.errors import ConfigurationError, InvalidRequest
 from pinauth.logs import logging_config
 from pinauth.settings import Settings
 
@@ -115,6 +116,49 @@ def _migrate(_args: argparse.Namespace) -> None:
     logging.getLogger("pinauth").info("database schema is at head")
 
 
+def _api_keys(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.apikeys import ApiKeyService
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.migrations import upgrade_to_head
+
+    settings = _load_settings()
+    upgrade_to_head(settings.database_url)
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            keys = ApiKeyService(create_sessionmaker(engine), cache_ttl=0)
+            if args.action == "create":
+                created = await keys.create(args.name)
+                print(f"Created API key {created.name!r}. It is shown only now; store it:")
+                print(created.key)
+            elif args.action == "list":
+                print(f"{'NAME':<24} {'PREFIX':<20} {'CREATED':<20} {'LAST USED':<20} STATUS")
+                for key in await keys.list():
+                    print(
+                        f"{key.name:<24} {key.prefix + '…':<20} {_when(key.created_at):<20} "
+                        f"{_when(key.last_used_at):<20} "
+                        f"{'revoked ' + _when(key.revoked_at) if key.revoked_at else 'active'}"
+                    )
+            elif not await keys.revoke(args.name):
+                raise ConfigurationError(f"no active API key is named {args.name!r}")
+            else:
+                print(f"Revoked API key {args.name!r}.")
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except InvalidRequest as e:
+        raise ConfigurationError(e.message) from e
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pinauth", description="Pinterest OAuth and API proxy service."
@@ -144,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(handler=_migrate)
+
+    api_keys = commands.add_parser("api-keys", help="create, list and revoke API keys")
+    actions = api_keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key; it is printed once, last")
+    create.add_argument("--name", required=True, help="a unique name, e.g. the app's backend")
+    actions.add_parser("list", help="names, prefixes, created and last-used times")
+    revoke = actions.add_parser("revoke", help="revoke a key by name, at once")
+    revoke.add_argument("name")
+    api_keys.set_defaults(handler=_api_keys)
     return parser
 
 

@@ -45,8 +45,8 @@ def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, S
         "authorize_url": f"{base}{SANDBOX_PREFIX}/oauth/",
         # pinauth calls its own sandbox over HTTP, like it would call Pinterest.
         "api_url": f"{self_url(host, port)}{SANDBOX_PREFIX}/v5",
-        # The demo page creates boards.
-        "scopes": list(dict.fromkeys([*settings.scopes, "boards:write"])),
+        # The demo page creates boards; a backend posts pins.
+        "scopes": list(dict.fromkeys([*settings.scopes, "boards:write", "pins:write"])),
     }
     if "database_url" not in settings.model_fields_set:
         # Keep demo connections out of the database real ones will use.

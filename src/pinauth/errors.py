@@ -66,6 +66,12 @@ class InvalidRequest(PinauthError):
     default_message = "The request is missing or has malformed parameters."
 
 
+class UnprocessableRequest(InvalidRequest):
+    """Well-formed but unacceptable input; the message names the field."""
+
+    status_code = 422
+
+
 class PayloadTooLarge(PinauthError):
     status_code = 413
     code = "payload_too_large"
@@ -124,6 +130,41 @@ class NotConfigured(PinauthError):
     default_message = (
         "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set, so pinauth cannot "
         "send anyone to Pinterest."
+    )
+
+
+class InvalidApiKey(PinauthError):
+    status_code = 401
+    code = "invalid_api_key"
+    default_message = (
+        "This route needs a valid API key as `Authorization: Bearer <key>`; create one with "
+        "`pinauth api-keys create --name NAME`."
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidConnectSession(PinauthError):
+    status_code = 400
+    code = "invalid_connect_session"
+    default_message = (
+        "This connect session is unknown, expired or already used; ask the app for a new "
+        "one (POST /v1/connect-sessions)."
+    )
+
+
+class ConnectionNotFound(PinauthError):
+    status_code = 404
+    code = "connection_not_found"
+    default_message = "No connection has that id."
+
+
+class ConnectionIdRequired(PinauthError):
+    status_code = 400
+    code = "connection_id_required"
+    default_message = (
+        "With an API key, name the connection to act for in the Pinauth-Connection-Id header."
     )
 
 

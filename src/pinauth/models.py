@@ -8,7 +8,18 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Integer, MetaData, String, Text, func
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -64,21 +75,45 @@ class Connection(Base):
     """A Pinterest account linked to pinauth, with its (encrypted) token pair."""
 
     __tablename__ = "connections"
-    # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed by
-    # the old id may ever resolve to a new user's row.
-    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy declares it)
+    __table_args__ = (
+        # One connection per (app end user, Pinterest account); logins without an end
+        # user (the browser-only flow) keep one connection per Pinterest account.
+        Index(
+            "uq_connections_end_user_id_pinterest_user_id",
+            "end_user_id",
+            "pinterest_user_id",
+            unique=True,
+        ),
+        Index(
+            "uq_connections_pinterest_user_id_browser_only",
+            "pinterest_user_id",
+            unique=True,
+            sqlite_where=text("end_user_id IS NULL"),
+            postgresql_where=text("end_user_id IS NULL"),
+        ),
+        # Keyset pagination of the connections API, filtered or not.
+        Index("ix_connections_end_user_id_id", "end_user_id", "id"),
+        Index("ix_connections_status_id", "status", "id"),
+        # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed
+        # by the old id may ever resolve to a new user's row.
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # What leaves the process (logs, caches, later the API) is this random id; the
     # integer key is for joins only.
     public_id: Mapped[str] = mapped_column(String(40), unique=True, default=new_public_id)
-    pinterest_user_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # The app's own user who linked this account through a connect session; None for
+    # logins that came straight from a browser.
+    end_user_id: Mapped[str | None] = mapped_column(String(255))
+    pinterest_user_id: Mapped[str] = mapped_column(String(64))
     username: Mapped[str] = mapped_column(String(255))
     scopes: Mapped[str] = mapped_column(Text)
     access_token_encrypted: Mapped[str] = mapped_column(Text)
     refresh_token_encrypted: Mapped[str | None] = mapped_column(Text)
     access_token_expires_at: Mapped[datetime]
     refresh_token_expires_at: Mapped[datetime | None]
+    last_refreshed_at: Mapped[datetime | None]
     status: Mapped[ConnectionStatus] = mapped_column(
         Enum(
             ConnectionStatus,
@@ -134,4 +169,35 @@ class LoginState(Base):
     __tablename__ = "login_states"
 
     nonce_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    # Set when the login came through a connect session: whose connection it makes.
+    end_user_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class ApiKey(Base):
+    """A credential of the app's backend. Only a hash of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # The first characters of the key, so people can tell keys apart in listings.
+    prefix: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class ConnectSession(Base):
+    """A backend's permission for one browser to link a Pinterest account to an end user.
+
+    Only a hash of its token is stored; deleting the row at /auth/login makes it single-use.
+    """
+
+    __tablename__ = "connect_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    end_user_id: Mapped[str] = mapped_column(String(255))
+    return_to: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(index=True)

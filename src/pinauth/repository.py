@@ -10,7 +10,14 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
+from pinauth.models import (
+    ApiKey,
+    AuthSession,
+    Connection,
+    ConnectionStatus,
+    ConnectSession,
+    LoginState,
+)
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
 # lease too, and would need the row loaded in this session.
@@ -108,9 +115,41 @@ class ConnectionRepository:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def get_by_pinterest_user(self, pinterest_user_id: str) -> Connection | None:
-        stmt = select(Connection).where(Connection.pinterest_user_id == pinterest_user_id)
+    async def get_by_owner(
+        self, end_user_id: str | None, pinterest_user_id: str
+    ) -> Connection | None:
+        """The connection of this end user (None: a browser-only login) to this account."""
+        owner = (
+            Connection.end_user_id.is_(None)
+            if end_user_id is None
+            else Connection.end_user_id == end_user_id
+        )
+        stmt = select(Connection).where(owner, Connection.pinterest_user_id == pinterest_user_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        after: str | None = None,
+        end_user_id: str | None = None,
+        status: ConnectionStatus | None = None,
+    ) -> list[Connection] | None:
+        """Up to `limit` connections in creation order, after the one with public id
+        `after`; None if `after` names no connection. Keyset-paginated on the key."""
+        stmt = select(Connection).order_by(Connection.id).limit(limit)
+        if end_user_id is not None:
+            stmt = stmt.where(Connection.end_user_id == end_user_id)
+        if status is not None:
+            stmt = stmt.where(Connection.status == status)
+        if after is not None:
+            cursor = await self._db.scalar(
+                select(Connection.id).where(Connection.public_id == after)
+            )
+            if cursor is None:
+                return None
+            stmt = stmt.where(Connection.id > cursor)
+        return list((await self._db.execute(stmt)).scalars())
 
     async def add(self, connection: Connection) -> Connection:
         self._db.add(connection)
@@ -196,18 +235,22 @@ class LoginStateRepository:
         self._db.add(state)
         await self._db.flush()
 
-    async def consume(self, nonce_hash: str, now: datetime) -> bool:
-        """Delete the pending login; True only for the one caller that deleted a live row.
+    async def consume(self, nonce_hash: str, now: datetime) -> LoginState | None:
+        """Delete the pending login and return it; None for everyone but the one caller
+        that deleted a live row.
 
         A single DELETE is atomic on every backend, so two callbacks racing with the
         same state (or two replicas) cannot both succeed.
         """
-        result = await self._db.execute(
-            delete(LoginState).where(
-                LoginState.nonce_hash == nonce_hash, LoginState.expires_at > now
-            )
+        stmt = (
+            delete(LoginState)
+            .where(LoginState.nonce_hash == nonce_hash, LoginState.expires_at > now)
+            .returning(LoginState.end_user_id)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        row = (await self._db.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return LoginState(nonce_hash=nonce_hash, end_user_id=row.end_user_id)
 
     async def delete_expired(self, now: datetime) -> int:
         result = await self._db.execute(delete(LoginState).where(LoginState.expires_at <= now))
@@ -227,4 +270,64 @@ class LoginStateRepository:
             .with_for_update(skip_locked=True)
         )
         result = await self._db.execute(delete(LoginState).where(LoginState.nonce_hash.in_(excess)))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class ApiKeyRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, key: ApiKey) -> ApiKey:
+        self._db.add(key)
+        await self._db.flush()
+        return key
+
+    async def get_active(self, key_hash: str) -> ApiKey | None:
+        stmt = select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def all(self) -> list[ApiKey]:
+        return list((await self._db.execute(select(ApiKey).order_by(ApiKey.id))).scalars())
+
+    async def revoke(self, name: str, now: datetime) -> bool:
+        result = await self._db.execute(
+            update(ApiKey)
+            .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def touch(self, key_hash: str, now: datetime) -> None:
+        await self._db.execute(
+            update(ApiKey).where(ApiKey.key_hash == key_hash).values(last_used_at=now)
+        )
+
+
+class ConnectSessionRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, session: ConnectSession) -> None:
+        self._db.add(session)
+        await self._db.flush()
+
+    async def consume(self, token_hash: str, now: datetime) -> ConnectSession | None:
+        """Delete a live connect session and return it; None for everyone but the one
+        caller that deleted it (a single DELETE … RETURNING is atomic everywhere)."""
+        stmt = (
+            delete(ConnectSession)
+            .where(ConnectSession.token_hash == token_hash, ConnectSession.expires_at > now)
+            .returning(ConnectSession.end_user_id, ConnectSession.return_to)
+        )
+        row = (await self._db.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return ConnectSession(
+            token_hash=token_hash, end_user_id=row.end_user_id, return_to=row.return_to
+        )
+
+    async def delete_expired(self, now: datetime) -> int:
+        result = await self._db.execute(
+            delete(ConnectSession).where(ConnectSession.expires_at <= now)
+        )
         return int(result.rowcount)  # type: ignore[attr-defined]

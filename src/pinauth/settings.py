@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         30 * 24 * 3600, gt=0, validation_alias="PINAUTH_SESSION_MAX_AGE"
     )
     state_max_age_seconds: int = Field(600, gt=0, le=600, validation_alias="PINAUTH_STATE_MAX_AGE")
+    # How long a connect session minted by the app's backend stays usable.
+    connect_session_ttl_seconds: int = Field(
+        1800, gt=0, le=86400, validation_alias="PINAUTH_CONNECT_SESSION_TTL"
+    )
     # Refresh this long before the access token expires, so a request never races expiry.
     refresh_margin_seconds: int = Field(300, ge=0, validation_alias="PINAUTH_REFRESH_MARGIN")
     http_connect_timeout: float = Field(5.0, gt=0, validation_alias="PINAUTH_HTTP_CONNECT_TIMEOUT")

@@ -92,6 +92,7 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
     if tokens.scopes is not None:
         connection.scopes = ",".join(tokens.scopes)
     connection.status = ConnectionStatus.ACTIVE
+    connection.last_refreshed_at = datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

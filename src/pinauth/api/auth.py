@@ -49,7 +49,7 @@ def _clear_cookie(response: Response, settings: Settings, name: str) -> None:
     response_class=RedirectResponse,
     responses={
         302: {"description": "Redirect to Pinterest's consent page."},
-        **error_responses(503),
+        **error_responses(400, 503),
     },
 )
 async def login(
@@ -61,12 +61,19 @@ async def login(
             "allowed origin. Anything else falls back to PINAUTH_FRONTEND_URL."
         ),
     ] = None,
+    connect_session: Annotated[
+        str | None,
+        Query(
+            description="A connect session's token (from POST /v1/connect-sessions): the "
+            "login then links the account to that session's end user. Single use."
+        ),
+    ] = None,
 ) -> RedirectResponse:
     """Start a Pinterest login: redirect the browser to Pinterest's consent page."""
     settings = services.settings
     if not settings.client_id or not settings.client_secret.get_secret_value():
         raise NotConfigured()
-    start = await services.auth.start_login(return_to)
+    start = await services.auth.start_login(return_to, connect_session)
     response = RedirectResponse(start.authorize_url, status_code=status.HTTP_302_FOUND)
     _set_cookie(response, settings, LOGIN_COOKIE, start.nonce, settings.state_max_age_seconds)
     return response
@@ -141,7 +148,7 @@ async def logout(services: ServicesDep, session_cookie: SessionCookie = None) ->
 )
 async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Response:
     """Disconnect Pinterest: delete the stored tokens and end every session using them."""
-    await services.auth.disconnect(connection)
+    await services.connections.delete(connection.public_id)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
     _clear_cookie(response, services.settings, SESSION_COOKIE)
     return response

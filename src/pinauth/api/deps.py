@@ -6,10 +6,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Cookie, Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService
-from pinauth.errors import ForbiddenOrigin, NotAuthenticated
+from pinauth.connect import ConnectSessions
+from pinauth.connections import ConnectionService
+from pinauth.errors import ConnectionIdRequired, ForbiddenOrigin, InvalidApiKey, NotAuthenticated
 from pinauth.models import Connection
 from pinauth.observability import CONNECTION_ID, Metrics
 from pinauth.proxy import ProxyService
@@ -18,6 +22,7 @@ from pinauth.tokens import TokenManager
 
 SESSION_COOKIE = "pinauth_session"
 LOGIN_COOKIE = "pinauth_login"
+CONNECTION_ID_HEADER = "pinauth-connection-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,9 @@ class Services:
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     auth: AuthService
+    api_keys: ApiKeyService
+    connect_sessions: ConnectSessions
+    connections: ConnectionService
     tokens: TokenManager
     proxy: ProxyService
     metrics: Metrics
@@ -41,6 +49,18 @@ async def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+# Declares the bearer scheme in /docs (its Authorize button); checking is ours, so that
+# failures get pinauth's error shape.
+ApiKeyScheme = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Depends(
+        HTTPBearer(
+            auto_error=False,
+            scheme_name="apiKey",
+            description="An API key from `pinauth api-keys create`.",
+        )
+    ),
+]
 SessionCookie = Annotated[str | None, Cookie(alias=SESSION_COOKIE, include_in_schema=False)]
 
 
@@ -89,3 +109,43 @@ async def require_trusted_origin(request: Request, services: ServicesDep) -> Non
 
 
 TrustedOrigin = Depends(require_trusted_origin)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The credential of `Authorization: Bearer <credential>`, if the request has one."""
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return None
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not credential:
+        raise InvalidApiKey("The Authorization header must be `Bearer <key>`.")
+    return credential.strip()
+
+
+async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
+    """The connection a proxy call acts for, and whether the app's backend called.
+
+    With an `Authorization` header the caller is the app's backend: an API key plus the
+    connection it names, and the cookie is ignored. Without one it is a browser, and
+    the cookie's session decides (Origin check included).
+    """
+    credential = bearer_token(request)
+    if credential is None:
+        return await get_current_connection(request), False
+    services: Services = request.state.services
+    await services.api_keys.authenticate(credential)
+    public_id = request.headers.get(CONNECTION_ID_HEADER)
+    if not public_id:
+        raise ConnectionIdRequired()
+    connection = await services.connections.get(public_id)
+    CONNECTION_ID.set(connection.public_id)
+    return connection, True
+
+
+async def require_api_key(request: Request, _scheme: ApiKeyScheme) -> None:
+    """The app's backend only: a valid API key, never a cookie."""
+    credential = bearer_token(request)
+    if credential is None:
+        raise InvalidApiKey()
+    services: Services = request.state.services
+    await services.api_keys.authenticate(credential)

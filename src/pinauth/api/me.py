@@ -14,6 +14,7 @@ router = APIRouter(tags=["account"])
 async def me(connection: CurrentConnection) -> MeResponse:
     """The Pinterest account connected to this session."""
     return MeResponse(
+        connection_id=connection.public_id,
         pinterest_user_id=connection.pinterest_user_id,
         username=connection.username,
         scopes=connection.scope_list,

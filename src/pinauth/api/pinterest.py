@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pinauth.api.deps import CurrentConnection, Services, ServicesDep, get_current_connection
+from pinauth.api.deps import Services, ServicesDep, get_acting_connection
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import BoardsPage, error_responses
-from pinauth.errors import DatabaseUnavailable, PayloadTooLarge, PinauthError
+from pinauth.errors import (
+    DatabaseUnavailable,
+    PayloadTooLarge,
+    PinauthError,
+    ReauthorizationRequired,
+)
+from pinauth.models import Connection
 from pinauth.outage import OutageTracker
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
 from pinauth.pinterest.paths import InvalidPath, confine
 
 router = APIRouter(tags=["pinterest"])
+
+CONNECT_SESSIONS_PATH = "/v1/connect-sessions"
+ActingConnection = Annotated[tuple[Connection, bool], Depends(get_acting_connection)]
 
 PROXY_PREFIX = "/pinterest/"
 
@@ -67,7 +78,7 @@ async def proxy(request: Request) -> Response:
     """Call any Pinterest v5 endpoint as the session's user; the response passes through."""
     # The one hot route takes only `request`: FastAPI's per-parameter dependency
     # resolution was the largest single cost of a proxied call (see bench/).
-    connection = await get_current_connection(request)
+    connection, backend = await get_acting_connection(request)
     services: Services = request.state.services
     upstream = UpstreamRequest(
         method=request.method,
@@ -76,7 +87,20 @@ async def proxy(request: Request) -> Response:
         headers=headers.request_headers(request.headers.items()),
         body=await _read_body(request, services.settings.max_body_bytes),
     )
-    return _relay(await services.proxy.call(connection, upstream))
+    with _reconnect_hint(connection, backend):
+        return _relay(await services.proxy.call(connection, upstream))
+
+
+@contextmanager
+def _reconnect_hint(connection: Connection, backend: bool) -> Iterator[None]:
+    """A backend learns how to let its end user reconnect: a new connect session."""
+    try:
+        yield
+    except ReauthorizationRequired as e:
+        if backend:
+            e.extra["connect_session_url"] = CONNECT_SESSIONS_PATH
+            e.extra["end_user_id"] = connection.end_user_id
+        raise
 
 
 _PATH_PARAMETER = {
@@ -86,6 +110,14 @@ _PATH_PARAMETER = {
     "schema": {"type": "string"},
     "description": "A Pinterest v5 path such as `boards` or `boards/<board_id>/pins`; "
     "the query string and body pass through unchanged.",
+}
+
+_CONNECTION_ID_PARAMETER = {
+    "name": "Pinauth-Connection-Id",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "With an API key: the connection to act for. Browsers send none.",
 }
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -99,7 +131,11 @@ for _method in PROXY_METHODS:
         name=f"proxy_{_method.lower()}",
         operation_id=f"proxy_{_method.lower()}",
         summary=f"{_method} a Pinterest v5 endpoint",
-        openapi_extra={"parameters": [_PATH_PARAMETER]},
+        openapi_extra={
+            "parameters": [_PATH_PARAMETER, _CONNECTION_ID_PARAMETER],
+            # A browser's session cookie, or the app backend's API key.
+            "security": [{"apiKey": []}, {}],
+        },
         responses={
             200: {"description": "Pinterest's response, passed through unchanged."},
             **error_responses(400, 401, 413, 502, 503, 504),
@@ -126,7 +162,7 @@ def proxy_route(method: str) -> BaseRoute:
 )
 async def boards(
     services: ServicesDep,
-    connection: CurrentConnection,
+    acting: ActingConnection,
     page_size: Annotated[int | None, Query(ge=1, le=250)] = None,
     bookmark: Annotated[str | None, Query(max_length=2048)] = None,
     all_pages: Annotated[
@@ -135,6 +171,18 @@ async def boards(
     ] = False,
 ) -> Response:
     """The user's boards (`items`, `bookmark`); `all=true` follows the bookmarks."""
+    connection, backend = acting
+    with _reconnect_hint(connection, backend):
+        return await _boards(services, connection, page_size, bookmark, all_pages)
+
+
+async def _boards(
+    services: Services,
+    connection: Connection,
+    page_size: int | None,
+    bookmark: str | None,
+    all_pages: bool,
+) -> Response:
     items: list[Any] = []
     for _ in range(services.settings.boards_max_pages if all_pages else 1):
         params = {"page_size": page_size, "bookmark": bookmark}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pinauth.models import ConnectionStatus
+from pinauth.models import Connection, ConnectionStatus
 
 
 class ErrorResponse(BaseModel):
@@ -19,6 +19,7 @@ class ErrorResponse(BaseModel):
 
 
 class MeResponse(BaseModel):
+    connection_id: str = Field(description="The connection's public id.")
     pinterest_user_id: str
     username: str
     scopes: list[str]
@@ -42,3 +43,78 @@ class BoardsPage(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the pinauth errors a route can return."""
     return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must contain printable characters only")
+    return value
+
+
+EndUserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        description="Your app's own id for the user (1-255 printable characters).",
+        examples=["user_42"],
+    ),
+    AfterValidator(_printable),
+]
+
+
+class ConnectSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    end_user_id: EndUserId
+    return_to: str | None = Field(
+        None,
+        max_length=2048,
+        description="Where the browser lands after consent: a relative path or an allowed "
+        "origin (default PINAUTH_FRONTEND_URL).",
+    )
+
+
+class ConnectSessionResponse(BaseModel):
+    token: str = Field(description="Single use; shown once.")
+    connect_url: str = Field(description="Send the end user's browser here.")
+    expires_at: datetime
+
+
+class ConnectionObject(BaseModel):
+    id: str = Field(examples=["conn_6kq3w2rj5vb4oj2y5c7nbb3xqe"])
+    end_user_id: str | None = Field(
+        description="Your user who linked it; null for logins without a connect session."
+    )
+    pinterest_user_id: str
+    username: str
+    scopes: list[str]
+    status: ConnectionStatus
+    created_at: datetime
+    updated_at: datetime
+    last_refreshed_at: datetime | None
+    access_token_expires_at: datetime
+    refresh_token_expires_at: datetime | None
+
+    @classmethod
+    def of(cls, connection: Connection) -> ConnectionObject:
+        return cls(
+            id=connection.public_id,
+            end_user_id=connection.end_user_id,
+            pinterest_user_id=connection.pinterest_user_id,
+            username=connection.username,
+            scopes=connection.scope_list,
+            status=connection.status,
+            created_at=connection.created_at,
+            updated_at=connection.updated_at,
+            last_refreshed_at=connection.last_refreshed_at,
+            access_token_expires_at=connection.access_token_expires_at,
+            refresh_token_expires_at=connection.refresh_token_expires_at,
+        )
+
+
+class ConnectionPage(BaseModel):
+    items: list[ConnectionObject]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )

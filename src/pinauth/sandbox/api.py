@@ -18,6 +18,7 @@ from pinauth.sandbox.state import (
     decode_bookmark,
     encode_bookmark,
     now,
+    user_id,
 )
 
 
@@ -75,7 +76,7 @@ def api_router(holder: StateHolder) -> APIRouter:
         return JSONResponse(
             {
                 "account_type": "PINNER",
-                "id": state.user_id,
+                "id": user_id(grant.user),
                 "username": grant.user,
                 "profile_image": "https://i.pinimg.com/75x75_RS/sandbox.jpg",
                 "website_url": "",

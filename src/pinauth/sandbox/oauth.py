@@ -44,11 +44,18 @@ def oauth_router(holder: StateHolder) -> APIRouter:
             for name in ("client_id", "redirect_uri", "scope", "state")
         )
         scope_items = "".join(f"<li><code>{html.escape(s)}</code></li>" for s in scopes)
+        accounts = "".join(
+            f'<label><input type="radio" name="account" value="{html.escape(name)}"'
+            f"{' checked' if name == holder.config.username else ''}> "
+            f"{html.escape(name)}</label>"
+            for name in holder.config.usernames
+        )
         body = f"""
         <p class="lead">App <strong>{html.escape(holder.config.client_id)}</strong> wants to
-        access the Pinterest account <strong>{html.escape(holder.config.username)}</strong>.</p>
+        access your Pinterest account.</p>
         <p>It asks for:</p><ul>{scope_items}</ul>
         <form method="post" action="">{fields}
+          <fieldset><legend>Approve as</legend>{accounts}</fieldset>
           <button name="decision" value="allow" class="allow">Allow</button>
           <button name="decision" value="deny" class="deny">Deny</button>
         </form>
@@ -68,7 +75,10 @@ def oauth_router(holder: StateHolder) -> APIRouter:
         if values.get("decision") != "allow":
             return _redirect(redirect_uri, error="access_denied", state=state)
         scopes = frozenset(s for s in values.get("scope", "").split(",") if s in V5_SCOPES)
-        code = current().issue_code(redirect_uri, scopes)
+        account = values.get("account", holder.config.username)
+        if account not in holder.config.usernames:
+            return HTMLResponse(_page("Cannot authorize", "<p>Unknown account.</p>"), 400)
+        code = current().issue_code(redirect_uri, scopes, account)
         return _redirect(redirect_uri, code=code, state=state)
 
     # --- OAuth: token endpoint --------------------------------------------------------
@@ -156,6 +166,7 @@ def _page(title: str, body: str) -> str:
   .allow {{ background: #e60023; color: #fff; }} .deny {{ background: #e9e9e9; }}
   .note {{ color: #767676; font-size: .85rem; margin-top: 1.5rem; }}
   code {{ background: #f0f0f0; padding: 0 .3rem; border-radius: 4px; }}
+  fieldset {{ border: 0; padding: 0; margin: 0 0 1.2rem; }} label {{ display: block; }}
 </style></head>
 <body><main><p class="badge">Pinterest sandbox</p><h1>{html.escape(title)}</h1>{body}</main>
 </body></html>"""

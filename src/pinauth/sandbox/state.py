@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import secrets
 from collections import Counter
@@ -52,7 +53,19 @@ class SandboxConfig:
     client_id: str = "1484000"
     client_secret: str = "sandbox-client-secret"
     redirect_uris: tuple[str, ...] = ("http://localhost:8000/auth/callback",)
+    # The account the consent page approves for by default, and the others it offers, so
+    # several accounts can be linked, tested and demoed.
     username: str = "sandbox_pinner"
+    other_usernames: tuple[str, ...] = ("sandbox_studio",)
+
+    @property
+    def usernames(self) -> tuple[str, ...]:
+        return (self.username, *self.other_usernames)
+
+
+def user_id(username: str) -> str:
+    """Stable per username, digits only, as the spec's pattern requires."""
+    return str(int.from_bytes(hashlib.sha256(username.encode()).digest()[:7], "big"))
 
 
 @dataclass
@@ -161,17 +174,15 @@ class SandboxState:
     def __post_init__(self) -> None:
         self.seed()
 
-    @property
-    def user_id(self) -> str:
-        # Stable per username, digits only, as the spec's pattern requires.
-        return str(int.from_bytes(self.config.username.encode()[:7].ljust(7, b"\0"), "big"))
-
     def next_id(self) -> str:
         return str(next(self._ids))
 
     def seed(self) -> None:
         """A few boards and pins, so a fresh sandbox already has something to show."""
-        user = self.config.username
+        for user in self.config.usernames:
+            self._seed(user)
+
+    def _seed(self, user: str) -> None:
         samples = [
             ("Weeknight dinners", "Quick recipes for busy evenings", 3),
             ("Garden ideas", "Small balconies, big plans", 2),
@@ -205,9 +216,9 @@ class SandboxState:
 
     # --- OAuth ---------------------------------------------------------------------
 
-    def issue_code(self, redirect_uri: str, scopes: frozenset[str]) -> str:
+    def issue_code(self, redirect_uri: str, scopes: frozenset[str], user: str) -> str:
         code = secrets.token_urlsafe(24)
-        self.codes[code] = Code(self.config.username, scopes, now() + CODE_LIFETIME, redirect_uri)
+        self.codes[code] = Code(user, scopes, now() + CODE_LIFETIME, redirect_uri)
         return code
 
     def issue_tokens(self, user: str, scopes: frozenset[str]) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""/v1: the app's backend (API key): connect sessions and the connections API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+
+from pinauth.api.deps import ServicesDep, require_api_key
+from pinauth.api.schemas import (
+    ConnectionObject,
+    ConnectionPage,
+    ConnectSessionRequest,
+    ConnectSessionResponse,
+    EndUserId,
+    error_responses,
+)
+from pinauth.errors import UnprocessableRequest
+from pinauth.models import ConnectionStatus
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["backend"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401),
+)
+
+ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
+
+
+@router.post(
+    "/connect-sessions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ConnectSessionResponse,
+    responses=error_responses(422),
+)
+async def create_connect_session(
+    services: ServicesDep, body: ConnectSessionRequest
+) -> ConnectSessionResponse:
+    """Let one browser link a Pinterest account to `end_user_id`: send it to `connect_url`."""
+    if body.return_to is not None and not services.auth.is_trusted_destination(body.return_to):
+        raise UnprocessableRequest(
+            "return_to must be a relative path or an origin in PINAUTH_CORS_ORIGINS "
+            "(or the frontend's own)."
+        )
+    minted = await services.connect_sessions.mint(body.end_user_id, body.return_to)
+    return ConnectSessionResponse(
+        token=minted.token, connect_url=minted.connect_url, expires_at=minted.expires_at
+    )
+
+
+@router.get("/connections", response_model=ConnectionPage, responses=error_responses(404, 422))
+async def list_connections(
+    services: ServicesDep,
+    end_user_id: Annotated[EndUserId | None, Query()] = None,
+    connection_status: Annotated[ConnectionStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> ConnectionPage:
+    """Connections, oldest first, optionally of one end user or in one status."""
+    rows, next_cursor = await services.connections.page(
+        limit=limit, cursor=cursor, end_user_id=end_user_id, status=connection_status
+    )
+    return ConnectionPage(items=[ConnectionObject.of(c) for c in rows], next_cursor=next_cursor)
+
+
+@router.get(
+    "/connections/{connection_id}",
+    response_model=ConnectionObject,
+    responses=error_responses(404),
+)
+async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> ConnectionObject:
+    """One connection (never its tokens)."""
+    return ConnectionObject.of(await services.connections.read(connection_id))
+
+
+@router.delete(
+    "/connections/{connection_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(404),
+)
+async def delete_connection(services: ServicesDep, connection_id: ConnectionId) -> Response:
+    """Delete the connection's tokens and end its browser sessions."""
+    await services.connections.delete(connection_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

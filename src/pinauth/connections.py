@@ -1,0 +1,74 @@
+"""Connections by public id: what the connections API and the server-side proxy act on."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pinauth.cache import ConnectionCache
+from pinauth.errors import ConnectionNotFound
+from pinauth.models import Connection, ConnectionStatus
+from pinauth.repository import ConnectionRepository
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionService:
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], cache: ConnectionCache
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._cache = cache
+
+    async def get(self, public_id: str) -> Connection:
+        """The connection, from the cache on the hot path; ConnectionNotFound if none."""
+        cached = self._cache.cached_connection(public_id)
+        if cached is not None:
+            return cached
+        async with self._sessionmaker() as db:
+            connection = await ConnectionRepository(db).get(public_id)
+        if connection is None:
+            raise ConnectionNotFound()
+        self._cache.remember_connection(connection)
+        return connection
+
+    async def read(self, public_id: str) -> Connection:
+        """The connection as stored now (no cache): what the API shows."""
+        async with self._sessionmaker() as db:
+            connection = await ConnectionRepository(db).get(public_id)
+        if connection is None:
+            raise ConnectionNotFound()
+        return connection
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        end_user_id: str | None,
+        status: ConnectionStatus | None,
+    ) -> tuple[list[Connection], str | None]:
+        """A page of connections and the cursor of the next (None on the last page)."""
+        async with self._sessionmaker() as db:
+            rows = await ConnectionRepository(db).page(
+                limit=limit + 1, after=cursor, end_user_id=end_user_id, status=status
+            )
+        if rows is None:
+            raise ConnectionNotFound("The cursor names no connection; start again without it.")
+        if len(rows) > limit:
+            return rows[:limit], rows[limit - 1].public_id
+        return rows, None
+
+    async def delete(self, public_id: str) -> None:
+        """Delete the connection's tokens and end every session that used it."""
+        async with self._sessionmaker() as db, db.begin():
+            connections = ConnectionRepository(db)
+            stored = await connections.get(public_id)
+            if stored is None:
+                raise ConnectionNotFound()
+            await connections.delete(stored)
+        # After the commit, so that a load or refresh that read the row before the delete
+        # is older than the forgetting; the tombstone stops it caching the row again.
+        self._cache.forget_connection(public_id)
+        log.info("connection %s deleted", public_id)
