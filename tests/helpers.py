@@ -447,8 +447,8 @@ def clean_env(**values: str) -> dict[str, str]:
     return env | values
 
 
-class PinauthProcess:
-    """`python -m pinauth <args>` with its output (stdout and stderr) in a log file."""
+class Process:
+    """`python -m pinauth <args>`, its output (stdout and stderr) in a log file in `cwd`."""
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
         self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
@@ -456,6 +456,7 @@ class PinauthProcess:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Spawn it; `wait_ready` waits for it to answer (several can start together)."""
         with self.log.open("ab") as log:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "pinauth", *self.args],
@@ -464,11 +465,23 @@ class PinauthProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_ready(self) -> None:
+        assert self.popen is not None
         try:
             wait_until_serving(self.ready_url, self.popen)
         except BaseException:
             print(self.output())  # pytest shows it with the failure
             raise
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL if it has not exited within 15 s."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def terminate(self, timeout: float = 30) -> int:
         """SIGTERM, then wait for the exit; returns the exit status."""
@@ -488,6 +501,14 @@ class PinauthProcess:
     def log_lines(self) -> list[dict[str, Any]]:
         """The JSON log lines (PINAUTH_LOG_FORMAT=json); anything else fails the test."""
         return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+
+class PinauthProcess(Process):
+    """A Process whose `start` returns once it answers."""
+
+    def start(self) -> None:
+        super().start()
+        self.wait_ready()
 
 
 def sandbox_login(browser: httpx.Client, base: str, sandbox: str) -> None:
@@ -647,42 +668,6 @@ async def refuse_token_writes(database_url: str) -> None:
 
 async def allow_token_writes(database_url: str) -> None:
     await _run_sql(database_url, _ALLOW_UPDATES)
-
-
-class Process:
-    """A `python -m pinauth …` subprocess, its output in a log file in `cwd`."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> None:
-        self.args, self.env, self.cwd, self.ready_url = args, env, cwd, ready_url
-        self.log = cwd / f"{args[0]}-{free_port()}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "pinauth", *self.args],
-                env=self.env,
-                cwd=self.cwd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self) -> None:
-        assert self.popen is not None
-        try:
-            wait_until_serving(self.ready_url, self.popen)
-        except BaseException:
-            print(self.log.read_text())  # pytest shows it with the failure
-            raise
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 async def stored_refresh_token(database_url: str, key: str) -> str:

@@ -26,6 +26,7 @@ from tests.helpers import (
     create_api_key,
     log_in_as,
     make_settings,
+    start_login,
     token_json,
 )
 
@@ -35,10 +36,10 @@ GRACE = {"id": "549755885999", "username": "grace_pins", "account_type": "BUSINE
 
 @asynccontextmanager
 async def backend_and_browsers(
-    settings: Settings, pinterest: respx.MockRouter, count: int = 2
+    settings: Settings, pinterest: respx.MockRouter, count: int = 2, key_name: str = "backend"
 ) -> AsyncIterator[list[httpx.AsyncClient]]:
     """The app's backend (holding an API key) and `count` browsers, on one app."""
-    key = await create_api_key(settings)
+    key = await create_api_key(settings, key_name)
     async with browsers(settings, pinterest, count + 1) as clients:
         clients[0].headers["Authorization"] = f"Bearer {key}"
         yield clients
@@ -388,7 +389,7 @@ async def test_listing_pages_filters_and_404s(
     assert unknown.json()["error"] == "connection_not_found"
     assert bad_status.status_code == 422
     assert bad_limit.status_code == 422
-    assert bad_cursor.status_code == 404
+    assert bad_cursor.status_code == 422
     assert deleted.status_code == 204
     assert deleted_again.status_code == 404
 
@@ -470,3 +471,148 @@ async def test_an_api_key_with_a_cookie_acts_for_the_named_connection_not_the_co
     assert response.json()["error"] == "invalid_api_key"
     assert with_key.status_code == 200
     assert bearers(boards) == ["Bearer pina_ADA"]
+
+
+# --- findings of the black-box review ----------------------------------------------
+
+
+async def test_a_cursor_survives_the_deletion_of_the_row_it_came_from(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the position cursor: "list, delete each, follow next_cursor" (a cleanup
+    job) must not lose its place when it deletes the row the cursor came from."""
+    async with backend_and_browsers(settings, pinterest, 1) as [backend, browser]:
+        ids = [
+            await connect_end_user(
+                backend, browser, pinterest, "u", {"id": f"7{i}", "username": f"u{i}"}, "a", "r"
+            )
+            for i in range(5)
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = await backend.get("/v1/connections", params=params)
+            assert page.status_code == 200, page.text
+            for item in page.json()["items"]:
+                seen.append(item["id"])
+                assert (await backend.delete(f"/v1/connections/{item['id']}")).status_code == 204
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        tampered = await backend.get("/v1/connections", params={"cursor": "gAAAAA" + "x" * 90})
+
+    assert seen == ids
+    assert "7" not in str(cursor)
+    assert tampered.status_code == 422
+    assert tampered.json()["error"] == "invalid_request"
+
+
+async def test_logins_of_one_account_finishing_together_all_succeed(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the retry on a lost update race: six callbacks of the same account at once
+    (two tabs, a double click) each end 303 with a session, never a 500."""
+    async with browsers(settings, pinterest, 6) as tabs:
+        states = [await start_login(tab) for tab in tabs]
+        pinterest.post(TOKEN_URL).respond(200, json=token_json("pina_SAME", "pinr_SAME"))
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        callbacks = await asyncio.gather(
+            *(
+                tab.get("/auth/callback", params={"code": "c", "state": state})
+                for tab, state in zip(tabs, states, strict=True)
+            )
+        )
+        mes = [await tab.get("/me") for tab in tabs]
+
+    assert [c.status_code for c in callbacks] == [303] * 6
+    assert [m.status_code for m in mes] == [200] * 6
+    assert len({m.json()["connection_id"] for m in mes}) == 1
+
+
+async def test_a_non_ascii_request_header_is_dropped_not_a_500(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the request-header filter: a value httpx cannot send upstream."""
+    async with backend_and_browsers(settings, pinterest, 1) as [backend, browser]:
+        ada = await connect_end_user(backend, browser, pinterest, "u", ADA, "pina_ADA", "pinr_A")
+        boards = pinterest.get(f"{API}/boards").respond(200, json={})
+        response = await backend.get(
+            "/pinterest/boards",
+            headers=[
+                (b"Pinauth-Connection-Id", ada.encode()),
+                (b"Accept-Language", "fr-\xe9".encode("latin-1")),
+                (b"Accept", b"application/json"),
+            ],
+        )
+    assert response.status_code == 200
+    sent = boards.calls.last.request.headers
+    assert "accept-language" not in sent
+    assert sent["accept"] == "application/json"
+
+
+async def test_a_connection_deleted_elsewhere_is_404_for_a_backend(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards the backend's error contract: a connection deleted on another replica, which
+    this one still caches, is 404 connection_not_found once it needs the row, not 401
+    not_authenticated (which a backend would read as "my key is bad")."""
+    settings_a = make_settings(database_url)
+    settings_b = make_settings(
+        database_url, encryption_keys=settings_a.encryption_keys[0].get_secret_value()
+    )
+    async with (
+        backend_and_browsers(settings_a, pinterest, 1) as [backend_a, browser],
+        backend_and_browsers(settings_b, pinterest, 0, key_name="b") as [backend_b],
+    ):
+        ada = await connect_end_user(backend_a, browser, pinterest, "u", ADA, "pina_A", "pinr_A")
+        named = {"Pinauth-Connection-Id": ada}
+        pinterest.get(f"{API}/boards").respond(200, json={})
+        assert (await backend_b.get("/pinterest/boards", headers=named)).status_code == 200
+        assert (await backend_a.delete(f"/v1/connections/{ada}")).status_code == 204
+        # Pinterest now refuses the token, so B must go to the database for the row.
+        pinterest.get(f"{API}/boards").respond(401, json={"code": 2, "message": "revoked"})
+        response = await backend_b.get("/pinterest/boards", headers=named)
+
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == "connection_not_found"
+
+
+async def test_a_reconnect_during_a_refresh_hands_callers_the_new_login(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the refresh's lost write: a login that replaced the tokens while the refresh
+    waited for Pinterest wins, and the waiting call proceeds with the login's token (it
+    answered 503 "changed during the refresh")."""
+    async with backend_and_browsers(settings, pinterest, 1) as [backend, browser]:
+        ada = await connect_end_user(backend, browser, pinterest, "u", ADA, "pina_OLD", "pinr_O")
+        refresh_arrived, release = asyncio.Event(), asyncio.Event()
+
+        async def token_endpoint(request: httpx.Request) -> httpx.Response:
+            if b"grant_type=refresh_token" in request.content:
+                refresh_arrived.set()
+                await release.wait()
+                return httpx.Response(200, json=token_json("pina_REFRESHED", "pinr_R"))
+            return httpx.Response(200, json=token_json("pina_LOGIN", "pinr_L"))
+
+        pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        boards = pinterest.get(f"{API}/boards").mock(
+            side_effect=lambda request: httpx.Response(
+                401 if request.headers["authorization"] == "Bearer pina_OLD" else 200, json={}
+            )
+        )
+        call = asyncio.create_task(
+            backend.get("/pinterest/boards", headers={"Pinauth-Connection-Id": ada})
+        )
+        await refresh_arrived.wait()
+        minted = await backend.post("/v1/connect-sessions", json={"end_user_id": "u"})
+        login = await browser.get(minted.json()["connect_url"])
+        state = login.headers["location"].split("state=")[1].split("&")[0]
+        callback = await browser.get("/auth/callback", params={"code": "c", "state": state})
+        release.set()
+        response = await call
+
+    assert callback.status_code == 303
+    assert response.status_code == 200, response.text
+    assert bearers(boards)[-1] == "Bearer pina_LOGIN"  # the stored pair, not the dropped one

@@ -25,5 +25,11 @@ def test_demo_settings_point_at_the_mounted_sandbox(host: str, browser: str, its
     assert settings.api_url == f"{itself}/sandbox/v5"
     assert settings.client_id == sandbox.client_id
     assert settings.client_secret.get_secret_value() == sandbox.client_secret
-    assert settings.scopes == ["user_accounts:read", "boards:read", "pins:read", "boards:write"]
+    assert settings.scopes == [
+        "user_accounts:read",
+        "boards:read",
+        "pins:read",
+        "boards:write",
+        "pins:write",
+    ]
     settings.validate_for_serving()  # temporary keys fill in what is missing

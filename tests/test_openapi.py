@@ -17,7 +17,7 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         ("/auth/connection", "delete"): {"204", "401", "403"},
         ("/me", "get"): {"200", "401"},
         ("/v1/connect-sessions", "post"): {"201", "401", "422"},
-        ("/v1/connections", "get"): {"200", "401", "404", "422"},
+        ("/v1/connections", "get"): {"200", "401", "422"},
         ("/v1/connections/{connection_id}", "get"): {"200", "401", "404"},
         ("/v1/connections/{connection_id}", "delete"): {"204", "401", "404"},
     }

@@ -32,7 +32,7 @@ from pinauth.auth import AuthService
 from pinauth.cache import ConnectionCache
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
-from pinauth.crypto import TokenCipher
+from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import DatabaseUnavailable, PinauthError
@@ -99,7 +99,7 @@ def create_app(
             ),
             api_keys=api_keys,
             connect_sessions=ConnectSessions(settings, sessionmaker),
-            connections=ConnectionService(sessionmaker, cache),
+            connections=ConnectionService(sessionmaker, cache, CursorCodec(cipher)),
             tokens=tokens,
             proxy=ProxyService(
                 tokens,

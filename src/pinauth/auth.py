@@ -15,6 +15,7 @@ from itsdangerous import BadSignature, SignatureExpired
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
 from pinauth.connect import connect_session_hash
@@ -40,6 +41,9 @@ from pinauth.tokens import apply_token_set
 
 log = logging.getLogger(__name__)
 
+# Each concurrent login of one connection that loses a race tries again; with N of them
+# at once, N rounds store them all.
+LOGIN_STORE_ATTEMPTS = 10
 _UNSAFE_IN_PATH = re.compile(r"[\\\x00-\x1f\x7f]")
 # It rides in the signed state to Pinterest and back into a Location header.
 MAX_RETURN_TO_LENGTH = 2048
@@ -224,7 +228,7 @@ class AuthService:
     ) -> str:
         # A new session id at every login, and the old one dies: no fixation.
         previous = self._session_hash(previous_session_cookie)
-        for attempt in range(2):
+        for attempt in range(LOGIN_STORE_ATTEMPTS):
             try:
                 async with self._sessionmaker() as db, db.begin():
                     connection = await self._upsert_connection(db, account, tokens, end_user_id)
@@ -245,9 +249,11 @@ class AuthService:
                     evicted = await sessions.evict_oldest(
                         connection.id, keep=self._settings.max_sessions_per_connection
                     )
-            except IntegrityError:
-                # Two first logins of one Pinterest user raced; the second updates instead.
-                if attempt:
+            except (IntegrityError, StaleDataError):
+                # Logins of one connection finished together: the first insert or update
+                # wins, the others read the row again and update it in turn. The tokens
+                # just received must not be dropped for losing a race.
+                if attempt == LOGIN_STORE_ATTEMPTS - 1:
                     raise
                 continue
             # Forgotten after the commit, so a reload starting later cannot cache an ended

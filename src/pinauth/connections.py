@@ -7,7 +7,8 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.cache import ConnectionCache
-from pinauth.errors import ConnectionNotFound
+from pinauth.crypto import CursorCodec
+from pinauth.errors import ConnectionNotFound, UnprocessableRequest
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.repository import ConnectionRepository
 
@@ -16,10 +17,16 @@ log = logging.getLogger(__name__)
 
 class ConnectionService:
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], cache: ConnectionCache
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        cache: ConnectionCache,
+        cursors: CursorCodec,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._cache = cache
+        # Cursors carry a position in the key order, encrypted: the integer key never
+        # leaves the process, and a cursor survives the deletion of the row it came from.
+        self._cursors = cursors
 
     async def get(self, public_id: str) -> Connection:
         """The connection, from the cache on the hot path; ConnectionNotFound if none."""
@@ -50,15 +57,20 @@ class ConnectionService:
         status: ConnectionStatus | None,
     ) -> tuple[list[Connection], str | None]:
         """A page of connections and the cursor of the next (None on the last page)."""
+        after = None if cursor is None else self._position(cursor)
         async with self._sessionmaker() as db:
             rows = await ConnectionRepository(db).page(
-                limit=limit + 1, after=cursor, end_user_id=end_user_id, status=status
+                limit=limit + 1, after=after, end_user_id=end_user_id, status=status
             )
-        if rows is None:
-            raise ConnectionNotFound("The cursor names no connection; start again without it.")
         if len(rows) > limit:
-            return rows[:limit], rows[limit - 1].public_id
+            return rows[:limit], self._cursors.dumps(rows[limit - 1].id)
         return rows, None
+
+    def _position(self, cursor: str) -> int:
+        position = self._cursors.loads(cursor)
+        if position is None:
+            raise UnprocessableRequest("cursor is not one this API returned; start without it.")
+        return position
 
     async def delete(self, public_id: str) -> None:
         """Delete the connection's tokens and end every session that used it."""

@@ -62,3 +62,21 @@ class CookieSigner:
 
 def state_serializer(secret_key: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secret_key, salt="pinauth.oauth-state")
+
+
+class CursorCodec:
+    """Opaque, tamper-proof pagination cursors around an integer position (encrypted, so
+    the position, a database key, is not readable from outside)."""
+
+    def __init__(self, cipher: TokenCipher) -> None:
+        self._cipher = cipher
+
+    def dumps(self, position: int) -> str:
+        return self._cipher.encrypt(str(position))
+
+    def loads(self, cursor: str) -> int | None:
+        """The position, or None for anything this codec did not make."""
+        try:
+            return int(self._cipher.decrypt(cursor))
+        except (TokenDecryptionError, ValueError):
+            return None

@@ -131,24 +131,22 @@ class ConnectionRepository:
         self,
         *,
         limit: int,
-        after: str | None = None,
+        after: int | None = None,
         end_user_id: str | None = None,
         status: ConnectionStatus | None = None,
-    ) -> list[Connection] | None:
-        """Up to `limit` connections in creation order, after the one with public id
-        `after`; None if `after` names no connection. Keyset-paginated on the key."""
+    ) -> list[Connection]:
+        """Up to `limit` connections in creation order, after the key `after`.
+
+        Keyset-paginated on the key, so a page is an index range scan however deep it is,
+        and deleting the row a cursor came from does not lose the place.
+        """
         stmt = select(Connection).order_by(Connection.id).limit(limit)
         if end_user_id is not None:
             stmt = stmt.where(Connection.end_user_id == end_user_id)
         if status is not None:
             stmt = stmt.where(Connection.status == status)
         if after is not None:
-            cursor = await self._db.scalar(
-                select(Connection.id).where(Connection.public_id == after)
-            )
-            if cursor is None:
-                return None
-            stmt = stmt.where(Connection.id > cursor)
+            stmt = stmt.where(Connection.id > after)
         return list((await self._db.execute(stmt)).scalars())
 
     async def add(self, connection: Connection) -> Connection:

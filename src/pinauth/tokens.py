@@ -305,7 +305,7 @@ class TokenManager:
         self._lifetimes[public_id] = tokens.access_token_expires_at - datetime.now(UTC)
         apply_token_set(row, tokens, self._cipher)
         log.info("refreshed tokens of connection %s", public_id)
-        return await self._store(row, seen.version), True
+        return await self._store(row, seen.version, owner)
 
     async def _claim_lease(self, seen: Connection) -> tuple[Connection, str | None]:
         """The row, and the lease owner id if this call may spend its refresh token.
@@ -385,11 +385,12 @@ class TokenManager:
             raise self.reauthorization_required()
         return current, False
 
-    async def _store(self, row: Connection, version: int) -> Connection:
+    async def _store(self, row: Connection, version: int, owner: str) -> tuple[Connection, bool]:
         """Store the new tokens; if the database will not take them, keep them here.
 
         They are then served from this process (the cache and `_unsaved`) while a
-        background task retries the write until it lands.
+        background task retries the write until it lands. Returns the row to use and
+        whether its tokens are this refresh's own (see `replace_rejected`).
         """
         public_id = row.public_id
         values = _token_columns(row)
@@ -413,13 +414,22 @@ class TokenManager:
             )
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-            return row
+            return row, True
         if not stored:
             # Only a new login (or a delete) moves the row while this process holds the
-            # lease; its tokens are at least as new as these.
-            raise UpstreamUnavailable("This connection changed during the refresh; retry shortly.")
+            # lease; its tokens are at least as new as these, so callers use them. The
+            # lease is let go, or the next refresh would wait for it to run out.
+            await self._release_lease(public_id, owner)
+            async with self._sessionmaker() as db:
+                current = await ConnectionRepository(db).get(public_id)
+            if current is None:
+                raise NotAuthenticated("This Pinterest connection no longer exists.")
+            self._cache.remember_connection(current)
+            if current.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
+                raise self.reauthorization_required()
+            return current, False
         self._cache.remember_connection(row)
-        return row
+        return row, True
 
     async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
         async with self._sessionmaker() as db, db.begin():

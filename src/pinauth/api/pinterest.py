@@ -17,7 +17,9 @@ from pinauth.api.deps import Services, ServicesDep, get_acting_connection
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import BoardsPage, error_responses
 from pinauth.errors import (
+    ConnectionNotFound,
     DatabaseUnavailable,
+    NotAuthenticated,
     PayloadTooLarge,
     PinauthError,
     ReauthorizationRequired,
@@ -93,13 +95,20 @@ async def proxy(request: Request) -> Response:
 
 @contextmanager
 def _reconnect_hint(connection: Connection, backend: bool) -> Iterator[None]:
-    """A backend learns how to let its end user reconnect: a new connect session."""
+    """Errors for a backend: how to let its end user reconnect (a new connect session),
+    and 404 for a connection deleted meanwhile."""
     try:
         yield
     except ReauthorizationRequired as e:
         if backend:
             e.extra["connect_session_url"] = CONNECT_SESSIONS_PATH
             e.extra["end_user_id"] = connection.end_user_id
+        raise
+    except NotAuthenticated as e:
+        # Deleted since this process cached it (on another replica, say): a backend
+        # named a connection that does not exist, which is not an authentication problem.
+        if backend:
+            raise ConnectionNotFound() from e
         raise
 
 

@@ -49,13 +49,13 @@ async def create_connect_session(
     )
 
 
-@router.get("/connections", response_model=ConnectionPage, responses=error_responses(404, 422))
+@router.get("/connections", response_model=ConnectionPage, responses=error_responses(422))
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
     connection_status: Annotated[ConnectionStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ConnectionPage:
     """Connections, oldest first, optionally of one end user or in one status."""
     rows, next_cursor = await services.connections.page(

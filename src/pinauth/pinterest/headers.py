@@ -24,6 +24,7 @@ RELAYED_RESPONSE_HEADER_PREFIXES = (b"x-ratelimit-", b"x-userendpoint-ratelimit-
 # with anything else (control characters, UTF-8 that some stacks decode and others
 # refuse) is dropped rather than relayed or allowed to fail the response.
 _NOT_FIELD_VALUE = re.compile(rb"[^\t\x20-\x7e]")
+_NOT_FIELD_TEXT = re.compile(r"[^\t\x20-\x7e]")
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
@@ -41,9 +42,19 @@ def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
 
 
 def request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's headers that may reach Pinterest.
+
+    A value with anything but visible ASCII and tabs is dropped, not forwarded: the outgoing request
+    cannot carry it (httpx encodes header values as ASCII), and Pinterest would not
+    understand it in an Accept, Accept-Language or Content-Type anyway.
+    """
     headers = list(headers)
     allowed = FORWARDED_REQUEST_HEADERS - _connection_listed(headers)
-    return [(name, value) for name, value in headers if name.lower() in allowed]
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() in allowed and not _NOT_FIELD_TEXT.search(value)
+    ]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
