@@ -77,12 +77,41 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     assert callback_line["duration_ms"] >= 0
     assert "SECRETCODE" not in output
     assert "STATE" not in output
+    assert "PINAUTH_METRICS_TOKEN" not in output  # on loopback, an open /metrics is fine
     tables = sqlite3.connect(tmp_path / "cli.db").execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'"
     )
     assert {"connections", "sessions", "login_states", "alembic_version"} <= {
         row[0] for row in tables
     }
+
+
+def test_serve_warns_when_metrics_are_open_beyond_loopback(tmp_path: Path) -> None:
+    """Guards the start-up warning: listening on a non-loopback address without
+    PINAUTH_METRICS_TOKEN says so in the log."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        cwd=tmp_path,
+        env=service_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    warnings = [line for line in lines if line["level"] == "warning"]
+    assert any(
+        "PINAUTH_METRICS_TOKEN is not set" in line["event"] and "0.0.0.0" in line["event"]
+        for line in warnings
+    ), output
 
 
 def test_migrate_only_migrates(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import logging
 import logging.config
 import sys
@@ -24,6 +25,15 @@ def _load_settings() -> Settings:
             f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise ConfigurationError(f"invalid configuration:\n{problems}") from e
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whoever resolves it can connect
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -55,6 +65,13 @@ def _serve(args: argparse.Namespace) -> None:
         )
     settings.validate_for_serving()
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    if not settings.metrics_token.get_secret_value() and not _is_loopback(args.host):
+        logging.getLogger("pinauth").warning(
+            "PINAUTH_METRICS_TOKEN is not set and pinauth listens on %s: anyone who can "
+            "reach it can read /metrics. Set PINAUTH_METRICS_TOKEN and give Prometheus "
+            "that bearer token.",
+            args.host,
+        )
     upgrade_to_head(settings.database_url)
     app = create_app(settings, sandbox=sandbox)
     # Everything built so far (modules, routes, models) lives as long as the process;
