@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import respx
+from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from pinauth.observability import Metrics
@@ -46,3 +49,24 @@ def metrics_of(app: FastAPI) -> Metrics:
         if isinstance(metrics, Metrics):
             return metrics
     raise AssertionError("no middleware of the app was given the metrics")
+
+
+@asynccontextmanager
+async def in_process_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """`app` with its lifespan running, called in-process at http://localhost:8000."""
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://localhost:8000"
+        ) as client,
+    ):
+        yield client
+
+
+def csp_directives(policy: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy header as {directive: [sources]}."""
+    directives: dict[str, list[str]] = {}
+    for part in policy.split(";"):
+        name, *sources = part.split()
+        directives[name] = sources
+    return directives

@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
 from pinauth.api import demo as demo_routes
+from pinauth.api import docs as docs_routes
 from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
@@ -98,6 +99,9 @@ def create_app(
         version=__version__,
         summary="Connect users' Pinterest accounts and call Pinterest API v5 on their behalf.",
         lifespan=lifespan,
+        # Replaced by api/docs.py, which adds each page's Content-Security-Policy.
+        docs_url=None,
+        redoc_url=None,
         telemetry={
             "tracing": settings.opentelemetry,
             "metrics": settings.opentelemetry,
@@ -121,6 +125,9 @@ def create_app(
     app.include_router(me_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
+    app.include_router(
+        docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
+    )
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))

@@ -1,4 +1,4 @@
-"""Metrics, request ids and the per-request log line."""
+"""Metrics, request ids, security headers and the per-request log line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pinauth.pinterest.endpoints import OTHER, resource
+from pinauth.security_headers import secured
 
 # Set per request; the JSON log formatter adds them to every line logged meanwhile.
 REQUEST_ID: ContextVar[str | None] = ContextVar("pinauth_request_id", default=None)
@@ -79,7 +80,8 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    """Request id in and out (X-Request-ID), request metrics, and one log line a request.
+    """Request id in and out (X-Request-ID), security headers on every response (see
+    security_headers.py), request metrics, and one log line a request.
 
     Plain ASGI rather than BaseHTTPMiddleware, which costs far more per request.
     """
@@ -106,10 +108,9 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                message["headers"] = secured(
+                    message.get("headers", ()), (b"x-request-id", request_id.encode())
+                )
             await send(message)
 
         try:

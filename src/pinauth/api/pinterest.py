@@ -18,6 +18,7 @@ from pinauth.errors import PayloadTooLarge, PinauthError
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
 from pinauth.pinterest.paths import InvalidPath, confine
+from pinauth.security_headers import LOCKED_DOWN_CSP
 
 router = APIRouter(tags=["pinterest"])
 
@@ -62,6 +63,9 @@ def _relay(upstream: httpx.Response) -> Response:
         (name.encode("latin-1"), value.encode("latin-1"))
         for name, value in headers.response_headers(upstream.headers.multi_items())
     )
+    # Whatever Pinterest's body is (text/html included), it must not act as a page of
+    # pinauth's origin; set here, after upstream's headers, so it holds whatever they say.
+    response.raw_headers.append(LOCKED_DOWN_CSP)
     return response
 
 
