@@ -1,5 +1,5 @@
-"""Security headers on every response, a policy fitted to each HTML page, and inert
-proxied bodies."""
+"""Security headers on every response, a policy fitted to each HTML page, inert proxied
+bodies, and no redirect that takes its host from the Host header."""
 
 from __future__ import annotations
 
@@ -186,3 +186,33 @@ async def test_proxied_responses_are_inert_documents(
     assert LOCKED_DOWN in response.headers.get_list("content-security-policy")
     assert "nosniff" in response.headers.get_list("x-content-type-options")
     assert response.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/me/",
+        "/healthz/",
+        "/auth/logout/",
+        "/docs/",
+        "/static",
+        "/sandbox",
+        "/sandbox/oauth",
+        "/sandbox/v5/boards/",
+        "/sandbox/_sandbox/counters/",
+    ],
+)
+async def test_no_redirect_takes_its_host_from_the_host_header(
+    settings: Settings, pinterest: respx.MockRouter, path: str
+) -> None:
+    """Guards against Host-built redirects (Starlette's trailing-slash redirects, in
+    pinauth and in the mounted sandbox): a forged Host never becomes a Location."""
+    config = SandboxConfig(redirect_uris=(settings.redirect_uri,))
+    app = create_app(
+        settings, transport=httpx.MockTransport(pinterest.async_handler), sandbox=config
+    )
+    async with in_process_client(app) as client:
+        for method in ("GET", "POST"):
+            response = await client.request(method, path, headers={"Host": "evil.example"})
+            assert "evil.example" not in response.headers.get("location", ""), response
+            assert not response.is_redirect, (method, response.headers)

@@ -102,6 +102,9 @@ def create_app(
         # Replaced by api/docs.py, which adds each page's Content-Security-Policy.
         docs_url=None,
         redoc_url=None,
+        # Starlette builds a trailing-slash redirect's Location from the Host header,
+        # which the client chooses; /me/ is a 404 rather than a redirect to anywhere.
+        redirect_slashes=False,
         telemetry={
             "tracing": settings.opentelemetry,
             "metrics": settings.opentelemetry,
