@@ -18,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tests.conftest import free_port, wait_until_serving
+from tests.helpers import exchange, status_of
 
 
 def service_env(tmp_path: Path) -> dict[str, str]:
@@ -49,7 +50,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.communicate()  # reaps it and closes its output pipe
 
 
 def test_serve_migrates_then_serves_docs_and_stops_cleanly(
@@ -84,6 +85,17 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     assert {"connections", "sessions", "login_states", "alembic_version"} <= {
         row[0] for row in tables
     }
+
+
+def test_serve_caps_request_heads(served: tuple[str, subprocess.Popen[str]]) -> None:
+    """Guards that `pinauth serve` runs uvicorn with pinauth's protocol: a 64 KiB header
+    is refused with 431 by the real process, which goes on serving."""
+    base, _process = served
+    answer = exchange(
+        base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n"
+    )
+    assert status_of(answer) == 431, answer[:200]
+    assert httpx.get(f"{base}/healthz").status_code == 200
 
 
 def test_serve_warns_when_metrics_are_open_beyond_loopback(tmp_path: Path) -> None:

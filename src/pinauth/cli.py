@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from pinauth.app import create_app
     from pinauth.migrations import upgrade_to_head
+    from pinauth.server import uvicorn_options
 
     settings = _load_settings()
     sandbox = None
@@ -84,13 +85,7 @@ def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_config=logging_config(settings.log_level, settings.log_format),
-        # pinauth logs each request itself (with request id, route and duration).
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
-        proxy_headers=bool(settings.forwarded_allow_ips),
-        forwarded_allow_ips=settings.forwarded_allow_ips or None,
-        # Keeps `Server` banners off responses; the service's name is no one's business.
-        server_header=False,
+        **uvicorn_options(settings),
     )
 
 
