@@ -167,7 +167,9 @@ async def test_proxied_responses_are_inert_documents(
     body: str,
 ) -> None:
     """Guards `Content-Security-Policy: sandbox` on what the proxy relays: even HTML from
-    upstream, with a permissive policy of its own, is inert on pinauth's origin."""
+    upstream, with a permissive policy of its own, is inert on pinauth's origin; and
+    upstream's own security headers never compete with pinauth's (browsers read only
+    the first X-Content-Type-Options value)."""
     await connect_account(client, pinterest, settings)
     pinterest.get(f"{settings.api_url}/boards").respond(
         status,
@@ -175,7 +177,10 @@ async def test_proxied_responses_are_inert_documents(
         headers={
             "Content-Type": content_type,
             "Content-Security-Policy": "script-src *",
+            "Content-Security-Policy-Report-Only": "script-src *",
             "X-Content-Type-Options": "whatever",
+            "X-Frame-Options": "ALLOWALL",
+            "Referrer-Policy": "unsafe-url",
         },
     )
 
@@ -183,9 +188,11 @@ async def test_proxied_responses_are_inert_documents(
 
     assert response.status_code == status
     assert response.text == body
-    assert LOCKED_DOWN in response.headers.get_list("content-security-policy")
-    assert "nosniff" in response.headers.get_list("x-content-type-options")
-    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers.get_list("content-security-policy") == [LOCKED_DOWN]
+    assert "content-security-policy-report-only" not in response.headers
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert response.headers.get_list("x-frame-options") == ["DENY"]
+    assert response.headers.get_list("referrer-policy") == ["no-referrer"]
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,14 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
     "date",
     "alt-svc",
     "strict-transport-security",
+    # pinauth's own security headers (security_headers.py) describe these responses;
+    # upstream's would compete with them, and for nosniff the first value is the one
+    # browsers read.
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "content-security-policy",
+    "content-security-policy-report-only",
 }
 
 
