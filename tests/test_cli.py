@@ -18,7 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from pinauth.migrations import schema_head
-from tests.helpers import free_port, wait_until_serving
+from tests.helpers import exchange, free_port, status_of, wait_until_serving
 
 
 def service_env(tmp_path: Path) -> dict[str, str]:
@@ -50,7 +50,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.communicate()  # reaps it and closes its output pipe
 
 
 def test_serve_migrates_then_serves_docs_and_stops_cleanly(
@@ -78,12 +78,52 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     assert callback_line["duration_ms"] >= 0
     assert "SECRETCODE" not in output
     assert "STATE" not in output
+    assert "PINAUTH_METRICS_TOKEN" not in output  # on loopback, an open /metrics is fine
     tables = sqlite3.connect(tmp_path / "cli.db").execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'"
     )
     assert {"connections", "sessions", "login_states", "alembic_version"} <= {
         row[0] for row in tables
     }
+
+
+def test_serve_caps_request_heads(served: tuple[str, subprocess.Popen[str]]) -> None:
+    """Guards that `pinauth serve` runs uvicorn with pinauth's protocol: a 64 KiB header
+    is refused with 431 by the real process, which goes on serving."""
+    base, _process = served
+    answer = exchange(
+        base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n"
+    )
+    assert status_of(answer) == 431, answer[:200]
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_serve_warns_when_metrics_are_open_beyond_loopback(tmp_path: Path) -> None:
+    """Guards the start-up warning: listening on a non-loopback address without
+    PINAUTH_METRICS_TOKEN says so in the log."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        cwd=tmp_path,
+        env=service_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    warnings = [line for line in lines if line["level"] == "warning"]
+    assert any(
+        "PINAUTH_METRICS_TOKEN is not set" in line["event"] and "0.0.0.0" in line["event"]
+        for line in warnings
+    ), output
 
 
 def test_migrate_only_migrates(tmp_path: Path) -> None:

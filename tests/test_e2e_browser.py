@@ -8,11 +8,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.helpers import free_port, wait_until_serving
+
+if TYPE_CHECKING:
+    from playwright.sync_api import ConsoleMessage
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -76,6 +80,15 @@ def test_connect_browse_create_refresh_deny_and_disconnect(demo_server: str) -> 
             page = browser.new_page()
             page.set_default_timeout(15_000)
             expect = playwright_sync.expect
+            # Every page's Content-Security-Policy must allow all it does: Chromium logs
+            # each blocked load, script, style or form as a console error.
+            csp_errors: list[str] = []
+
+            def note_csp_errors(message: ConsoleMessage) -> None:
+                if "Content Security Policy" in message.text:
+                    csp_errors.append(message.text)
+
+            page.on("console", note_csp_errors)
 
             # Connect and allow.
             page.goto(f"{base}/")
@@ -123,6 +136,29 @@ def test_connect_browse_create_refresh_deny_and_disconnect(demo_server: str) -> 
             assert not [c for c in other.context.cookies() if c["name"] == "pinauth_session"]
             other.goto(f"{base}/")
             expect(other.get_by_role("link", name="Connect Pinterest")).to_be_visible()
+
+            assert csp_errors == []
+        finally:
+            browser.close()
+
+
+def test_the_demo_page_cannot_be_framed(demo_server: str) -> None:
+    """Guards against clickjacking (frame-ancestors 'none'): a page on another origin that
+    frames the demo page gets nothing from it, and Chromium says why."""
+    base = demo_server
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()  # about:blank, with no policy of its own
+            page.set_default_timeout(15_000)
+            with page.expect_console_message(
+                lambda m: "frame-ancestors 'none'" in m.text
+            ) as refusal:
+                page.set_content(f'<iframe id="victim" src="{base}/"></iframe>')
+            assert base in refusal.value.text
+            frame = page.frame_locator("#victim")
+            assert frame.locator("#connect").count() == 0
+            assert frame.locator("#disconnect").count() == 0
         finally:
             browser.close()
 

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
 from pinauth.api import demo as demo_routes
+from pinauth.api import docs as docs_routes
 from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
@@ -130,6 +131,12 @@ def create_app(
         version=__version__,
         summary="Connect users' Pinterest accounts and call Pinterest API v5 on their behalf.",
         lifespan=lifespan,
+        # Replaced by api/docs.py, which adds each page's Content-Security-Policy.
+        docs_url=None,
+        redoc_url=None,
+        # Starlette builds a trailing-slash redirect's Location from the Host header,
+        # which the client chooses; /me/ is a 404 rather than a redirect to anywhere.
+        redirect_slashes=False,
         telemetry={
             "tracing": settings.opentelemetry,
             "metrics": settings.opentelemetry,
@@ -157,6 +164,9 @@ def create_app(
     app.include_router(v1_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
+    app.include_router(
+        docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
+    )
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))

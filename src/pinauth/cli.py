@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import logging
 import logging.config
 import sys
@@ -27,12 +28,22 @@ def _load_settings() -> Settings:
         raise ConfigurationError(f"invalid configuration:\n{problems}") from e
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whoever resolves it can connect
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
 
     from pinauth.app import create_app
     from pinauth.migrations import upgrade_to_head
+    from pinauth.server import uvicorn_options
     from pinauth.shutdown import Server, Shutdown
 
     settings = _load_settings()
@@ -58,6 +69,13 @@ def _serve(args: argparse.Namespace) -> None:
         )
     settings.validate_for_serving()
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    if not settings.metrics_token.get_secret_value() and not _is_loopback(args.host):
+        logging.getLogger("pinauth").warning(
+            "PINAUTH_METRICS_TOKEN is not set and pinauth listens on %s: anyone who can "
+            "reach it can read /metrics. Set PINAUTH_METRICS_TOKEN and give Prometheus "
+            "that bearer token.",
+            args.host,
+        )
     upgrade_to_head(settings.database_url)
     shutdown = Shutdown()
     app = create_app(settings, sandbox=sandbox, shutdown=shutdown)
@@ -71,13 +89,7 @@ def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_config=logging_config(settings.log_level, settings.log_format),
-        # pinauth logs each request itself (with request id, route and duration).
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
-        proxy_headers=bool(settings.forwarded_allow_ips),
-        forwarded_allow_ips=settings.forwarded_allow_ips or None,
-        # Keeps `Server` banners off responses; the service's name is no one's business.
-        server_header=False,
+        **uvicorn_options(settings),
     )
     # uvicorn.run() with a server that flags the shutdown, so requests it cancels at the
     # timeout answer 503 (see shutdown.py).

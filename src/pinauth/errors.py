@@ -78,6 +78,18 @@ class PayloadTooLarge(PinauthError):
     default_message = "The request body is larger than this service accepts."
 
 
+class RequestHeadTooLarge(PinauthError):
+    status_code = 431
+    code = "request_header_too_large"
+    default_message = "The request line and headers are larger than this service accepts."
+
+
+class RequestTimeout(PinauthError):
+    status_code = 408
+    code = "request_timeout"
+    default_message = "The request did not arrive in time."
+
+
 class NotReady(PinauthError):
     status_code = 503
     code = "not_ready"

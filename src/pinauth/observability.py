@@ -1,4 +1,4 @@
-"""Metrics, request ids and the per-request log line."""
+"""Metrics, request ids, security headers and the per-request log line."""
 
 from __future__ import annotations
 
@@ -12,16 +12,26 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pinauth.pinterest.endpoints import OTHER, resource
+from pinauth.security_headers import secured
+
 # Set per request; the JSON log formatter adds them to every line logged meanwhile.
 REQUEST_ID: ContextVar[str | None] = ContextVar("pinauth_request_id", default=None)
 CONNECTION_ID: ContextVar[str | None] = ContextVar("pinauth_connection_id", default=None)
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Label values come from fixed sets, so no client can mint new series: a method outside
+# this set (any token is a valid HTTP method) is counted as `other`.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 access_log = logging.getLogger("pinauth.access")
 
 
 class Metrics:
-    """The app's Prometheus metrics, in a registry of its own (one per app instance)."""
+    """The app's Prometheus metrics, in a registry of its own (one per app instance).
+
+    Every label takes its values from a fixed set: route templates (or `unmatched`),
+    known methods, statuses, Pinterest's resource names from its spec (or `other`).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -39,7 +49,8 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "pinauth_upstream_request_duration_seconds",
-            "Latency of calls to Pinterest, by endpoint group (first path segment).",
+            "Latency of calls to Pinterest, by resource (first path segment if Pinterest's "
+            "spec has it, else other).",
             ["endpoint"],
             registry=self.registry,
         )
@@ -74,7 +85,7 @@ class Metrics:
         )
 
     def observe_upstream(self, path: str, seconds: float) -> None:
-        self.upstream_duration.labels(path.split("/", 1)[0] or "root").observe(seconds)
+        self.upstream_duration.labels(resource(path)).observe(seconds)
 
 
 def _route_template(scope: Scope) -> str:
@@ -84,7 +95,8 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    """Request id in and out (X-Request-ID), request metrics, and one log line a request.
+    """Request id in and out (X-Request-ID), security headers on every response (see
+    security_headers.py), request metrics, and one log line a request.
 
     Plain ASGI rather than BaseHTTPMiddleware, which costs far more per request.
     """
@@ -111,10 +123,9 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                message["headers"] = secured(
+                    message.get("headers", ()), (b"x-request-id", request_id.encode())
+                )
             await send(message)
 
         try:
@@ -123,7 +134,9 @@ class RequestContextMiddleware:
             duration = time.perf_counter() - started
             route = _route_template(scope)
             method = scope["method"]
-            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.requests.labels(
+                route, method if method in _METHODS else OTHER, str(status)
+            ).inc()
             self.metrics.request_duration.labels(route).observe(duration)
             if self.log_requests:
                 # The path only: query strings carry OAuth codes, states and user data.

@@ -89,6 +89,17 @@ class Settings(BaseSettings):
         10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_BODY_BYTES")
+    # The request line and headers together; beyond this the server answers 431 before
+    # the app sees the request (an ASGI app only hears of a request once it is parsed).
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, validation_alias="PINAUTH_MAX_HEADER_BYTES"
+    )
+    # A client has this long from its request's first byte (or from connecting) to send
+    # all of it, line, headers and body; then 408. Trickling a byte now and then does not
+    # reset it: slow senders cannot hold connections and buffers open.
+    request_read_timeout_seconds: float = Field(
+        30.0, gt=0, validation_alias="PINAUTH_REQUEST_READ_TIMEOUT"
+    )
     # Automatic retries of idempotent proxied calls on 429/502/503/504 and connection errors.
     max_retries: int = Field(2, ge=0, le=10, validation_alias="PINAUTH_MAX_RETRIES")
     # Total seconds a proxied call may spend waiting between retries (incl. Retry-After).

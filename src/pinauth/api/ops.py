@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Header, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -62,4 +63,6 @@ async def metrics(
         counts = await ConnectionRepository(db).count_by_status()
     for status in ConnectionStatus:
         services.metrics.connections.labels(status.value).set(counts.get(status, 0))
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Rendering walks every series: in a worker thread, so a scrape never stalls the loop.
+    body = await anyio.to_thread.run_sync(generate_latest, services.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

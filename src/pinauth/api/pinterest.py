@@ -29,6 +29,7 @@ from pinauth.outage import OutageTracker
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
 from pinauth.pinterest.paths import InvalidPath, confine
+from pinauth.security_headers import LOCKED_DOWN_CSP
 
 router = APIRouter(tags=["pinterest"])
 
@@ -73,6 +74,9 @@ def _relay(upstream: httpx.Response) -> Response:
     response = Response(content=upstream.content, status_code=upstream.status_code)
     # raw_headers, not a dict: repeated headers (Link, …) must all come back.
     response.raw_headers.extend(headers.response_headers(upstream.headers.raw))
+    # Whatever Pinterest's body is (text/html included), it must not act as a page of
+    # pinauth's origin; set here, after upstream's headers, so it holds whatever they say.
+    response.raw_headers.append(LOCKED_DOWN_CSP)
     return response
 
 

@@ -26,6 +26,8 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
         title="pinauth sandbox",
         summary="A local Pinterest API v5 for demos and tests.",
         version="5.23.0",
+        # A trailing-slash redirect would take its host from the Host header.
+        redirect_slashes=False,
     )
 
     @app.exception_handler(PinterestError)

@@ -13,11 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from pinauth.sandbox.errors import error
+from pinauth.sandbox.pages import html_page, page_policy
 from pinauth.sandbox.state import V5_SCOPES, SandboxConfig, SandboxState, StateHolder, now
 
 
 def oauth_router(holder: StateHolder) -> APIRouter:
     router = APIRouter()
+    policy = page_policy(holder.config.redirect_uris)
 
     def current() -> SandboxState:
         return holder.state
@@ -30,7 +32,9 @@ def oauth_router(holder: StateHolder) -> APIRouter:
         problem = _authorize_problem(holder.config, q.get("client_id"), q.get("redirect_uri"))
         if problem:
             # Never redirect to an unregistered URI: show the error here, like Pinterest.
-            return HTMLResponse(_page("Cannot authorize", f"<p>{html.escape(problem)}</p>"), 400)
+            return html_page(
+                "Cannot authorize", f"<p>{html.escape(problem)}</p>", policy=policy, status_code=400
+            )
         redirect_uri = q["redirect_uri"]
         state = q.get("state", "")
         if q.get("response_type") != "code":
@@ -60,7 +64,7 @@ def oauth_router(holder: StateHolder) -> APIRouter:
           <button name="decision" value="deny" class="deny">Deny</button>
         </form>
         <p class="note">This is pinauth's sandbox: no real Pinterest account is involved.</p>"""
-        return HTMLResponse(_page("Connect to Pinterest", body))
+        return html_page("Connect to Pinterest", body, policy=policy)
 
     @router.post("/oauth/", include_in_schema=False)
     async def decide(request: Request) -> Response:
@@ -70,14 +74,18 @@ def oauth_router(holder: StateHolder) -> APIRouter:
             holder.config, values.get("client_id"), values.get("redirect_uri")
         )
         if problem:
-            return HTMLResponse(_page("Cannot authorize", f"<p>{html.escape(problem)}</p>"), 400)
+            return html_page(
+                "Cannot authorize", f"<p>{html.escape(problem)}</p>", policy=policy, status_code=400
+            )
         redirect_uri, state = values["redirect_uri"], values.get("state", "")
         if values.get("decision") != "allow":
             return _redirect(redirect_uri, error="access_denied", state=state)
         scopes = frozenset(s for s in values.get("scope", "").split(",") if s in V5_SCOPES)
         account = values.get("account", holder.config.username)
         if account not in holder.config.usernames:
-            return HTMLResponse(_page("Cannot authorize", "<p>Unknown account.</p>"), 400)
+            return html_page(
+                "Cannot authorize", "<p>Unknown account.</p>", policy=policy, status_code=400
+            )
         code = current().issue_code(redirect_uri, scopes, account)
         return _redirect(redirect_uri, code=code, state=state)
 
@@ -148,25 +156,3 @@ def _client_authenticated(config: SandboxConfig, header: str | None) -> bool:
 def _redirect(redirect_uri: str, **params: str) -> RedirectResponse:
     separator = "&" if "?" in redirect_uri else "?"
     return RedirectResponse(f"{redirect_uri}{separator}{urlencode(params)}", status_code=302)
-
-
-def _page(title: str, body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)} · pinauth sandbox</title>
-<style>
-  body {{ font: 16px/1.5 system-ui, sans-serif; background: #f3f3f3; color: #111;
-         display: grid; place-items: center; min-height: 100vh; margin: 0; }}
-  main {{ background: #fff; border-radius: 16px; padding: 2rem 2.5rem; max-width: 28rem;
-         box-shadow: 0 4px 24px rgba(0,0,0,.08); }}
-  h1 {{ margin-top: 0; font-size: 1.4rem; }} .badge {{ color: #e60023; font-weight: 700; }}
-  button {{ font: inherit; font-weight: 600; border: 0; border-radius: 24px;
-           padding: .6rem 1.4rem; cursor: pointer; margin-right: .5rem; }}
-  .allow {{ background: #e60023; color: #fff; }} .deny {{ background: #e9e9e9; }}
-  .note {{ color: #767676; font-size: .85rem; margin-top: 1.5rem; }}
-  code {{ background: #f0f0f0; padding: 0 .3rem; border-radius: 4px; }}
-  fieldset {{ border: 0; padding: 0; margin: 0 0 1.2rem; }} label {{ display: block; }}
-</style></head>
-<body><main><p class="badge">Pinterest sandbox</p><h1>{html.escape(title)}</h1>{body}</main>
-</body></html>"""

@@ -1,0 +1,48 @@
+"""Security headers: the ones every response carries, and each page's Content-Security-Policy.
+
+RequestContextMiddleware adds `ALWAYS` to every response, and `LOCKED_DOWN_CSP` to each
+one that names no policy of its own: JSON, errors, static files. The proxy sets
+`LOCKED_DOWN_CSP` itself on what it relays, so no header from upstream can stand in for
+it. HTML pages set a policy that allows exactly what they load: the demo page, /docs and
+/redoc (api/docs.py), the sandbox's consent page (sandbox/pages.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Header = tuple[bytes, bytes]
+
+ALWAYS: tuple[Header, ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    # For browsers that predate frame-ancestors; every policy here also says 'none'.
+    (b"x-frame-options", b"DENY"),
+)
+
+# Nothing may load, run, submit or frame it; `sandbox` also gives a document an opaque
+# origin, so HTML that comes back through the proxy is inert on pinauth's origin.
+LOCKED_DOWN_CSP: Header = (
+    b"content-security-policy",
+    b"default-src 'none'; frame-ancestors 'none'; sandbox",
+)
+
+# The demo page (static/index.html) loads one script and one stylesheet from /static,
+# has no inline script or style, and talks to pinauth with fetch().
+DEMO_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+_CSP = b"content-security-policy"
+_ALWAYS_AND_LOCKED_DOWN = (*ALWAYS, LOCKED_DOWN_CSP)
+
+
+def secured(headers: Iterable[Header], request_id: Header) -> list[Header]:
+    """A response's headers with the request id and the security headers added."""
+    if type(headers) is not list:  # Starlette sends lists; anything else is read once
+        headers = list(headers)
+    for name, _ in headers:
+        if name == _CSP:
+            return [*headers, request_id, *ALWAYS]
+    return [*headers, request_id, *_ALWAYS_AND_LOCKED_DOWN]

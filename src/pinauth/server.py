@@ -1,0 +1,229 @@
+"""The HTTP server: uvicorn as `pinauth serve` runs it, with limits no ASGI layer can impose.
+
+An ASGI app first hears of a request once the server has parsed its whole head, so
+neither a cap on the head's size nor a deadline for a slowly sent request can live in
+middleware. Uvicorn's httptools protocol (the fastest it has) enforces neither, and
+httptools itself buffers a header of any length; the h11 protocol caps the head but
+answers 400, not 431, and is slower. So both limits live in a small subclass of the
+httptools protocol, which sees every byte before the parser does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from pinauth.errors import PinauthError, RequestHeadTooLarge, RequestTimeout
+from pinauth.security_headers import ALWAYS, LOCKED_DOWN_CSP
+from pinauth.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long a refused connection keeps reading (and discarding) after the answer.
+_LINGER_SECONDS = 2.0
+
+_REFUSAL_HEADERS = b"".join(
+    name + b": " + value + b"\r\n"
+    for name, value in (
+        (b"content-type", b"application/json"),
+        (b"connection", b"close"),
+        *ALWAYS,
+        LOCKED_DOWN_CSP,
+    )
+)
+
+
+# The base methods the per-request overrides call, bound once: on CPython 3.11 a
+# `super().x()` call costs more than the rest of these overrides (measured with callgrind).
+_data_received = HttpToolsProtocol.data_received
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_message_complete = HttpToolsProtocol.on_message_complete
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """Uvicorn's httptools protocol, plus a cap on the head and a deadline on each request.
+
+    Head: a head that completes is measured (URL plus header names and values) before
+    the app is called; one that has not completed yet is bounded by the bytes received
+    since it began, before the parser buffers more. Over `max_head_bytes`, 431. (The
+    second count can only undercount, by at most one read, where one request ends and
+    the next begins in the same read; the first is exact.)
+
+    Deadline: a request must arrive in full, line, headers and body, within
+    `read_timeout` seconds of its first byte, and a new connection must send one within
+    that time of opening; otherwise 408 (or, if its response has started, just close).
+    The timer is armed only while a request is incomplete at the end of a read, so a
+    request that arrives in one read costs no timer at all.
+
+    Either way the connection is done: pinauth sends FIN and discards what still comes
+    for a moment, so that the client reads the answer rather than a reset.
+    """
+
+    max_head_bytes: ClassVar[int] = 16 * 1024
+    read_timeout: ClassVar[float] = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # between requests, or inside a request's line and headers
+        self._head_bytes = 0  # of the head being received (at most); 0 between requests
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False  # answered and hung up: nothing more reaches the app
+        self._answer_later: PinauthError | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        _data_received(self, data)
+        if self._refused or self.transport.is_closing():
+            return  # refused while parsing, here or by uvicorn (400)
+        if self._in_head and self._head_bytes > self.max_head_bytes:
+            self._refuse(self._head_too_large(), request_cycle=None)
+        elif self._deadline is None and (self._head_bytes or not self._in_head):
+            self._arm()  # a request has begun and is not complete yet
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._refused:
+            return
+        size = len(self.url)
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        if size > self.max_head_bytes:
+            # Before the app hears of it; the parser's remaining callbacks see _refused.
+            self._refuse(self._head_too_large(), request_cycle=None)
+            return
+        _on_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        _on_message_complete(self)
+        self._in_head = True
+        self._head_bytes = 0
+        self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._answer_later is not None and not self.pipeline:
+            self._unset_keepalive_if_required()
+            self._answer(self._answer_later)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the connection is the WebSocket protocol's from here on
+        super().handle_websocket_upgrade()
+
+    def _head_too_large(self) -> RequestHeadTooLarge:
+        return RequestHeadTooLarge(
+            f"The request line and headers exceed {self.max_head_bytes} bytes."
+        )
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.read_timeout, self._deadline_passed)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self._refused:
+            return
+        if self._in_head and not self._head_bytes:
+            self.transport.close()  # connected, but never sent a byte of a request
+            return
+        self._refuse(
+            RequestTimeout(f"The request did not arrive within {self.read_timeout:g} s."),
+            request_cycle=None if self._in_head else self.cycle,
+        )
+
+    def _refuse(self, error: PinauthError, *, request_cycle: RequestResponseCycle | None) -> None:
+        """Answer with pinauth's JSON error unless a response is under way, then hang up.
+
+        `request_cycle` is the refused request's cycle, if the app already has it.
+        """
+        self._refused = True
+        self._disarm()
+        log.info("request refused by the server", extra={"status": error.status_code})
+        if request_cycle is None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                # The app never saw this request, but is still answering an earlier,
+                # pipelined one: this answer follows that one.
+                self._answer_later = error
+                return
+        else:
+            # The app may be waiting for this body: it gets http.disconnect, and whatever
+            # it answers is dropped rather than written after this answer.
+            request_cycle.disconnected = True
+            request_cycle.message_event.set()
+            if request_cycle.response_started:
+                self.transport.close()
+                return
+        self._answer(error)
+
+    def _answer(self, error: PinauthError) -> None:
+        body = json.dumps(error.body()).encode()
+        default_headers = b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        )
+        self.transport.write(
+            STATUS_LINE[error.status_code]
+            + default_headers
+            + _REFUSAL_HEADERS
+            + b"content-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        if self.transport.can_write_eof():
+            # Closing with unread input would send a reset, which can overtake the answer.
+            self.transport.write_eof()
+            self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with this configuration's limits (uvicorn instantiates it)."""
+
+    class Configured(GuardedHttpToolsProtocol):
+        max_head_bytes = settings.max_header_bytes
+        read_timeout = settings.request_read_timeout_seconds
+
+    return Configured
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What `pinauth serve` hands uvicorn besides the app, address and logging."""
+    return {
+        "http": guarded_protocol(settings),
+        # pinauth logs each request itself (with request id, route and duration).
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_seconds,
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or None,
+        # Keeps `Server` banners off responses; the service's name is no one's business.
+        "server_header": False,
+    }
