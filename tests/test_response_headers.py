@@ -52,7 +52,15 @@ DROPPED = [
     (b"Pinterest-Generated-By", b"host-1"),
 ]
 # Added by pinauth itself on every proxied response.
-OWN = {"content-length", "cache-control", "x-request-id"}
+OWN = {
+    "content-length",
+    "cache-control",
+    "x-request-id",
+    "x-content-type-options",
+    "referrer-policy",
+    "x-frame-options",
+    "content-security-policy",
+}
 # Values a server may put on the wire that are no valid field-value: UTF-8 (which httpx
 # decodes to characters latin-1 cannot encode), raw high bytes, control characters.
 INVALID_VALUES = [
@@ -82,6 +90,11 @@ async def test_only_allowlisted_response_headers_reach_the_client(
     assert response.headers["x-pinterest-rid"] == "1494410597907320"
     assert response.headers["x-userendpoint-ratelimit-remaining"] == "98"
     assert response.headers["cache-control"] == "no-store"
+    # pinauth's own security headers, once each, never upstream's values.
+    assert response.headers.get_list("x-frame-options") == ["DENY"]
+    assert response.headers.get_list("content-security-policy") == [
+        "default-src 'none'; frame-ancestors 'none'; sandbox"
+    ]
 
 
 async def test_headers_the_upstream_declares_hop_by_hop_are_dropped(
