@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -103,7 +104,7 @@ def to_ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(name: str, url: str, args: argparse.Namespace, cookie: str | None = None) -> Result:
+def wrk(name: str, url: str, args: argparse.Namespace, headers: Sequence[str] = ()) -> Result:
     command = [
         "wrk",
         f"-t{args.threads}",
@@ -112,8 +113,8 @@ def wrk(name: str, url: str, args: argparse.Namespace, cookie: str | None = None
         "--latency",
         url,
     ]
-    if cookie:
-        command[1:1] = ["-H", f"Cookie: {cookie}"]
+    for header in headers:
+        command[1:1] = ["-H", header]
     # A short warm-up fills connection pools and caches before the measured run.
     subprocess.run([*command[:-2], "-d2s", url], capture_output=True, check=True)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -125,15 +126,29 @@ def wrk(name: str, url: str, args: argparse.Namespace, cookie: str | None = None
     return Result(name, rps, p50, p99)
 
 
-def log_in(base: str) -> str:
-    """The real OAuth flow against nginx-as-Pinterest; returns the session cookie."""
+def log_in(base: str) -> tuple[str, str]:
+    """The real OAuth flow against nginx-as-Pinterest: the session cookie and the
+    connection's id."""
     with httpx.Client(base_url=base) as client:
         login = client.get("/auth/login")
         state = parse_qs(urlsplit(login.headers["location"]).query)["state"][0]
         callback = client.get("/auth/callback", params={"code": "bench", "state": state})
         if callback.status_code != 303:
             raise SystemExit(f"login failed: {callback.status_code} {callback.text}")
-        return f"pinauth_session={client.cookies['pinauth_session']}"
+        connection_id = client.get("/me").json()["connection_id"]
+        return f"pinauth_session={client.cookies['pinauth_session']}", connection_id
+
+
+def create_api_key(env: dict[str, str], cwd: str) -> str:
+    created = subprocess.run(
+        [sys.executable, "-m", "pinauth", "api-keys", "create", "--name", "bench"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return created.stdout.splitlines()[-1]
 
 
 def main() -> None:
@@ -196,7 +211,8 @@ def main() -> None:
             )
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/openapi.json")
-            cookie = log_in(f"http://127.0.0.1:{ports['pinauth']}")
+            cookie, connection_id = log_in(f"http://127.0.0.1:{ports['pinauth']}")
+            api_key = create_api_key(env, tmp)
             print(
                 f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
                 f"{os.cpu_count()} cores, upstream: nginx static JSON "
@@ -236,11 +252,19 @@ def main() -> None:
                     "pinauth /pinterest/boards (session, token, proxy)",
                     f"http://127.0.0.1:{ports['pinauth']}/pinterest/boards",
                     args,
-                    cookie,
+                    [f"Cookie: {cookie}"],
                 )
             )
             if profiler is not None:
                 profiler.wait()
+            results.append(
+                wrk(
+                    "pinauth /pinterest/boards (API key, connection id)",
+                    f"http://127.0.0.1:{ports['pinauth']}/pinterest/boards",
+                    args,
+                    [f"Authorization: Bearer {api_key}", f"Pinauth-Connection-Id: {connection_id}"],
+                )
+            )
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -254,7 +278,7 @@ def main() -> None:
 
 
 def report(results: list[Result]) -> None:
-    httpx_ref, aiohttp_ref, pinauth = results
+    httpx_ref, aiohttp_ref, pinauth, backend = results
     print(
         f"| {'forwarder':<50} | {'req/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | "
         f"{'vs httpx':>7} | {'vs aiohttp':>9} |"
@@ -269,6 +293,7 @@ def report(results: list[Result]) -> None:
         ("throughput >= 4x the httpx forwarder", pinauth.rps >= 4 * httpx_ref.rps),
         ("throughput >= 0.5x the aiohttp forwarder", pinauth.rps >= 0.5 * aiohttp_ref.rps),
         ("p99 <= 2x the aiohttp forwarder's p99", pinauth.p99_ms <= 2 * aiohttp_ref.p99_ms),
+        ("API-key path within 10% of the cookie path", backend.rps >= 0.9 * pinauth.rps),
     ]
     print()
     for label, ok in checks:
