@@ -9,6 +9,7 @@ import pytest
 import respx
 
 from pinauth.app import create_app
+from pinauth.pinterest.headers import response_headers
 from tests.helpers import (
     API,
     USER_ACCOUNT,
@@ -186,3 +187,25 @@ async def test_bad_headers_from_a_real_upstream_over_aiohttp_and_uvicorn(
         "location",
     ):
         assert name not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("upstream", "relayed"),
+    [
+        ([(b"Content-Type", b"application/json"), (b"Content-Type", b"text/html")], None),
+        ([(b"Retry-After", b"abc")], []),
+        ([(b"Retry-After", b"-5")], []),
+        ([(b"Retry-After", b"30"), (b"Retry-After", b"60")], ["30"]),
+        ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], ["Wed, 21 Oct 2015 07:28:00 GMT"]),
+    ],
+)
+def test_single_valued_headers_are_relayed_once_and_only_when_valid(
+    upstream: list[tuple[bytes, bytes]], relayed: list[str] | None
+) -> None:
+    """Guards what the allowlist alone let through (black-box review): a second
+    Content-Type (browsers use the last) and Retry-After values that are not one."""
+    kept = response_headers(upstream)
+    if relayed is None:
+        assert [v for n, v in kept if n == b"content-type"] == [b"application/json"]
+    else:
+        assert [v.decode() for n, v in kept if n == b"retry-after"] == relayed

@@ -403,3 +403,13 @@ async def test_held_refresh_answer_has_already_rotated_and_reuse_is_counted(
     never_issued = {"grant_type": "refresh_token", "refresh_token": "pinr_never"}
     assert (await token(sandbox, never_issued)).status_code == 400
     assert (await sandbox.get("/_sandbox/refresh-token-reuse")).json() == {"reused": 2}
+
+
+async def test_a_fault_that_cannot_be_sent_is_refused(sandbox: httpx.AsyncClient) -> None:
+    """A fault header the sandbox could not put on the wire is a 422, not a later 500."""
+    response = await sandbox.post(
+        "/_sandbox/faults",
+        json={"path_prefix": "/v5/boards", "status": 200, "headers": {"X-Test": "€"}},
+    )
+    assert response.status_code == 422
+    assert (await sandbox.get("/v5/boards")).status_code == 401  # no fault queued

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     max_sessions_per_connection: int = Field(
         20, ge=1, validation_alias="PINAUTH_MAX_SESSIONS_PER_CONNECTION"
     )
-    max_pending_logins: int = Field(1000, ge=1, validation_alias="PINAUTH_MAX_PENDING_LOGINS")
+    max_pending_logins: int = Field(10_000, ge=1, validation_alias="PINAUTH_MAX_PENDING_LOGINS")
     # How often each process deletes expired sessions and pending logins.
     purge_interval_seconds: float = Field(600.0, gt=0, validation_alias="PINAUTH_PURGE_INTERVAL")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -319,6 +320,7 @@ class TokenManager:
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + self._settings.refresh_lock_timeout_seconds
         pause = LEASE_POLL_FIRST
+        lease_until: datetime | None = None
         while True:
             remaining = deadline - time.monotonic()
             now = datetime.now(UTC)
@@ -347,10 +349,17 @@ class TokenManager:
                 if row.version != seen.version or row.status is not ConnectionStatus.ACTIVE:
                     return row, None
                 # Otherwise another process holds a live lease: wait for its outcome.
+                lease_until = row.refresh_lease_until
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                # A live holder stores its answer within moments; a holder that died
+                # (kill -9) holds the connection until its lease runs out: say when.
+                left = 1.0 if lease_until is None else (lease_until - now).total_seconds()
                 raise UpstreamUnavailable(
-                    "Another process is refreshing this connection; retry shortly."
+                    "Another process is refreshing this connection; retry shortly.",
+                    retry_after=max(
+                        1, min(math.ceil(left), math.ceil(self._lease.total_seconds()))
+                    ),
                 )
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, LEASE_POLL_MAX)

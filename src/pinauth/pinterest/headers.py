@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from email.utils import parsedate_to_datetime
 
 # Requests: an allowlist. The client's Cookie, Authorization, Host, X-Forwarded-* and the
 # like belong to the client's conversation with pinauth, never to Pinterest.
@@ -27,6 +28,21 @@ _NOT_FIELD_VALUE = re.compile(rb"[^\t\x20-\x7e]")
 _NOT_FIELD_TEXT = re.compile(r"[^\t\x20-\x7e]")
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+# Retry-After is relayed only in one of its two valid forms.
+_DELAY_SECONDS = re.compile(rb"\d{1,9}")
+
+
+def _retry_after(value: bytes) -> bool:
+    """A delay in seconds or an HTTP date (RFC 9110 10.2.3); anything else is dropped."""
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return True
+    try:
+        return parsedate_to_datetime(value.decode("ascii")) is not None
+    except (TypeError, ValueError, IndexError):
+        return False
+
 
 # Responses carry one user's data: no shared cache may keep them.
 NO_STORE = (b"cache-control", b"no-store")
@@ -65,11 +81,23 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     """
     kept: list[tuple[bytes, bytes]] = []
     connection: bytes | None = None
+    content_type = retry_after = False
     for name, value in raw:
         name = name.lower()
         if name in RELAYED_RESPONSE_HEADERS or name.startswith(RELAYED_RESPONSE_HEADER_PREFIXES):
-            if not _NOT_FIELD_VALUE.search(value):
-                kept.append((name, value))
+            if _NOT_FIELD_VALUE.search(value):
+                continue
+            # One value each: browsers use the last of two Content-Types, clients the
+            # first Retry-After; the first valid one Pinterest sent is relayed.
+            if name == b"content-type":
+                if content_type:
+                    continue
+                content_type = True
+            elif name == b"retry-after":
+                if retry_after or not _retry_after(value):
+                    continue
+                retry_after = True
+            kept.append((name, value))
         elif name == b"connection":
             connection = value if connection is None else connection + b"," + value
     # A header the upstream names in Connection is hop-by-hop (RFC 9110 7.6.1), even

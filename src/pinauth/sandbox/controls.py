@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from pinauth.sandbox.errors import PinterestError
 from pinauth.sandbox.state import Fault, SandboxState, StateHolder, now
@@ -18,6 +18,18 @@ class FaultSpec(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     delay: float = Field(0.0, ge=0, le=60)
     times: int = Field(1, ge=1, le=10_000)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        # A fault the sandbox cannot put on the wire would fail the faulted request (500).
+        for name, value in headers.items():
+            try:
+                name.encode("ascii")
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"header {name!r} cannot be sent: use latin-1") from None
+        return headers
 
 
 class TokenToInspect(BaseModel):
