@@ -24,6 +24,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.logs import JsonFormatter
 from pinauth.observability import Metrics
+from pinauth.sandbox import SandboxConfig
 from pinauth.server import uvicorn_options
 from pinauth.settings import Settings
 
@@ -901,3 +903,42 @@ def csp_directives(policy: str) -> dict[str, list[str]]:
         name, *sources = part.split()
         directives[name] = sources
     return directives
+
+
+@dataclass(frozen=True)
+class SandboxedPinauth:
+    """`pinauth serve` and `pinauth sandbox` as real processes, wired to each other
+    (not started: the caller starts and stops both)."""
+
+    sandbox: PinauthProcess
+    service: PinauthProcess
+    base: str
+    sandbox_url: str
+
+
+def sandboxed_pinauth(
+    tmp_path: Path, database_url: str, ready_path: str, **settings: str
+) -> SandboxedPinauth:
+    sandbox_port, port = free_port(), free_port()
+    base, sandbox_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sandbox_port}"
+    config = SandboxConfig()
+    sandbox = PinauthProcess(
+        ["sandbox", "--port", str(sandbox_port), "--redirect-uri", f"{base}/auth/callback"],
+        clean_env(),
+        tmp_path,
+        f"{sandbox_url}/_sandbox/counters",
+    )
+    env = clean_env(
+        PINTEREST_CLIENT_ID=config.client_id,
+        PINTEREST_CLIENT_SECRET=config.client_secret,
+        PINTEREST_REDIRECT_URI=f"{base}/auth/callback",
+        PINTEREST_AUTHORIZE_URL=f"{sandbox_url}/oauth/",
+        PINTEREST_API_URL=f"{sandbox_url}/v5",
+        PINAUTH_DATABASE_URL=database_url,
+        PINAUTH_SECRET_KEY="process-test-secret-" + "p" * 32,
+        PINAUTH_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        PINAUTH_LOG_FORMAT="json",
+        **settings,
+    )
+    service = PinauthProcess(["serve", "--port", str(port)], env, tmp_path, base + ready_path)
+    return SandboxedPinauth(sandbox, service, base, sandbox_url)

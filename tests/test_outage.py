@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from cryptography.fernet import Fernet
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -30,23 +29,20 @@ from pinauth.db import create_engine
 from pinauth.logs import JsonFormatter
 from pinauth.migrations import upgrade_to_head
 from pinauth.outage import OutageTracker
-from pinauth.sandbox import SandboxConfig
 from tests.helpers import (
     ACCESS_2,
     API,
     REFRESH_2,
     TOKEN_URL,
-    PinauthProcess,
     PrivatePostgres,
     captured_logs,
-    clean_env,
     events,
-    free_port,
     live_server,
     log_in,
     make_settings,
     run_client,
     sandbox_login,
+    sandboxed_pinauth,
     stored_tokens,
     token_json,
 )
@@ -113,28 +109,13 @@ def test_postgres_stopped_and_started_under_real_processes(
     with Retry-After, the log says "outage started" once and "outage ended" once with the
     count, with no traceback and none of the SQL parameters (session hash, encrypted tokens)."""
     database_url = private_postgres.create_database("pinauth")
-    sandbox_port, port = free_port(), free_port()
-    base, sandbox_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sandbox_port}"
-    sandbox_config = SandboxConfig()
-    sandbox = PinauthProcess(
-        ["sandbox", "--port", str(sandbox_port), "--redirect-uri", f"{base}/auth/callback"],
-        clean_env(),
+    rig = sandboxed_pinauth(
         tmp_path,
-        f"{sandbox_url}/_sandbox/counters",
-    )
-    env = clean_env(
-        PINTEREST_CLIENT_ID=sandbox_config.client_id,
-        PINTEREST_CLIENT_SECRET=sandbox_config.client_secret,
-        PINTEREST_REDIRECT_URI=f"{base}/auth/callback",
-        PINTEREST_AUTHORIZE_URL=f"{sandbox_url}/oauth/",
-        PINTEREST_API_URL=f"{sandbox_url}/v5",
-        PINAUTH_DATABASE_URL=database_url,
-        PINAUTH_SECRET_KEY="outage-test-secret-" + "o" * 32,
-        PINAUTH_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        database_url,
+        "/readyz",
         PINAUTH_CACHE_TTL="0",  # every request reads its session from the database
-        PINAUTH_LOG_FORMAT="json",
     )
-    service = PinauthProcess(["serve", "--port", str(port)], env, tmp_path, f"{base}/readyz")
+    sandbox, service, base, sandbox_url = rig.sandbox, rig.service, rig.base, rig.sandbox_url
     routes = ROUTES * PER_ROUTE
     try:
         sandbox.start()

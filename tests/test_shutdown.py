@@ -10,12 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.fernet import Fernet
 from starlette.types import Message, Receive, Scope, Send
 
-from pinauth.sandbox import SandboxConfig
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
-from tests.helpers import PinauthProcess, clean_env, free_port, sandbox_login
+from tests.helpers import sandbox_login, sandboxed_pinauth
 
 SHUTDOWN_TIMEOUT = 1
 
@@ -36,28 +34,13 @@ async def test_requests_running_past_the_shutdown_timeout_get_503(
     at SIGTERM plus PINAUTH_SHUTDOWN_TIMEOUT uvicorn cancels them, and each gets 503
     shutting_down with Retry-After and Connection: close, not a 500, and the process log
     has no traceback."""
-    sandbox_port, port = free_port(), free_port()
-    base, sandbox_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sandbox_port}"
-    config = SandboxConfig()
-    sandbox = PinauthProcess(
-        ["sandbox", "--port", str(sandbox_port), "--redirect-uri", f"{base}/auth/callback"],
-        clean_env(),
+    rig = sandboxed_pinauth(
         tmp_path,
-        f"{sandbox_url}/_sandbox/counters",
-    )
-    env = clean_env(
-        PINTEREST_CLIENT_ID=config.client_id,
-        PINTEREST_CLIENT_SECRET=config.client_secret,
-        PINTEREST_REDIRECT_URI=f"{base}/auth/callback",
-        PINTEREST_AUTHORIZE_URL=f"{sandbox_url}/oauth/",
-        PINTEREST_API_URL=f"{sandbox_url}/v5",
-        PINAUTH_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'pinauth.db'}",
-        PINAUTH_SECRET_KEY="shutdown-test-secret-" + "s" * 32,
-        PINAUTH_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        f"sqlite+aiosqlite:///{tmp_path / 'pinauth.db'}",
+        "/healthz",
         PINAUTH_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
-        PINAUTH_LOG_FORMAT="json",
     )
-    service = PinauthProcess(["serve", "--port", str(port)], env, tmp_path, f"{base}/healthz")
+    sandbox, service, base, sandbox_url = rig.sandbox, rig.service, rig.base, rig.sandbox_url
     held = ("/pinterest/boards", "/boards")
     try:
         sandbox.start()
