@@ -94,6 +94,9 @@ class Connection(Base):
         # Keyset pagination of the connections API, filtered or not.
         Index("ix_connections_end_user_id_id", "end_user_id", "id"),
         Index("ix_connections_status_id", "status", "id"),
+        # Both filters at once (SQLite, without statistics, would otherwise walk the
+        # status index across every connection in that status).
+        Index("ix_connections_end_user_id_status_id", "end_user_id", "status", "id"),
         # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed
         # by the old id may ever resolve to a new user's row.
         {"sqlite_autoincrement": True},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
@@ -140,6 +140,19 @@ class ConnectionRepository:
         Keyset-paginated on the key, so a page is an index range scan however deep it is,
         and deleting the row a cursor came from does not lose the place.
         """
+        stmt = self.page_query(limit=limit, after=after, end_user_id=end_user_id, status=status)
+        return list((await self._db.execute(stmt)).scalars())
+
+    @staticmethod
+    def page_query(
+        *,
+        limit: int,
+        after: int | None = None,
+        end_user_id: str | None = None,
+        status: ConnectionStatus | None = None,
+    ) -> Select[Connection]:
+        """The statement behind `page`; each combination of filters has an index that
+        returns its rows in key order (tests/test_list_indexes.py reads the plans)."""
         stmt = select(Connection).order_by(Connection.id).limit(limit)
         if end_user_id is not None:
             stmt = stmt.where(Connection.end_user_id == end_user_id)
@@ -147,7 +160,7 @@ class ConnectionRepository:
             stmt = stmt.where(Connection.status == status)
         if after is not None:
             stmt = stmt.where(Connection.id > after)
-        return list((await self._db.execute(stmt)).scalars())
+        return stmt
 
     async def add(self, connection: Connection) -> Connection:
         self._db.add(connection)
