@@ -1,29 +1,43 @@
-"""`make bench`: pinauth's proxy path against two reference forwarders, same load.
+"""`make bench`: pinauth's proxy path against two reference forwarders, at 1 connection
+and at 100,000, on SQLite and PostgreSQL.
 
 Starts nginx as a fast loopback "Pinterest" serving static JSON, the reference
-forwarders (default httpx, plain aiohttp), and `pinauth serve` logged in through its
-real OAuth flow against that nginx; drives each with wrk and prints a table.
+forwarders (default httpx, plain aiohttp), and, for each database, `pinauth serve` on a
+fresh database, logged in through its real OAuth flow against that nginx. It drives the
+proxy with wrk through the cookie, API-key and proxy-token paths and times the
+connections API; then seeds `--connections` connections (bench/seed.py: bulk inserts of
+realistic encrypted rows), spreads the same load over `--spread` of them and measures
+again. Prints a table per database and PASS/MISS for the targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import random
 import re
+import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from cryptography.fernet import Fernet
+from seed import end_user_of, seed
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 HERE = Path(__file__).resolve().parent
 BOARDS_JSON = (
@@ -63,6 +77,25 @@ http {{
     }}
 }}
 """
+# Every wrk run, reference forwarders included, goes through this script, so the client
+# does the same work per request whether one header value repeats or thousands rotate.
+WRK_SCRIPT = """
+local name, values, i = nil, {}, 0
+function init(args)
+  name = args[1]
+  for line in io.lines(args[2]) do values[#values + 1] = line end
+end
+function request()
+  i = i % #values + 1
+  wrk.headers[name] = values[i]
+  return wrk.format()
+end
+"""
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+PROXY_TOKEN_TTL = 86_400
+# Targets of issue 11.
+SCALE_RPS_RATIO = 0.9
+LIST_P99_MS = 20.0
 
 
 @dataclass
@@ -73,13 +106,42 @@ class Result:
     p99_ms: float
 
 
+@dataclass
+class Latency:
+    name: str
+    samples: list[float]
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p99_ms(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@dataclass
+class Phase:
+    connections: int
+    proxy: list[Result] = field(default_factory=list)
+    lists: list[Latency] = field(default_factory=list)
+
+
+@dataclass
+class DatabaseRun:
+    database: str
+    phases: list[Phase] = field(default_factory=list)
+    note: str = ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -91,10 +153,16 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 def require_tools() -> None:
-    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
+    """wrk and nginx, installed with apt on a fresh machine (as root)."""
+    tools = ("wrk", "nginx")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"], check=True)
-        missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
+        install = ["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"]
+        # A fresh machine's package lists may be empty or stale: update once if needed.
+        if subprocess.run(install, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            subprocess.run(install, check=True)
+        missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"make bench needs {', '.join(missing)}: apt-get install wrk nginx-light")
 
@@ -104,26 +172,43 @@ def to_ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(name: str, url: str, args: argparse.Namespace, headers: Sequence[str] = ()) -> Result:
-    command = [
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{args.duration}s",
-        "--latency",
-        url,
-    ]
-    for header in headers:
-        command[1:1] = ["-H", header]
-    # A short warm-up fills connection pools and caches before the measured run.
-    subprocess.run([*command[:-2], "-d2s", url], capture_output=True, check=True)
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        print(output, file=sys.stderr)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = to_ms(re.search(r"\s50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    p99 = to_ms(re.search(r"\s99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    return Result(name, rps, p50, p99)
+class Wrk:
+    def __init__(self, args: argparse.Namespace, tmp: str) -> None:
+        self._args = args
+        self._tmp = Path(tmp)
+        self._script = self._tmp / "rotate.lua"
+        self._script.write_text(WRK_SCRIPT)
+        self._runs = 0
+
+    def __call__(
+        self,
+        name: str,
+        url: str,
+        rotate: tuple[str, Sequence[str]],
+        headers: Sequence[str] = (),
+    ) -> Result:
+        """Drive `url`, giving header rotate[0] each of the values rotate[1] in turn."""
+        self._runs += 1
+        values = self._tmp / f"values-{self._runs}.txt"
+        values.write_text("\n".join(rotate[1]) + "\n")
+        args = self._args
+        command = ["wrk", f"-t{args.threads}", f"-c{args.concurrency}", "--latency"]
+        for header in headers:
+            command += ["-H", header]
+        command += ["-s", str(self._script)]
+        tail = [url, "--", rotate[0], str(values)]
+        # A short warm-up fills connection pools and caches before the measured run.
+        subprocess.run([*command, "-d2s", *tail], capture_output=True, check=True)
+        output = subprocess.run(
+            [*command, f"-d{args.duration}s", *tail], capture_output=True, text=True, check=True
+        ).stdout
+        if "Non-2xx" in output or "Socket errors" in output:
+            print(f"{name}:\n{output}", file=sys.stderr)
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+        p50 = to_ms(re.search(r"\s50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+        p99 = to_ms(re.search(r"\s99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+        print(f"  {name}: {rps:.0f} req/s, p99 {p99:.1f} ms", flush=True)
+        return Result(name, rps, p50, p99)
 
 
 def log_in(base: str) -> tuple[str, str]:
@@ -151,20 +236,293 @@ def create_api_key(env: dict[str, str], cwd: str) -> str:
     return created.stdout.splitlines()[-1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
+def mint_proxy_tokens(base: str, api_key: str, connection_ids: Sequence[str]) -> list[str] | None:
+    """A proxy token per connection; None if this build has no proxy tokens."""
+    tokens: list[str] = []
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}) as client:
+        for connection_id in connection_ids:
+            minted = client.post(
+                f"/v1/connections/{connection_id}/proxy-tokens",
+                json={"ttl_seconds": PROXY_TOKEN_TTL},
+            )
+            if minted.status_code in (404, 405) and not tokens:
+                if minted.headers.get("content-type", "").startswith("application/json") and (
+                    minted.json().get("error") == "connection_not_found"
+                ):
+                    raise SystemExit(f"cannot mint a proxy token: {minted.text}")
+                return None
+            if minted.status_code != 201:
+                raise SystemExit(f"cannot mint a proxy token: {minted.status_code} {minted.text}")
+            tokens.append(minted.json()["token"])
+    return tokens
+
+
+def time_lists(base: str, api_key: str, samples: int, end_users: int) -> list[Latency]:
+    """One client, one request at a time: the latency of the connections API itself."""
+    rng = random.Random(11)
+    by_user = Latency("GET /v1/connections?end_user_id=…", [])
+    by_user_status = Latency("GET /v1/connections?end_user_id=…&status=active", [])
+    pages = Latency("GET /v1/connections?limit=100 (walking every page)", [])
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}) as client:
+
+        def timed(latency: Latency, params: dict[str, str | int]) -> httpx.Response:
+            started = time.perf_counter()
+            response = client.get("/v1/connections", params=params)
+            latency.samples.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise SystemExit(f"list failed: {response.status_code} {response.text}")
+            return response
+
+        for _ in range(20):  # warm-up: connection pools, caches, the planner
+            client.get("/v1/connections", params={"limit": 100})
+        for _ in range(samples):
+            user = end_user_of(rng.randrange(max(end_users, 1)), max(end_users, 1))
+            timed(by_user, {"end_user_id": user})
+            timed(by_user_status, {"end_user_id": user, "status": "active"})
+        cursor = None
+        while len(pages.samples) < samples:
+            params: dict[str, str | int] = {"limit": 100}
+            if cursor is not None:
+                params["cursor"] = cursor
+            cursor = timed(pages, params).json()["next_cursor"]
+    for latency in (by_user, by_user_status, pages):
+        print(
+            f"  {latency.name}: p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms",
+            flush=True,
+        )
+    return [by_user, by_user_status, pages]
+
+
+@contextmanager
+def fresh_database(kind: str, tmp: str, postgres_url: str) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp}/bench-{secrets.token_hex(4)}.db"
+        return
+    admin = make_url(postgres_url)
+    name = f"pinauth_bench_{secrets.token_hex(4)}"
+
+    async def admin_sql(sql: str) -> None:
+        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as db:
+                await db.execute(text(sql))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def postgres_reachable(postgres_url: str) -> str | None:
+    """None if PostgreSQL answers, else why not."""
+
+    async def ping() -> None:
+        engine = create_async_engine(postgres_url)
+        try:
+            async with engine.connect() as db:
+                await db.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(ping())
+    except Exception as e:  # any failure means: skip PostgreSQL, say why
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def bench_database(
+    kind: str,
+    database_url: str,
+    api: str,
+    wrk: Wrk,
+    args: argparse.Namespace,
+    tmp: str,
+    processes: list[subprocess.Popen[bytes]],
+) -> DatabaseRun:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    encryption_key = Fernet.generate_key().decode()
+    secret_key = "bench-secret-key-" + "b" * 32
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))} | {
+        "PINTEREST_CLIENT_ID": "bench",
+        "PINTEREST_CLIENT_SECRET": "bench-secret",
+        "PINTEREST_API_URL": api,
+        "PINTEREST_REDIRECT_URI": f"{base}/auth/callback",
+        "PINAUTH_DATABASE_URL": database_url,
+        "PINAUTH_SECRET_KEY": secret_key,
+        "PINAUTH_ENCRYPTION_KEYS": encryption_key,
+        "PINAUTH_ACCESS_LOG": "false",
+        "PINAUTH_LOG_LEVEL": "warning",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env, cwd=tmp
+    )
+    processes.append(server)
+    run = DatabaseRun(kind)
+    try:
+        wait_http(f"{base}/openapi.json")
+        cookie, connection_id = log_in(base)
+        api_key = create_api_key(env, tmp)
+        tokens = mint_proxy_tokens(base, api_key, [connection_id])
+        if tokens is None:
+            run.note = "this build has no proxy tokens: that path is not measured"
+        url = f"{base}/pinterest/boards"
+        key_header = f"Authorization: Bearer {api_key}"
+
+        def drive(
+            phase: Phase, cookies: list[str], ids: list[str], tokens: list[str] | None
+        ) -> None:
+            label = f"{phase.connections:,} conn."
+            phase.proxy.append(wrk(f"cookie, {label}", url, ("Cookie", cookies)))
+            phase.proxy.append(
+                wrk(f"API key, {label}", url, ("Pinauth-Connection-Id", ids), [key_header])
+            )
+            if tokens is not None:
+                bearers = [f"Bearer {token}" for token in tokens]
+                phase.proxy.append(wrk(f"proxy token, {label}", url, ("Authorization", bearers)))
+
+        print(f"{kind}: 1 connection", flush=True)
+        one = Phase(1)
+        profiler = start_profiler(args, server.pid)
+        drive(one, [cookie], [connection_id], tokens)
+        if profiler is not None:
+            profiler.wait()
+        one.lists = time_lists(base, api_key, args.list_samples, args.end_users)
+        run.phases.append(one)
+        if args.connections <= 1:
+            return run
+
+        seeded = asyncio.run(
+            seed(
+                database_url,
+                [encryption_key],
+                secret_key,
+                connections=args.connections - 1,
+                end_users=args.end_users,
+                spread=args.spread,
+            )
+        )
+        print(
+            f"{kind}: seeded {seeded.connections:,} connections of {seeded.end_users:,} end "
+            f"users in {seeded.seconds:.1f} s; load spread over {len(seeded.spread):,}",
+            flush=True,
+        )
+        ids = [public_id for public_id, _ in seeded.spread]
+        cookies = [f"pinauth_session={session}" for _, session in seeded.spread]
+        many = Phase(args.connections)
+        drive(many, cookies, ids, None if tokens is None else mint_proxy_tokens(base, api_key, ids))
+        many.lists = time_lists(base, api_key, args.list_samples, args.end_users)
+        run.phases.append(many)
+        return run
+    finally:
+        stop([server])
+        processes.remove(server)
+
+
+def start_profiler(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
+    if not args.profile:
+        return None
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--rate",
+            "250",
+            "-o",
+            args.profile,
+            "--duration",
+            str(args.duration + 2),
+            "--pid",
+            str(pid),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument(
+        "-c", "--concurrency", type=int, default=32, help="wrk's open HTTP connections"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk's threads")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="pinauth connections in the database for the second round (1: skip it)",
+    )
+    parser.add_argument(
+        "--end-users", type=int, metavar="N", help="end users owning them (default N/2)"
+    )
+    parser.add_argument(
+        "--spread",
+        type=int,
+        default=1_000,
+        metavar="K",
+        help="connections the proxy load rotates over in the second round",
+    )
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres", "both"],
+        default="both",
+        help="which databases to run on (PostgreSQL is skipped, saying why, if unreachable)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("PINAUTH_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        help="a PostgreSQL server where the bench may create and drop a database "
+        "(default $PINAUTH_BENCH_POSTGRES_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--list-samples", type=int, default=1_000, help="timed requests per list query"
+    )
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="sample pinauth with py-spy during its run; write collapsed stacks to FILE",
+        help="sample pinauth with py-spy during its first run; write collapsed stacks to FILE",
     )
     args = parser.parse_args()
-    require_tools()
+    if args.end_users is None:
+        args.end_users = max(1, args.connections // 2)
+    return args
 
+
+def main() -> None:
+    args = parse_args()
+    require_tools()
+    kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    skipped: dict[str, str] = {}
+    if "postgres" in kinds:
+        why = postgres_reachable(args.postgres_url)
+        if why is not None:
+            kinds.remove("postgres")
+            skipped["postgres"] = f"{args.postgres_url} unreachable ({why})"
+            print(f"skipping PostgreSQL: {skipped['postgres']}", file=sys.stderr)
+
+    started = time.monotonic()
     processes: list[subprocess.Popen[bytes]] = []
+    runs: list[DatabaseRun] = []
     with tempfile.TemporaryDirectory(prefix="pinauth-bench-") as tmp:
         try:
             upstream_port = free_port()
@@ -175,129 +533,104 @@ def main() -> None:
             processes.append(subprocess.Popen(["nginx", "-c", str(conf), "-e", f"{tmp}/err.log"]))
             api = f"http://127.0.0.1:{upstream_port}/v5"
             wait_http(f"{api}/boards")
-
-            ports = {"httpx": free_port(), "aiohttp": free_port(), "pinauth": free_port()}
-            for kind in ("httpx", "aiohttp"):
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            str(HERE / "forwarders.py"),
-                            kind,
-                            str(ports[kind]),
-                            f"{api}/boards",
-                        ]
-                    )
-                )
-            env = {
-                k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))
-            } | {
-                "PINTEREST_CLIENT_ID": "bench",
-                "PINTEREST_CLIENT_SECRET": "bench-secret",
-                "PINTEREST_API_URL": api,
-                "PINTEREST_REDIRECT_URI": f"http://127.0.0.1:{ports['pinauth']}/auth/callback",
-                "PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench.db",
-                "PINAUTH_SECRET_KEY": "bench-secret-key-" + "b" * 32,
-                "PINAUTH_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-                "PINAUTH_ACCESS_LOG": "false",
-                "PINAUTH_LOG_LEVEL": "warning",
-            }
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "pinauth", "serve", "--port", str(ports["pinauth"])],
-                    env=env,
-                    cwd=tmp,
-                )
-            )
+            ports = {"httpx": free_port(), "aiohttp": free_port()}
+            for kind, port in ports.items():
+                forwarder = [sys.executable, str(HERE / "forwarders.py"), kind, str(port)]
+                processes.append(subprocess.Popen([*forwarder, f"{api}/boards"]))
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/openapi.json")
-            cookie, connection_id = log_in(f"http://127.0.0.1:{ports['pinauth']}")
-            api_key = create_api_key(env, tmp)
             print(
-                f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+                f"wrk -t{args.threads} -c{args.concurrency} -d{args.duration}s, "
                 f"{os.cpu_count()} cores, upstream: nginx static JSON "
                 f"({len(BOARDS_JSON)} bytes)\n",
                 flush=True,
             )
-            results = [
+            wrk = Wrk(args, tmp)
+            dummy = ("X-Bench", ["1"])
+            references = [
                 wrk(
                     "httpx forwarder (default AsyncClient)",
                     f"http://127.0.0.1:{ports['httpx']}/forward",
-                    args,
+                    dummy,
                 ),
-                wrk("aiohttp forwarder", f"http://127.0.0.1:{ports['aiohttp']}/forward", args),
+                wrk("aiohttp forwarder", f"http://127.0.0.1:{ports['aiohttp']}/forward", dummy),
             ]
-            profiler = None
-            if args.profile:
-                profiler = subprocess.Popen(
-                    [
-                        str(Path(sys.executable).with_name("py-spy")),
-                        "record",
-                        "--nonblocking",
-                        "--format",
-                        "raw",
-                        "--rate",
-                        "250",
-                        "-o",
-                        args.profile,
-                        "--duration",
-                        str(args.duration + 2),
-                        "--pid",
-                        str(processes[-1].pid),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                )
-            results.append(
-                wrk(
-                    "pinauth /pinterest/boards (session, token, proxy)",
-                    f"http://127.0.0.1:{ports['pinauth']}/pinterest/boards",
-                    args,
-                    [f"Cookie: {cookie}"],
-                )
-            )
-            if profiler is not None:
-                profiler.wait()
-            results.append(
-                wrk(
-                    "pinauth /pinterest/boards (API key, connection id)",
-                    f"http://127.0.0.1:{ports['pinauth']}/pinterest/boards",
-                    args,
-                    [f"Authorization: Bearer {api_key}", f"Pinauth-Connection-Id: {connection_id}"],
-                )
-            )
+            stop(processes[1:])
+            del processes[1:]
+            for kind in kinds:
+                with fresh_database(kind, tmp, args.postgres_url) as database_url:
+                    runs.append(bench_database(kind, database_url, api, wrk, args, tmp, processes))
         finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-
-    report(results)
+            stop(processes)
+    report(references, runs, skipped, time.monotonic() - started)
 
 
-def report(results: list[Result]) -> None:
-    httpx_ref, aiohttp_ref, pinauth, backend = results
-    print(
-        f"| {'forwarder':<50} | {'req/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | "
-        f"{'vs httpx':>7} | {'vs aiohttp':>9} |"
-    )
-    print(f"|{'-' * 52}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
-    for r in results:
+def report(
+    references: list[Result], runs: list[DatabaseRun], skipped: dict[str, str], seconds: float
+) -> None:
+    httpx_ref, aiohttp_ref = references
+    print(f"\nmake bench took {seconds:.0f} s\n")
+    line = f"|{'-' * 52}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 13}|"
+    checks: list[tuple[str, bool]] = []
+    for run in [None, *runs]:
+        title = "reference forwarders" if run is None else f"pinauth on {run.database}"
+        print(f"{title}\n")
         print(
-            f"| {r.name:<50} | {r.rps:>7.0f} | {r.p50_ms:>7.1f} | {r.p99_ms:>7.1f} | "
-            f"{r.rps / httpx_ref.rps:>7.2f} | {r.rps / aiohttp_ref.rps:>9.2f} |"
+            f"| {'proxy /pinterest/boards':<50} | {'req/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | "
+            f"{'vs httpx':>7} | {'vs aiohttp':>9} | {'vs 1 cookie':>11} |"
         )
-    checks = [
-        ("throughput >= 4x the httpx forwarder", pinauth.rps >= 4 * httpx_ref.rps),
-        ("throughput >= 0.5x the aiohttp forwarder", pinauth.rps >= 0.5 * aiohttp_ref.rps),
-        ("p99 <= 2x the aiohttp forwarder's p99", pinauth.p99_ms <= 2 * aiohttp_ref.p99_ms),
-        ("API-key path within 10% of the cookie path", backend.rps >= 0.9 * pinauth.rps),
-    ]
-    print()
+        print(line)
+        rows = references if run is None else [r for p in run.phases for r in p.proxy]
+        baseline = rows[0]
+        for r in rows:
+            vs = "" if run is None else f"{r.rps / baseline.rps:.2f}"
+            print(
+                f"| {r.name:<50} | {r.rps:>7.0f} | {r.p50_ms:>7.1f} | {r.p99_ms:>7.1f} | "
+                f"{r.rps / httpx_ref.rps:>8.2f} | {r.rps / aiohttp_ref.rps:>9.2f} | {vs:>11} |"
+            )
+        print()
+        if run is None:
+            continue
+        if run.note:
+            print(f"({run.note})\n")
+        print(f"| {'connections API, one request at a time':<60} | {'p50 ms':>7} | {'p99 ms':>7} |")
+        print(f"|{'-' * 62}|{'-' * 9}|{'-' * 9}|")
+        for phase in run.phases:
+            for latency in phase.lists:
+                name = f"{latency.name}, {phase.connections:,} conn."
+                print(f"| {name:<60} | {latency.p50_ms:>7.1f} | {latency.p99_ms:>7.1f} |")
+        print()
+        db = run.database
+        checks += [
+            (f"{db}: cookie path >= 4x the httpx forwarder", baseline.rps >= 4 * httpx_ref.rps),
+            (
+                f"{db}: cookie path >= 0.5x the aiohttp forwarder",
+                baseline.rps >= 0.5 * aiohttp_ref.rps,
+            ),
+            (
+                f"{db}: cookie p99 <= 2x the aiohttp forwarder's p99",
+                baseline.p99_ms <= 2 * aiohttp_ref.p99_ms,
+            ),
+        ]
+        for r in rows[1:]:
+            checks.append(
+                (
+                    f"{db}: {r.name} within 10% of the 1-connection cookie path",
+                    r.rps >= SCALE_RPS_RATIO * baseline.rps,
+                )
+            )
+        for latency in run.phases[-1].lists:
+            checks.append(
+                (
+                    f"{db}: {latency.name} p99 < {LIST_P99_MS:.0f} ms at "
+                    f"{run.phases[-1].connections:,} connections",
+                    latency.p99_ms < LIST_P99_MS,
+                )
+            )
     for label, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}  {label}")
+    for kind, why in skipped.items():
+        print(f"SKIP  {kind}: {why}")
 
 
 if __name__ == "__main__":

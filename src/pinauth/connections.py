@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from pinauth.cache import ConnectionCache
 from pinauth.crypto import CursorCodec
 from pinauth.errors import ConnectionNotFound, UnprocessableRequest
-from pinauth.models import Connection, ConnectionStatus
+from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
 from pinauth.repository import ConnectionRepository
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class ConnectionService:
         cursor: str | None,
         end_user_id: str | None,
         status: ConnectionStatus | None,
-    ) -> tuple[list[Connection], str | None]:
+    ) -> tuple[list[ConnectionSummary], str | None]:
         """A page of connections and the cursor of the next (None on the last page)."""
         after = None if cursor is None else self._position(cursor)
         async with self._sessionmaker() as db:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from pinauth.models import (
     AuthSession,
     Connection,
     ConnectionStatus,
+    ConnectionSummary,
     ConnectSession,
     LoginState,
 )
@@ -22,6 +24,8 @@ from pinauth.models import (
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
 # lease too, and would need the row loaded in this session.
 _connections = Connection.metadata.tables[Connection.__tablename__]
+# A listing reads these columns only, in ConnectionSummary's order, and no tokens.
+_summary_columns = [_connections.c[f.name] for f in fields(ConnectionSummary)]
 
 
 class ConnectionRepository:
@@ -134,14 +138,14 @@ class ConnectionRepository:
         after: int | None = None,
         end_user_id: str | None = None,
         status: ConnectionStatus | None = None,
-    ) -> list[Connection]:
+    ) -> list[ConnectionSummary]:
         """Up to `limit` connections in creation order, after the key `after`.
 
         Keyset-paginated on the key, so a page is an index range scan however deep it is,
         and deleting the row a cursor came from does not lose the place.
         """
         stmt = self.page_query(limit=limit, after=after, end_user_id=end_user_id, status=status)
-        return list((await self._db.execute(stmt)).scalars())
+        return [ConnectionSummary(*row) for row in (await self._db.execute(stmt))]
 
     @staticmethod
     def page_query(
@@ -150,10 +154,10 @@ class ConnectionRepository:
         after: int | None = None,
         end_user_id: str | None = None,
         status: ConnectionStatus | None = None,
-    ) -> Select[Connection]:
+    ) -> Select[Any]:
         """The statement behind `page`; each combination of filters has an index that
         returns its rows in key order (tests/test_list_indexes.py reads the plans)."""
-        stmt = select(Connection).order_by(Connection.id).limit(limit)
+        stmt = select(*_summary_columns).order_by(Connection.id).limit(limit)
         if end_user_id is not None:
             stmt = stmt.where(Connection.end_user_id == end_user_id)
         if status is not None:

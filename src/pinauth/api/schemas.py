@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pinauth.models import Connection, ConnectionStatus
+from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
 
 
 class ErrorResponse(BaseModel):
@@ -97,7 +97,7 @@ class ConnectionObject(BaseModel):
     refresh_token_expires_at: datetime | None
 
     @classmethod
-    def of(cls, connection: Connection) -> ConnectionObject:
+    def of(cls, connection: Connection | ConnectionSummary) -> ConnectionObject:
         return cls(
             id=connection.public_id,
             end_user_id=connection.end_user_id,
