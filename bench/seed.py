@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from pinauth.crypto import CookieSigner, TokenCipher, digest
 from pinauth.models import AuthSession, Connection, ConnectionStatus, new_public_id
@@ -71,6 +71,20 @@ def _row(index: int, end_users: int, cipher: TokenCipher, now: datetime) -> dict
     }
 
 
+async def _copy(db: AsyncConnection, rows: list[dict[str, object]]) -> None:
+    """COPY instead of INSERT: PostgreSQL loads 100,000 rows several times faster."""
+    columns = list(rows[0])
+    # asyncpg takes the enum column's stored value, not the Python enum.
+    records = [
+        tuple(v.value if isinstance(v, ConnectionStatus) else v for v in row.values())
+        for row in rows
+    ]
+    raw = await db.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    await driver.copy_records_to_table(Connection.__tablename__, records=records, columns=columns)
+
+
 async def seed(
     database_url: str,
     encryption_keys: Sequence[str],
@@ -94,7 +108,10 @@ async def seed(
                 for i in range(start, min(start + CHUNK, connections))
             ]
             async with engine.begin() as db:
-                await db.execute(insert(Connection), rows)
+                if engine.dialect.name == "postgresql":
+                    await _copy(db, rows)
+                else:
+                    await db.execute(insert(Connection), rows)
         async with engine.begin() as db:
             active = (
                 select(Connection.id, Connection.public_id)
