@@ -1,4 +1,4 @@
-"""Housekeeping: a background task that deletes expired sessions and pending logins.
+"""Housekeeping: a background task that deletes expired sessions, logins and proxy tokens.
 
 Expired rows are already refused wherever they are read; deleting them keeps the
 tables (and their indexes) the size of what is live. Every replica runs the task;
@@ -92,11 +92,13 @@ class ExpiredRowPurger:
                     "purging expired rows failed; next try in %ss", self._interval, exc_info=True
                 )
             else:
-                if purged.sessions or purged.login_states:
+                if purged.sessions or purged.login_states or purged.proxy_tokens:
                     log.info(
-                        "purged %d expired sessions and %d expired pending logins",
+                        "purged %d expired sessions, %d expired pending logins and "
+                        "%d expired proxy tokens",
                         purged.sessions,
                         purged.login_states,
+                        purged.proxy_tokens,
                     )
             self.passes += 1
             self.first_pass_done.set()

@@ -130,7 +130,8 @@ _CONNECTION_ID_PARAMETER = {
     "in": "header",
     "required": False,
     "schema": {"type": "string"},
-    "description": "With an API key: the connection to act for. Browsers send none.",
+    "description": "With an API key: the connection to act for. Browsers send none; with a "
+    "proxy token it may only name the token's own connection (else 403).",
 }
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -146,12 +147,13 @@ for _method in PROXY_METHODS:
         summary=f"{_method} a Pinterest v5 endpoint",
         openapi_extra={
             "parameters": [_PATH_PARAMETER, _CONNECTION_ID_PARAMETER],
-            # A browser's session cookie, or the app backend's API key.
+            # A browser's session cookie, or the app backend's API key or proxy token
+            # (both `Authorization: Bearer`).
             "security": [{"apiKey": []}, {}],
         },
         responses={
             200: {"description": "Pinterest's response, passed through unchanged."},
-            **error_responses(400, 401, 413, 502, 503, 504),
+            **error_responses(400, 401, 403, 413, 502, 503, 504),
         },
     )
 
@@ -170,7 +172,7 @@ def proxy_route(method: str) -> BaseRoute:
     response_model=BoardsPage,
     responses={
         200: {"description": "The user's boards, as Pinterest lists them."},
-        **error_responses(401, 502, 503, 504),
+        **error_responses(401, 403, 502, 503, 504),
     },
 )
 async def boards(

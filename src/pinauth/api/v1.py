@@ -24,7 +24,8 @@ router = APIRouter(
     prefix="/v1",
     tags=["backend"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
+    # 403: a proxy token, which acts on the proxy routes only.
+    responses=error_responses(401, 403),
 )
 
 ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
@@ -91,7 +92,7 @@ async def delete_connection(services: ServicesDep, connection_id: ConnectionId) 
     "/connections/{connection_id}/proxy-tokens",
     status_code=status.HTTP_201_CREATED,
     response_model=ProxyTokenResponse,
-    responses=error_responses(403, 404, 422),
+    responses=error_responses(404, 422),
 )
 async def create_proxy_token(
     services: ServicesDep,
