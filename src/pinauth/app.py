@@ -49,6 +49,7 @@ from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
 from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
+from pinauth.proxytokens import ProxyTokenService
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
@@ -98,6 +99,7 @@ def create_app(
         tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
         api_keys = ApiKeyService(sessionmaker, settings.cache_ttl_seconds)
         governor = RateGovernor(metrics, clock=clock)
+        connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))
         services = Services(
             settings=settings,
             sessionmaker=sessionmaker,
@@ -106,7 +108,7 @@ def create_app(
             ),
             api_keys=api_keys,
             connect_sessions=ConnectSessions(settings, sessionmaker),
-            connections=ConnectionService(sessionmaker, cache, CursorCodec(cipher)),
+            connections=connections,
             tokens=tokens,
             proxy=ProxyService(
                 tokens,
@@ -115,6 +117,9 @@ def create_app(
             ),
             metrics=metrics,
             schema_head=head,
+            proxy_tokens=ProxyTokenService(
+                sessionmaker, cache, connections, settings.cache_ttl_seconds
+            ),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")

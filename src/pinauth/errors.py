@@ -204,3 +204,40 @@ class ShuttingDown(PinauthError):
     def __init__(self, *, retry_after: int = 5) -> None:
         # Connection: close, so the client's retry opens a connection to a live process.
         super().__init__(headers={"Retry-After": str(max(1, retry_after)), "Connection": "close"})
+
+
+class InvalidProxyToken(PinauthError):
+    """A proxy token that is malformed, unknown, expired, or whose connection is gone."""
+
+    status_code = 401
+    code = "invalid_proxy_token"
+    default_message = (
+        "This proxy token is unknown, expired or its connection was deleted; mint a new one "
+        "with POST /v1/connections/{id}/proxy-tokens."
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ProxyTokenNotAllowed(PinauthError):
+    """A proxy token presented where only an API key or a browser session may act."""
+
+    status_code = 403
+    code = "proxy_token_not_allowed"
+    default_message = (
+        "A proxy token acts only on /pinterest/{path} and /boards, for its own connection; "
+        "this route needs an API key (or, for /me and /auth, a browser session)."
+    )
+
+
+class ProxyTokenConnectionMismatch(PinauthError):
+    """A proxy token sent with a Pinauth-Connection-Id naming another connection."""
+
+    status_code = 403
+    code = "proxy_token_connection_mismatch"
+    default_message = (
+        "A proxy token acts only for the connection it was minted for, and the "
+        "Pinauth-Connection-Id header names another; drop the header or use that "
+        "connection's own proxy token."
+    )

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.errors import DatabaseUnavailable
-from pinauth.repository import LoginStateRepository, SessionRepository
+from pinauth.repository import LoginStateRepository, ProxyTokenRepository, SessionRepository
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def utc_now() -> datetime:
 class Purged:
     sessions: int
     login_states: int
+    proxy_tokens: int = 0
 
 
 class ExpiredRowPurger:
@@ -52,12 +53,13 @@ class ExpiredRowPurger:
         self.first_pass_done = asyncio.Event()
 
     async def purge_once(self) -> Purged:
-        """Delete every session and pending login expired by the clock's now."""
+        """Delete every session, pending login and proxy token expired by the clock's now."""
         now = self._clock()
         async with self._sessionmaker() as db, db.begin():
             sessions = await SessionRepository(db).delete_expired(now)
             login_states = await LoginStateRepository(db).delete_expired(now)
-        return Purged(sessions=sessions, login_states=login_states)
+            proxy_tokens = await ProxyTokenRepository(db).delete_expired(now)
+        return Purged(sessions=sessions, login_states=login_states, proxy_tokens=proxy_tokens)
 
     @property
     def running(self) -> bool:

@@ -201,3 +201,23 @@ class ConnectSession(Base):
     end_user_id: Mapped[str] = mapped_column(String(255))
     return_to: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ProxyToken(Base):
+    """A short-lived credential acting for one connection on the proxy routes only.
+
+    Handed to code the app's backend runs (the official Pinterest SDK, say) as its
+    "access token". Only a hash of it is stored; it dies at `expires_at` and, through
+    the foreign key, with its connection.
+    """
+
+    __tablename__ = "proxy_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+    connection: Mapped[Connection] = relationship()

@@ -17,6 +17,7 @@ from pinauth.models import (
     ConnectionStatus,
     ConnectSession,
     LoginState,
+    ProxyToken,
 )
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
@@ -328,4 +329,30 @@ class ConnectSessionRepository:
         result = await self._db.execute(
             delete(ConnectSession).where(ConnectSession.expires_at <= now)
         )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class ProxyTokenRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, token: ProxyToken) -> None:
+        self._db.add(token)
+        await self._db.flush()
+
+    async def get_active(self, token_hash: str, now: datetime) -> ProxyToken | None:
+        """The live token with its connection (one query); None if unknown or expired.
+
+        A deleted connection took its tokens with it (ON DELETE CASCADE), so a token
+        found here always has its connection.
+        """
+        stmt = (
+            select(ProxyToken)
+            .options(joinedload(ProxyToken.connection))
+            .where(ProxyToken.token_hash == token_hash, ProxyToken.expires_at > now)
+        )
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def delete_expired(self, now: datetime) -> int:
+        result = await self._db.execute(delete(ProxyToken).where(ProxyToken.expires_at <= now))
         return int(result.rowcount)  # type: ignore[attr-defined]

@@ -13,10 +13,18 @@ from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
-from pinauth.errors import ConnectionIdRequired, ForbiddenOrigin, InvalidApiKey, NotAuthenticated
+from pinauth.errors import (
+    ConnectionIdRequired,
+    ForbiddenOrigin,
+    InvalidApiKey,
+    NotAuthenticated,
+    ProxyTokenConnectionMismatch,
+    ProxyTokenNotAllowed,
+)
 from pinauth.models import Connection
 from pinauth.observability import CONNECTION_ID, Metrics
 from pinauth.proxy import ProxyService
+from pinauth.proxytokens import ProxyTokenService, looks_like_proxy_token
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 
@@ -39,6 +47,7 @@ class Services:
     proxy: ProxyService
     metrics: Metrics
     schema_head: str
+    proxy_tokens: ProxyTokenService
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs plain `def`
@@ -85,7 +94,17 @@ async def get_current_connection(request: Request) -> Connection:
     return connection
 
 
-CurrentConnection = Annotated[Connection, Depends(get_current_connection)]
+async def get_session_connection(request: Request) -> Connection:
+    """The session's connection for the browser routes (/me, /auth): never a proxy token's.
+
+    A proxy token sent here is refused outright rather than ignored in favour of a
+    cookie that may ride along, so a misrouted SDK call gets a clear answer.
+    """
+    refuse_proxy_token(request)
+    return await get_current_connection(request)
+
+
+CurrentConnection = Annotated[Connection, Depends(get_session_connection)]
 
 
 def check_origin(request: Request, services: Services) -> None:
@@ -105,6 +124,7 @@ def check_origin(request: Request, services: Services) -> None:
 
 async def require_trusted_origin(request: Request, services: ServicesDep) -> None:
     """The Origin check for state-changing routes that need no connection (logout)."""
+    refuse_proxy_token(request)
     check_origin(request, services)
 
 
@@ -122,19 +142,38 @@ def bearer_token(request: Request) -> str | None:
     return credential.strip()
 
 
+def refuse_proxy_token(request: Request) -> None:
+    """ProxyTokenNotAllowed (403) if the request presents a proxy token."""
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() == "bearer" and looks_like_proxy_token(credential.strip()):
+            raise ProxyTokenNotAllowed()
+
+
 async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
     """The connection a proxy call acts for, and whether the app's backend called.
 
-    With an `Authorization` header the caller is the app's backend: an API key plus the
-    connection it names, and the cookie is ignored. Without one it is a browser, and
-    the cookie's session decides (Origin check included).
+    With an `Authorization` header the caller is the app's backend, and the cookie is
+    ignored: either an API key plus the connection it names, or a proxy token, which
+    acts for its own connection and no other. Without one it is a browser, and the
+    cookie's session decides (Origin check included).
     """
     credential = bearer_token(request)
     if credential is None:
         return await get_current_connection(request), False
     services: Services = request.state.services
-    await services.api_keys.authenticate(credential)
     public_id = request.headers.get(CONNECTION_ID_HEADER)
+    if looks_like_proxy_token(credential):
+        connection = await services.proxy_tokens.connection_for(credential)
+        # Refused, not ignored: a caller naming another connection believes it acts for
+        # that one, and quietly acting for the token's instead would post to the wrong
+        # account. Naming the token's own connection is harmless and allowed.
+        if public_id and public_id != connection.public_id:
+            raise ProxyTokenConnectionMismatch()
+        CONNECTION_ID.set(connection.public_id)
+        return connection, True
+    await services.api_keys.authenticate(credential)
     if not public_id:
         raise ConnectionIdRequired()
     connection = await services.connections.get(public_id)
@@ -143,9 +182,11 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
 
 
 async def require_api_key(request: Request, _scheme: ApiKeyScheme) -> None:
-    """The app's backend only: a valid API key, never a cookie."""
+    """The app's backend only: a valid API key, never a cookie or a proxy token."""
     credential = bearer_token(request)
     if credential is None:
         raise InvalidApiKey()
+    if looks_like_proxy_token(credential):
+        raise ProxyTokenNotAllowed()
     services: Services = request.state.services
     await services.api_keys.authenticate(credential)

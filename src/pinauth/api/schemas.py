@@ -118,3 +118,23 @@ class ConnectionPage(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
     )
+
+
+class ProxyTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: int = Field(
+        3600,
+        ge=1,
+        le=86400,
+        strict=True,
+        description="How long the token lives, in seconds (1 to 86400; default 3600).",
+    )
+
+
+class ProxyTokenResponse(BaseModel):
+    token: str = Field(
+        description="Send as `Authorization: Bearer <token>` to /pinterest/{path} and /boards; "
+        "acts for this connection only. Shown once."
+    )
+    expires_at: datetime

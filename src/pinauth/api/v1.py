@@ -13,6 +13,8 @@ from pinauth.api.schemas import (
     ConnectSessionRequest,
     ConnectSessionResponse,
     EndUserId,
+    ProxyTokenRequest,
+    ProxyTokenResponse,
     error_responses,
 )
 from pinauth.errors import UnprocessableRequest
@@ -83,3 +85,20 @@ async def delete_connection(services: ServicesDep, connection_id: ConnectionId) 
     """Delete the connection's tokens and end its browser sessions."""
     await services.connections.delete(connection_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/connections/{connection_id}/proxy-tokens",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ProxyTokenResponse,
+    responses=error_responses(403, 404, 422),
+)
+async def create_proxy_token(
+    services: ServicesDep,
+    connection_id: ConnectionId,
+    body: ProxyTokenRequest | None = None,
+) -> ProxyTokenResponse:
+    """A token acting for this connection on /pinterest and /boards only, until it expires."""
+    ttl = (body or ProxyTokenRequest()).ttl_seconds
+    minted = await services.proxy_tokens.mint(connection_id, ttl)
+    return ProxyTokenResponse(token=minted.token, expires_at=minted.expires_at)

@@ -1,0 +1,396 @@
+"""Proxy tokens (issue 11): one connection, the proxy routes only, until expiry or delete."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+import respx
+from sqlalchemy import text, update
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from pinauth.cache import ConnectionCache
+from pinauth.connections import ConnectionService
+from pinauth.crypto import CursorCodec, TokenCipher, digest
+from pinauth.db import create_engine, create_sessionmaker
+from pinauth.errors import InvalidProxyToken
+from pinauth.housekeeping import ExpiredRowPurger
+from pinauth.models import ProxyToken
+from pinauth.proxytokens import PROXY_TOKEN_LENGTH, PROXY_TOKEN_PREFIX, ProxyTokenService
+from pinauth.settings import Settings
+from tests.helpers import (
+    API,
+    ManualClock,
+    bearers,
+    browsers,
+    connect_end_user,
+    create_api_key,
+    make_settings,
+)
+
+ADA = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
+GRACE = {"id": "549755885999", "username": "grace_pins", "account_type": "BUSINESS"}
+ADA_ACCESS, GRACE_ACCESS = "pina_ACCESS-ADA-PT-1f", "pina_ACCESS-GRACE-PT-2e"
+
+
+@asynccontextmanager
+async def two_connections(
+    settings: Settings, pinterest: respx.MockRouter
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, str, str]]:
+    """(backend with an API key, a client without credentials, Ada's id, Grace's id)."""
+    key = await create_api_key(settings)
+    async with browsers(settings, pinterest, 4) as [backend, caller, ada, grace]:
+        backend.headers["Authorization"] = f"Bearer {key}"
+        ada_id = await connect_end_user(
+            backend, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
+        )
+        grace_id = await connect_end_user(
+            backend, grace, pinterest, "u-grace", GRACE, GRACE_ACCESS, "pinr_REFRESH-GRACE-PT"
+        )
+        yield backend, caller, ada_id, grace_id
+
+
+async def mint(backend: httpx.AsyncClient, connection_id: str, **body: object) -> str:
+    response = await backend.post(f"/v1/connections/{connection_id}/proxy-tokens", json=body)
+    assert response.status_code == 201, response.text
+    return str(response.json()["token"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_mint_answers_a_token_and_its_expiry(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    async with two_connections(settings, pinterest) as (backend, _, ada_id, _grace):
+        before = datetime.now(UTC)
+        default = await backend.post(f"/v1/connections/{ada_id}/proxy-tokens")
+        short = await backend.post(
+            f"/v1/connections/{ada_id}/proxy-tokens", json={"ttl_seconds": 60}
+        )
+        longest = await backend.post(
+            f"/v1/connections/{ada_id}/proxy-tokens", json={"ttl_seconds": 86400}
+        )
+
+    assert default.status_code == short.status_code == longest.status_code == 201
+    body = default.json()
+    assert set(body) == {"token", "expires_at"}
+    assert body["token"].startswith(PROXY_TOKEN_PREFIX)
+    assert len(body["token"]) == PROXY_TOKEN_LENGTH  # 256 random bits
+    assert body["token"] != short.json()["token"]
+    expires = datetime.fromisoformat(body["expires_at"])
+    assert before + timedelta(seconds=3590) < expires < before + timedelta(seconds=3660)
+    short_expiry = datetime.fromisoformat(short.json()["expires_at"])
+    assert before + timedelta(seconds=50) < short_expiry < before + timedelta(seconds=120)
+    assert datetime.fromisoformat(longest.json()["expires_at"]) > before + timedelta(hours=23)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ttl_seconds": 0},
+        {"ttl_seconds": -5},
+        {"ttl_seconds": 86401},
+        {"ttl_seconds": "3600"},
+        {"ttl_seconds": 1.5},
+        {"ttl_seconds": None},
+        {"ttl": 60},
+        [],
+    ],
+)
+async def test_mint_refuses_a_bad_ttl_with_422(
+    settings: Settings, pinterest: respx.MockRouter, body: object
+) -> None:
+    async with two_connections(settings, pinterest) as (backend, _, ada_id, _grace):
+        response = await backend.post(f"/v1/connections/{ada_id}/proxy-tokens", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_request"
+    assert "message" in response.json()
+
+
+async def test_mint_for_an_unknown_connection_is_404(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    async with two_connections(settings, pinterest) as (backend, _, _ada, _grace):
+        response = await backend.post("/v1/connections/conn_nope/proxy-tokens", json={})
+    assert response.status_code == 404
+    assert response.json()["error"] == "connection_not_found"
+
+
+async def test_a_proxy_token_acts_for_its_connection_on_the_proxy_routes(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """The proxy and /boards call Pinterest with the token's connection's token; the
+    same token naming its own connection in Pinauth-Connection-Id is fine."""
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id)
+        account = pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        boards = pinterest.get(f"{API}/boards").respond(200, json={"items": [], "bookmark": None})
+        created = pinterest.post(f"{API}/pins").respond(201, json={"id": "p1"})
+        proxied = await caller.get("/pinterest/user_account", headers=bearer(token))
+        own_id = await caller.get(
+            "/pinterest/user_account",
+            headers=bearer(token) | {"Pinauth-Connection-Id": ada_id},
+        )
+        listed = await caller.get("/boards", headers=bearer(token))
+        pin = await caller.post("/pinterest/pins", headers=bearer(token), json={"board_id": "b"})
+
+    assert proxied.status_code == own_id.status_code == 200, proxied.text
+    assert proxied.json() == ADA
+    assert listed.status_code == 200, listed.text
+    assert pin.status_code == 201, pin.text
+    assert bearers(account) == [f"Bearer {ADA_ACCESS}"] * 2
+    assert bearers(boards) == bearers(created) == [f"Bearer {ADA_ACCESS}"]
+
+
+async def test_a_proxy_token_never_switches_connection(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards connection pinning: Pinauth-Connection-Id naming another connection (or
+    none that exists) is refused with 403, and Pinterest is never called."""
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, grace_id):
+        token = await mint(backend, ada_id)
+        upstream = pinterest.route().respond(200, json={})
+        answers = [
+            await caller.request(
+                method, path, headers=bearer(token) | {"Pinauth-Connection-Id": other}
+            )
+            for method, path in [("GET", "/pinterest/user_account"), ("GET", "/boards")]
+            for other in (grace_id, "conn_nope")
+        ]
+        answers.append(
+            await caller.post(
+                "/pinterest/pins",
+                headers=bearer(token) | {"Pinauth-Connection-Id": grace_id},
+                json={},
+            )
+        )
+
+    for answer in answers:
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"] == "proxy_token_connection_mismatch"
+    assert upstream.calls.call_count == 0
+
+
+async def test_a_proxy_token_is_refused_outside_the_proxy_routes(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the scope: on every /v1 route (minting another token included) and the
+    browser's /me and /auth routes a proxy token gets 403 proxy_token_not_allowed, and
+    changes nothing."""
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id)
+        caller.headers.update(bearer(token))
+        routes = [
+            ("GET", "/v1/connections"),
+            ("GET", f"/v1/connections/{ada_id}"),
+            ("DELETE", f"/v1/connections/{ada_id}"),
+            ("POST", f"/v1/connections/{ada_id}/proxy-tokens"),
+            ("POST", "/v1/connect-sessions"),
+            ("GET", "/me"),
+            ("POST", "/auth/refresh"),
+            ("DELETE", "/auth/connection"),
+            ("POST", "/auth/logout"),
+        ]
+        answers = [
+            await caller.request(method, path, json={"end_user_id": "u"}) for method, path in routes
+        ]
+        still_there = await backend.get(f"/v1/connections/{ada_id}")
+
+    for (method, path), answer in zip(routes, answers, strict=True):
+        assert answer.status_code == 403, (method, path, answer.text)
+        assert answer.json()["error"] == "proxy_token_not_allowed", (method, path)
+    assert still_there.status_code == 200
+
+
+async def test_a_proxy_token_alongside_a_session_cookie_is_still_refused_on_me(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """A browser that also sends a proxy token is told so, not served by its cookie."""
+    key = await create_api_key(settings)
+    async with browsers(settings, pinterest, 2) as [backend, ada]:
+        backend.headers["Authorization"] = f"Bearer {key}"
+        ada_id = await connect_end_user(
+            backend, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
+        )
+        token = await mint(backend, ada_id)
+        with_cookie_only = await ada.get("/me")
+        with_both = await ada.get("/me", headers=bearer(token))
+    assert with_cookie_only.status_code == 200
+    assert with_both.status_code == 403
+    assert with_both.json()["error"] == "proxy_token_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        PROXY_TOKEN_PREFIX + "A" * 43,  # well-formed, never minted
+        PROXY_TOKEN_PREFIX + "short",
+        PROXY_TOKEN_PREFIX + "A" * 200,
+    ],
+)
+async def test_an_unknown_proxy_token_is_401(
+    settings: Settings, pinterest: respx.MockRouter, token: str
+) -> None:
+    async with two_connections(settings, pinterest) as (_backend, caller, _ada, _grace):
+        upstream = pinterest.route().respond(200, json={})
+        proxied = await caller.get("/pinterest/user_account", headers=bearer(token))
+        listed = await caller.get("/boards", headers=bearer(token))
+    for answer in (proxied, listed):
+        assert answer.status_code == 401
+        assert answer.json()["error"] == "invalid_proxy_token"
+        assert answer.headers["www-authenticate"] == "Bearer"
+    assert upstream.calls.call_count == 0
+
+
+async def set_proxy_token_expiry(database_url: str, when: datetime) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as db, db.begin():
+            await db.execute(update(ProxyToken).values(expires_at=when))
+    finally:
+        await engine.dispose()
+
+
+async def count_proxy_tokens(database_url: str) -> int:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            query = text("SELECT count(*) FROM proxy_tokens")
+            return int((await connection.execute(query)).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_an_expired_proxy_token_is_refused(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards expiry in the database query: a token past its expires_at is 401."""
+    settings = make_settings(database_url)
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id, ttl_seconds=60)
+        await set_proxy_token_expiry(database_url, datetime.now(UTC) - timedelta(seconds=1))
+        upstream = pinterest.route().respond(200, json={})
+        answer = await caller.get("/pinterest/user_account", headers=bearer(token))
+    assert answer.status_code == 401
+    assert answer.json()["error"] == "invalid_proxy_token"
+    assert upstream.calls.call_count == 0
+
+
+async def test_a_cached_proxy_token_still_dies_at_its_expiry(database_url: str) -> None:
+    """Guards expiry on the cached path: a token verified a moment ago is refused once
+    its expiry passes, even while its cache entry lives."""
+    settings = make_settings(database_url, cache_ttl_seconds=3600)
+    clock = ManualClock(start=datetime.now(UTC).timestamp())
+    key = await create_api_key(settings)
+    pinterest = respx.MockRouter(assert_all_mocked=True)
+    async with browsers(settings, pinterest, 2) as [backend, ada]:
+        backend.headers["Authorization"] = f"Bearer {key}"
+        ada_id = await connect_end_user(
+            backend, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
+        )
+    engine = create_engine(settings)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        cache = ConnectionCache(3600)
+        cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
+        connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))
+        service = ProxyTokenService(sessionmaker, cache, connections, 3600, clock=clock)
+        minted = await service.mint(ada_id, 60)
+        assert (await service.connection_for(minted.token)).public_id == ada_id  # loaded
+        clock.advance(59)
+        assert (await service.connection_for(minted.token)).public_id == ada_id  # cached
+        clock.advance(1)
+        with pytest.raises(InvalidProxyToken, match="expired"):
+            await service.connection_for(minted.token)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_proxy_token_dies_with_its_connection(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards death with the connection: right after DELETE /v1/connections/{id} the
+    token is 401 on this process although it was just resolved and cached (cache TTL an
+    hour), and its row is gone from the database (ON DELETE CASCADE); the other
+    connection's token keeps working."""
+    settings = make_settings(database_url, cache_ttl_seconds=3600)
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, grace_id):
+        ada_token = await mint(backend, ada_id)
+        grace_token = await mint(backend, grace_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        warm = await caller.get("/pinterest/user_account", headers=bearer(ada_token))
+        deleted = await backend.delete(f"/v1/connections/{ada_id}")
+        pinterest.routes.clear()
+        upstream = pinterest.route().respond(200, json=GRACE)
+        after = await caller.get("/pinterest/user_account", headers=bearer(ada_token))
+        boards = await caller.get("/boards", headers=bearer(ada_token))
+        other = await caller.get("/pinterest/user_account", headers=bearer(grace_token))
+        remaining = await count_proxy_tokens(database_url)
+
+    assert warm.status_code == 200
+    assert deleted.status_code == 204
+    for answer in (after, boards):
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"] == "invalid_proxy_token"
+    assert other.status_code == 200
+    assert bearers(upstream) == [f"Bearer {GRACE_ACCESS}"]
+    assert remaining == 1  # Grace's
+
+
+async def test_a_proxy_token_dies_with_a_connection_deleted_by_another_replica(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Another process deleted the connection: once this one's caches expire (TTL 0
+    here) the token is refused, not answered with another row or a 500."""
+    settings = make_settings(database_url, cache_ttl_seconds=0)
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        warm = await caller.get("/pinterest/user_account", headers=bearer(token))
+        async with browsers(settings, pinterest, 1) as [other_replica]:
+            other_replica.headers.update(backend.headers)
+            assert (await other_replica.delete(f"/v1/connections/{ada_id}")).status_code == 204
+        after = await caller.get("/pinterest/user_account", headers=bearer(token))
+    assert warm.status_code == 200
+    assert after.status_code == 401
+    assert after.json()["error"] == "invalid_proxy_token"
+
+
+async def test_a_proxy_token_is_stored_only_as_its_hash(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards hash-only storage: the row holds sha256(token), never the token."""
+    settings = make_settings(database_url)
+    async with two_connections(settings, pinterest) as (backend, _, ada_id, _grace):
+        token = await mint(backend, ada_id)
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT * FROM proxy_tokens"))).all()
+    finally:
+        await engine.dispose()
+    assert len(rows) == 1
+    assert rows[0].token_hash == digest(token)
+    assert token not in repr(rows)
+
+
+async def test_purge_deletes_expired_proxy_tokens(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    settings = make_settings(database_url)
+    async with two_connections(settings, pinterest) as (backend, _, ada_id, _grace):
+        await mint(backend, ada_id)
+        await mint(backend, ada_id)
+    await set_proxy_token_expiry(database_url, datetime.now(UTC) - timedelta(seconds=1))
+    engine = create_engine(settings)
+    try:
+        purged = await ExpiredRowPurger(create_sessionmaker(engine), 3600).purge_once()
+    finally:
+        await engine.dispose()
+    assert purged.proxy_tokens == 2
+    assert await count_proxy_tokens(database_url) == 0
