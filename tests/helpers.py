@@ -958,10 +958,11 @@ class ServedWithSandbox:
 
 @asynccontextmanager
 async def pinauth_with_sandbox(
-    database_url: str, **overrides: Any
+    database_url: str, *, demo_backend: bool = False, **overrides: Any
 ) -> AsyncIterator[ServedWithSandbox]:
     """pinauth as `pinauth serve --demo` wires it (sandbox at /sandbox, called over HTTP),
-    served by uvicorn with `pinauth serve`'s options on a loopback port, in this event loop."""
+    served by uvicorn with `pinauth serve`'s options on a loopback port, in this event loop;
+    with `demo_backend`, the demo page's backend panel too."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
@@ -977,9 +978,13 @@ async def pinauth_with_sandbox(
         scopes="user_accounts:read,boards:read,boards:write,pins:read,pins:write",
         **overrides,
     )
-    app = create_app(settings, sandbox=sandbox)
+    app = create_app(settings, sandbox=sandbox, demo_backend_url=base if demo_backend else None)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, **uvicorn_options(settings)))
     task = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:  # its lifespan has run (the demo backend's key exists)
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
     try:
         yield ServedWithSandbox(base, settings)
     finally:

@@ -260,3 +260,65 @@ async def test_sdk_client_explains_a_missing_extra(
     monkeypatch.setitem(sys.modules, "pinterest.client", None)
     with pytest.raises(ImportError, match=r"pinauth\[sdk\]"):
         await pinauth.sdk_client("conn_x")
+
+
+async def test_a_proxy_token_acts_for_its_connection_on_the_proxy(
+    pinauth: PinauthClient, served: ServedWithSandbox
+) -> None:
+    await connect(pinauth, served, "user_1")
+    [connection_id] = await all_connections(pinauth)
+
+    minted = await pinauth.create_proxy_token(connection_id, ttl_seconds=120)
+
+    assert minted.token.startswith("pinauth_pt_")
+    assert minted.token not in repr(minted)
+    assert minted.connection_id == connection_id
+    left = minted.expires_at - datetime.now(UTC)
+    assert timedelta(seconds=100) < left <= timedelta(seconds=120)
+    async with httpx.AsyncClient() as http:
+        boards = await http.get(
+            f"{pinauth.pinterest_url}/boards",
+            headers={"Authorization": f"Bearer {minted.token}"},
+        )
+    assert boards.status_code == 200
+    assert boards.json()["items"]
+    with pytest.raises(PinauthAPIError) as too_long:
+        await pinauth.create_proxy_token(connection_id, ttl_seconds=86_401)
+    assert too_long.value.status_code == 422
+    with pytest.raises(ConnectionNotFoundError):
+        await pinauth.create_proxy_token("conn_nobody")
+
+
+# The SDK's generated code reads headers through urllib3's deprecated getheader(): its
+# warning, not ours, and only this test runs the SDK.
+@pytest.mark.filterwarnings(r"ignore:HTTPResponse\.getheader\(\) is deprecated:DeprecationWarning")
+async def test_the_official_sdk_runs_unchanged_through_pinauth(
+    pinauth: PinauthClient, served: ServedWithSandbox
+) -> None:
+    from pinterest.organic.boards import Board
+    from pinterest.organic.pins import Pin
+
+    await connect(pinauth, served, "user_1")
+    [connection_id] = await all_connections(pinauth)
+
+    sdk = await pinauth.sdk_client(connection_id, ttl_seconds=300)
+
+    assert sdk.configuration.host == f"{served.base}/pinterest"
+    assert sdk.configuration.access_token.startswith("pinauth_pt_")
+    # The SDK is synchronous; pinauth serves from this event loop, so it runs in a thread.
+    boards, _bookmark = await asyncio.to_thread(Board.get_all, page_size=25, client=sdk)
+    board = await asyncio.to_thread(
+        Board.create, name="Made by the SDK", description="via pinauth", client=sdk
+    )
+    pin = await asyncio.to_thread(
+        Pin.create,
+        board_id=board.id,
+        title="SDK pin",
+        media_source={"source_type": "image_url", "url": "https://example.com/p.jpg"},
+        client=sdk,
+    )
+    assert len(boards) >= 1
+    assert board.name == "Made by the SDK"
+    assert pin.board_id == board.id
+    seen = (await pinauth.request(connection_id, "GET", f"/pins/{pin.id}")).json()
+    assert seen["title"] == "SDK pin"
