@@ -33,6 +33,14 @@ from tests.helpers import (
 )
 
 
+@pytest.fixture(autouse=True)
+def no_dotenv_from_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official SDK loads the nearest .env into os.environ when imported (python-dotenv,
+    searching up from its own file): a developer's pinauth .env would leak into every test
+    run after it."""
+    monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
+
+
 @pytest.fixture
 async def served(database_url: str) -> AsyncIterator[ServedWithSandbox]:
     async with pinauth_with_sandbox(database_url) as running:
