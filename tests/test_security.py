@@ -20,6 +20,7 @@ from pinauth.logs import StripQueryFilter
 from pinauth.settings import Settings
 from tests.helpers import (
     ALL_TOKENS,
+    API,
     CLIENT_SECRET,
     SERVICE,
     TOKEN_URL,
@@ -85,6 +86,7 @@ async def stored_bytes(database_url: str) -> bytes:
                     "login_states",
                     "api_keys",
                     "connect_sessions",
+                    "proxy_tokens",
                 )
                 for row in (await connection.execute(text(f"SELECT * FROM {table}"))).all()
             ]
@@ -100,8 +102,9 @@ async def stored_bytes(database_url: str) -> bytes:
 async def test_api_keys_and_connect_sessions_never_leak(
     settings: Settings, pinterest: respx.MockRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Guards the app's own credentials: after creation, an API key and a connect-session
-    token appear in no response, log line or database column in plain text."""
+    """Guards the app's own credentials: after creation, an API key, a connect-session
+    token and a proxy token appear in no response, log line, metric or database column
+    in plain text (the proxy token used, refused and expired included)."""
     caplog.set_level(logging.DEBUG)
     key = await create_api_key(settings)
     bodies: list[str] = []
@@ -127,6 +130,28 @@ async def test_api_keys_and_connect_sessions_never_leak(
             await backend.get("/pinterest/boards"),
         ):
             bodies.append(str(response.headers) + response.text)
+        me = await browser.get("/me")
+        connection_id = me.json()["connection_id"]
+        minted_proxy = await backend.post(f"/v1/connections/{connection_id}/proxy-tokens")
+        proxy_token = minted_proxy.json()["token"]
+        as_proxy = {"Authorization": f"Bearer {proxy_token}"}
+        pinterest.get(f"{API}/boards").respond(200, json={"items": [], "bookmark": None})
+        pinterest.get(f"{API}/user_account").respond(401, json={"code": 2, "message": "no"})
+        for response in (
+            await browser.get("/pinterest/boards", headers=as_proxy),
+            await browser.get("/boards", headers=as_proxy),
+            await browser.get("/pinterest/user_account", headers=as_proxy),
+            await browser.get(
+                "/pinterest/boards", headers=as_proxy | {"Pinauth-Connection-Id": "conn_x"}
+            ),
+            await browser.get("/v1/connections", headers=as_proxy),
+            await browser.get("/me", headers=as_proxy),
+            await browser.get(
+                "/pinterest/boards", headers={"Authorization": "Bearer " + proxy_token[:-1] + "x"}
+            ),
+            await browser.get("/metrics"),
+        ):
+            bodies.append(str(response.headers) + response.text)
 
     raw = await stored_bytes(settings.database_url)
     # httpx logs each request of the test's own browser (which does carry the token in
@@ -136,7 +161,7 @@ async def test_api_keys_and_connect_sessions_never_leak(
         for record in caplog.records
         if not (record.name == "httpx" and f" {SERVICE}/" in record.getMessage())
     )
-    for secret in (key, token, unused_token):
+    for secret in (key, token, unused_token, proxy_token):
         assert secret.encode() not in raw, f"{secret} stored in plaintext"
         assert secret not in logs, f"{secret} logged"
         for body in bodies:
