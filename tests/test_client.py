@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,11 +35,14 @@ from tests.helpers import (
 
 
 @pytest.fixture(autouse=True)
-def no_dotenv_from_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The official SDK loads the nearest .env into os.environ when imported (python-dotenv,
-    searching up from its own file): a developer's pinauth .env would leak into every test
-    run after it."""
+def sdk_kept_to_itself(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """When first imported, the official SDK copies into os.environ the nearest .env
+    (python-dotenv, searching up from its own file) and the first config.json anywhere
+    under the parent of the working directory: keep both from reaching this process."""
     monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
+    cwd = tmp_path / "sdk-home" / "cwd"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
 
 
 @pytest.fixture
@@ -303,8 +307,8 @@ async def test_a_proxy_token_acts_for_its_connection_on_the_proxy(
 async def test_the_official_sdk_runs_unchanged_through_pinauth(
     pinauth: PinauthClient, served: ServedWithSandbox
 ) -> None:
-    from pinterest.organic.boards import Board
-    from pinterest.organic.pins import Pin
+    from pinterest.organic.boards import Board  # type: ignore[import-untyped]
+    from pinterest.organic.pins import Pin  # type: ignore[import-untyped]
 
     await connect(pinauth, served, "user_1")
     [connection_id] = await all_connections(pinauth)

@@ -32,7 +32,7 @@ import httpx
 from pinauth import __version__
 
 if TYPE_CHECKING:
-    from pinterest.client import PinterestSDKClient
+    from pinterest.client import PinterestSDKClient  # type: ignore[import-untyped]
 
 __all__ = [
     "APIError",
@@ -521,8 +521,11 @@ class _Sdk:
     """The official SDK's two classes this module uses, imported on first use."""
 
     def __init__(self) -> None:
-        from openapi_generated.pinterest_client.configuration import Configuration
-        from pinterest import config
+        # The SDK ships no type information.
+        from openapi_generated.pinterest_client.configuration import (  # type: ignore[import-untyped]
+            Configuration,
+        )
+        from pinterest import config  # type: ignore[import-untyped]
         from pinterest.client import PinterestSDKClient
 
         self._configuration = Configuration
