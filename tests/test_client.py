@@ -22,6 +22,7 @@ from pinauth.client import (
     PinauthTransportError,
     PinterestAPIError,
     RateLimitError,
+    ReauthorizationRequiredError,
     UnexpectedResponseError,
     retry_after_seconds,
 )
@@ -189,6 +190,36 @@ async def test_pinterest_errors_pass_through_with_code_status_and_retry_after(
     with pytest.raises(RateLimitError) as held:
         await pinauth.request(connection_id, "GET", "/boards")
     assert held.value.retry_after is not None
+
+
+async def test_a_connection_pinterest_gave_up_on_names_its_end_user(database_url: str) -> None:
+    # No connection cache: a reconnect in place is otherwise seen by the proxy only when
+    # the cached (reauthorization_required) row expires (PINAUTH_CACHE_TTL); see the
+    # report of issue 11's client work.
+    async with (
+        pinauth_with_sandbox(database_url, cache_ttl_seconds=0) as served,
+        PinauthClient(served.base, await create_api_key(served.settings)) as pinauth,
+    ):
+        await reconnect_in_place(pinauth, served)
+
+
+async def reconnect_in_place(pinauth: PinauthClient, served: ServedWithSandbox) -> None:
+    await connect(pinauth, served, "user_9")
+    [connection_id] = await all_connections(pinauth)
+    async with httpx.AsyncClient(base_url=served.sandbox) as sandbox:
+        await sandbox.post("/_sandbox/expire-access-tokens")
+        await sandbox.post("/_sandbox/revoke-refresh-tokens")
+
+    with pytest.raises(ReauthorizationRequiredError) as gone:
+        await pinauth.request(connection_id, "GET", "/boards")
+
+    assert (gone.value.status_code, gone.value.error) == (401, "reauthorization_required")
+    assert gone.value.end_user_id == "user_9"
+    assert (await pinauth.get_connection(connection_id)).status == "reauthorization_required"
+    # The way back: a new connect session for that end user renews the same connection.
+    await connect(pinauth, served, "user_9")
+    assert await all_connections(pinauth) == [connection_id]
+    assert (await pinauth.request(connection_id, "GET", "/boards")).status_code == 200
 
 
 async def test_transport_failures_become_client_errors() -> None:

@@ -126,11 +126,12 @@ class ConnectionNotFoundError(PinauthAPIError):
 
 class ReauthorizationRequiredError(PinauthAPIError):
     """Pinterest no longer accepts the connection's tokens: the end user must connect
-    again (mint a new connect session). `login_url` is where pinauth would send them."""
+    again. Mint a new connect session for `end_user_id` (None for a browser-only login)
+    and send them to its connect_url; the connection is renewed in place, same id."""
 
     def __init__(self, response: httpx.Response, body: Mapping[str, Any]) -> None:
         super().__init__(response, body)
-        self.login_url: str | None = body.get("login_url")
+        self.end_user_id: str | None = body.get("end_user_id")
 
 
 class PinterestAPIError(APIError):
