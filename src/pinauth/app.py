@@ -126,9 +126,9 @@ def create_app(
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
-        if demo_backend is not None:
-            await demo_backend.start(api_keys)
         try:
+            if demo_backend is not None:
+                await demo_backend.start(api_keys)
             yield {"services": services}
         finally:
             if demo_backend is not None:
