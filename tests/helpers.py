@@ -942,3 +942,68 @@ def sandboxed_pinauth(
     )
     service = PinauthProcess(["serve", "--port", str(port)], env, tmp_path, base + ready_path)
     return SandboxedPinauth(sandbox, service, base, sandbox_url)
+
+
+@dataclass(frozen=True)
+class ServedWithSandbox:
+    """A running pinauth (real uvicorn, loopback) whose Pinterest is its own mounted sandbox."""
+
+    base: str
+    settings: Settings
+
+    @property
+    def sandbox(self) -> str:
+        return f"{self.base}/sandbox"
+
+
+@asynccontextmanager
+async def pinauth_with_sandbox(
+    database_url: str, *, demo_backend: bool = False, **overrides: Any
+) -> AsyncIterator[ServedWithSandbox]:
+    """pinauth as `pinauth serve --demo` wires it (sandbox at /sandbox, called over HTTP),
+    served by uvicorn with `pinauth serve`'s options on a loopback port, in this event loop;
+    with `demo_backend`, the demo page's backend panel too."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    sandbox = SandboxConfig(redirect_uris=(f"{base}/auth/callback",))
+    settings = make_settings(
+        database_url,
+        client_id=sandbox.client_id,
+        client_secret=sandbox.client_secret,
+        redirect_uri=f"{base}/auth/callback",
+        authorize_url=f"{base}/sandbox/oauth/",
+        api_url=f"{base}/sandbox/v5",
+        scopes="user_accounts:read,boards:read,boards:write,pins:read,pins:write",
+        **overrides,
+    )
+    app = create_app(settings, sandbox=sandbox, demo_backend_url=base if demo_backend else None)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, **uvicorn_options(settings)))
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:  # its lifespan has run (the demo backend's key exists)
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield ServedWithSandbox(base, settings)
+    finally:
+        server.should_exit = True
+        await task
+        listener.close()
+
+
+async def consent_in_sandbox(browser: httpx.AsyncClient, start_url: str) -> httpx.Response:
+    """A browser follows `start_url` (a connect_url or /auth/login) through the sandbox's
+    consent page, allows, and comes back to /auth/callback; returns the callback's answer."""
+    login = await browser.get(start_url)
+    assert login.status_code == 302, login.text
+    consent = urlsplit(login.headers["location"])
+    fields = {k: v[0] for k, v in parse_qs(consent.query).items() if k != "response_type"}
+    decision = await browser.post(
+        consent._replace(query="").geturl(), data=fields | {"decision": "allow"}
+    )
+    assert decision.status_code in (302, 303), decision.text
+    callback = await browser.get(decision.headers["location"])
+    assert callback.status_code == 303, callback.text
+    return callback

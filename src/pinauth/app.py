@@ -25,6 +25,7 @@ from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api import v1 as v1_routes
+from pinauth.api.demo_backend import demo_backend_router
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
@@ -36,6 +37,7 @@ from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
+from pinauth.demobackend import DemoBackend
 from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
@@ -67,19 +69,23 @@ def create_app(
     sandbox: SandboxConfig | None = None,
     clock: Callable[[], float] = time.monotonic,
     shutdown: Shutdown | None = None,
+    demo_backend_url: str | None = None,
 ) -> FastAPI:
     """Build the service.
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
     mounts the built-in Pinterest sandbox at /sandbox (demo mode); `clock` is the
     rate governor's monotonic clock (tests move it instead of waiting); `shutdown` is
-    flagged by the server when it starts shutting down (see shutdown.py).
+    flagged by the server when it starts shutting down (see shutdown.py);
+    `demo_backend_url`, where pinauth reaches itself, adds the demo page's backend
+    panel (demo mode; see demobackend.py).
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
     metrics = Metrics()
     outage = OutageTracker()
     head = schema_head()
+    demo_backend = DemoBackend(demo_backend_url) if demo_backend_url else None
 
     @asynccontextmanager
     async def lifespan(served: FastAPI) -> AsyncIterator[State]:
@@ -121,8 +127,12 @@ def create_app(
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
         try:
+            if demo_backend is not None:
+                await demo_backend.start(api_keys)
             yield {"services": services}
         finally:
+            if demo_backend is not None:
+                await demo_backend.aclose()
             await purger.stop()
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.
@@ -169,6 +179,8 @@ def create_app(
     app.include_router(v1_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
+    if demo_backend is not None:
+        app.include_router(demo_backend_router(demo_backend))
     app.include_router(
         docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
     )

@@ -48,11 +48,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = _load_settings()
     sandbox = None
+    demo_backend_url = None
     if args.demo:
-        from pinauth.demo import demo_settings, public_base_url
+        from pinauth.demo import demo_settings, public_base_url, self_url
 
         logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
         settings, sandbox = demo_settings(settings, args.host, args.port)
+        demo_backend_url = self_url(args.host, args.port)
         log = logging.getLogger("pinauth")
         log.warning("=" * 72)
         log.warning("DEMO MODE: Pinterest is pinauth's built-in sandbox, not the real one.")
@@ -78,7 +80,9 @@ def _serve(args: argparse.Namespace) -> None:
         )
     upgrade_to_head(settings.database_url)
     shutdown = Shutdown()
-    app = create_app(settings, sandbox=sandbox, shutdown=shutdown)
+    app = create_app(
+        settings, sandbox=sandbox, shutdown=shutdown, demo_backend_url=demo_backend_url
+    )
     # Everything built so far (modules, routes, models) lives as long as the process;
     # freezing it keeps the cyclic GC from re-scanning it in every full collection,
     # which showed up as latency spikes under load (see bench/).
