@@ -193,11 +193,10 @@ async def test_pinterest_errors_pass_through_with_code_status_and_retry_after(
 
 
 async def test_a_connection_pinterest_gave_up_on_names_its_end_user(database_url: str) -> None:
-    # No connection cache: a reconnect in place is otherwise seen by the proxy only when
-    # the cached (reauthorization_required) row expires (PINAUTH_CACHE_TTL); see the
-    # report of issue 11's client work.
+    # The connection cache on: a reconnect in place must replace the cached
+    # (reauthorization_required) row at once, not when it expires (PINAUTH_CACHE_TTL).
     async with (
-        pinauth_with_sandbox(database_url, cache_ttl_seconds=0) as served,
+        pinauth_with_sandbox(database_url, cache_ttl_seconds=60) as served,
         PinauthClient(served.base, await create_api_key(served.settings)) as pinauth,
     ):
         await reconnect_in_place(pinauth, served)

@@ -256,6 +256,9 @@ class AuthService:
                 if attempt == LOGIN_STORE_ATTEMPTS - 1:
                     raise
                 continue
+            # The renewed row (a higher version) replaces a cached reauthorization_required
+            # one now, not when the cache entry expires.
+            self._cache.remember_connection(connection)
             # Forgotten after the commit, so a reload starting later cannot cache an ended
             # session again (and one already running is older than the forgetting).
             for ended in (*evicted, *([previous] if previous is not None else [])):
