@@ -47,6 +47,7 @@ def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, S
         "api_url": f"{self_url(host, port)}{SANDBOX_PREFIX}/v5",
         # The demo page creates boards; a backend posts pins.
         "scopes": list(dict.fromkeys([*settings.scopes, "boards:write", "pins:write"])),
+        "demo_page": True,
     }
     if "database_url" not in settings.model_fields_set:
         # Keep demo connections out of the database real ones will use.
