@@ -39,7 +39,9 @@ def with_error(url: str, code: str) -> str:
         (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != ERROR_PARAMETER
     ]
     query.append((ERROR_PARAMETER, code))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    # "https://app.example" is "https://app.example/" to a browser; say so.
+    path = parts.path or ("/" if parts.netloc else "")
+    return urlunsplit(parts._replace(path=path, query=urlencode(query)))
 
 
 def wants_json(headers: Headers) -> bool:
