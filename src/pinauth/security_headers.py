@@ -40,6 +40,9 @@ _ALWAYS_AND_LOCKED_DOWN = (*ALWAYS, LOCKED_DOWN_CSP)
 
 _REQUEST_ID = b"x-request-id"
 _VARY = b"vary"
+# The headers secured() looks at, by what it does with them: one lookup per header.
+_POLICY, _ID, _VARIES = 0, 1, 2
+_WATCHED = {_CSP: _POLICY, _REQUEST_ID: _ID, _VARY: _VARIES}
 
 
 def secured(headers: Iterable[Header], request_id: Header) -> list[Header]:
@@ -52,19 +55,20 @@ def secured(headers: Iterable[Header], request_id: Header) -> list[Header]:
     """
     if type(headers) is not list:  # Starlette sends lists; anything else is read once
         headers = list(headers)
-    has_policy = False
-    clean = True
+    has_policy = merge = False
     varies = 0
     for name, value in headers:
-        if name == _CSP:
+        kind = _WATCHED.get(name)
+        if kind is None:
+            continue
+        if kind == _POLICY:
             has_policy = True
-        elif name == _REQUEST_ID:
-            clean = False
-        elif name == _VARY:
+        elif kind == _ID:
+            merge = True
+        else:
             varies += 1
-            if varies > 1 or b"," in value:
-                clean = False
-    if not clean:
+            merge = merge or varies > 1 or b"," in value
+    if merge:
         headers = _merged(headers)
     return [*headers, request_id, *(ALWAYS if has_policy else _ALWAYS_AND_LOCKED_DOWN)]
 
