@@ -142,6 +142,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "database_url": database_url,
         "secret_key": "test-secret-key-" + "k" * 32,
         "encryption_keys": Fernet.generate_key().decode(),
+        # Most tests reach the app at 127.0.0.1:<port>, a name their redirect URI does
+        # not use; tests/test_frontend.py covers the redirect to the public origin.
+        "canonical_redirect": False,
     } | overrides
     return Settings(_env_file=None, **values)
 

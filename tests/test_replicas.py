@@ -215,7 +215,12 @@ async def test_connect_sessions_and_backend_storms_span_replicas(
     ):
         minted = await backend.post(f"{a}/v1/connect-sessions", json={"end_user_id": "u-9"})
         token = minted.json()["token"]
-        login = await browser.get(f"{b}/auth/login", params={"connect_session": token})
+        # Through the load balancer in front of both, which passes the public Host on.
+        login = await browser.get(
+            f"{b}/auth/login",
+            params={"connect_session": token},
+            headers={"Host": urlsplit(a).netloc},
+        )
         assert login.status_code == 302
         params = parse_qs(urlsplit(login.headers["location"]).query)
         fields = {k: v[0] for k, v in params.items() if k != "response_type"}

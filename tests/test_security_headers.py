@@ -15,7 +15,13 @@ import respx
 from pinauth.app import create_app
 from pinauth.sandbox import SandboxConfig
 from pinauth.settings import Settings
-from tests.helpers import connect_account, csp_directives, in_process_client
+from tests.helpers import (
+    connect_account,
+    csp_directives,
+    in_process_client,
+    make_settings,
+    run_client,
+)
 
 LOCKED_DOWN = "default-src 'none'; frame-ancestors 'none'; sandbox"
 
@@ -64,11 +70,12 @@ async def test_every_response_carries_the_security_headers(
 
 
 async def test_the_demo_page_policy_allows_exactly_what_the_page_uses(
-    client: httpx.AsyncClient,
+    database_url: str, pinterest: respx.MockRouter
 ) -> None:
     """Guards the demo page's strict policy: scripts and styles only from pinauth's own
     files, nothing inline anywhere (so the policy needs no 'unsafe-inline'), no framing."""
-    response = await client.get("/")
+    async with run_client(make_settings(database_url, demo_page=True), pinterest) as client:
+        response = await client.get("/")
     policy = csp_directives(response.headers["content-security-policy"])
     html = response.text
 

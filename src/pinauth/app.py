@@ -39,6 +39,7 @@ from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import SANDBOX_PREFIX
 from pinauth.demobackend import DemoBackend
 from pinauth.errors import DatabaseUnavailable, PinauthError
+from pinauth.frontend import CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.migrations import schema_head
@@ -169,7 +170,8 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_credentials=True,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Content-Type", "Accept", "Accept-Language"],
+            allow_headers=CORS_ALLOWED_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
         )
     # Outermost: every response gets a request id, is counted, and is logged once.
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
@@ -37,7 +38,11 @@ def self_url(host: str, port: int) -> str:
 def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, SandboxConfig]:
     base = public_base_url(host, port)
     redirect_uri = f"{base}/auth/callback"
-    sandbox = SandboxConfig(redirect_uris=(redirect_uri,))
+    frontend = urlsplit(settings.frontend_url)
+    landing = [f"{frontend.scheme}://{frontend.netloc}"] if frontend.netloc else []
+    sandbox = SandboxConfig(
+        redirect_uris=(redirect_uri,), landing_origins=(*landing, *settings.cors_origins)
+    )
     updates: dict[str, object] = {
         "client_id": sandbox.client_id,
         "client_secret": SecretStr(sandbox.client_secret),
@@ -47,6 +52,7 @@ def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, S
         "api_url": f"{self_url(host, port)}{SANDBOX_PREFIX}/v5",
         # The demo page creates boards; a backend posts pins.
         "scopes": list(dict.fromkeys([*settings.scopes, "boards:write", "pins:write"])),
+        "demo_page": True,
     }
     if "database_url" not in settings.model_fields_set:
         # Keep demo connections out of the database real ones will use.

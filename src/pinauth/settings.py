@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     )
     frontend_url: str = Field("/", validation_alias="PINAUTH_FRONTEND_URL")
     cors_origins: CommaList = Field([], validation_alias="PINAUTH_CORS_ORIGINS")
+    # GET / serves the demo page (a working frontend with a "Create board" form) only
+    # when asked to; `pinauth serve --demo` does. Otherwise / is a JSON index.
+    demo_page: bool = Field(False, validation_alias="PINAUTH_DEMO_PAGE")
+    # Redirect a browser that reaches / or /auth/login by another host name to the
+    # redirect URI's, so the login cookie and the callback share one origin. Off only
+    # for a reverse proxy that cannot pass the public Host header on.
+    canonical_redirect: bool = Field(True, validation_alias="PINAUTH_CANONICAL_REDIRECT")
 
     session_max_age_seconds: int = Field(
         30 * 24 * 3600, gt=0, validation_alias="PINAUTH_SESSION_MAX_AGE"

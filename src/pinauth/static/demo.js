@@ -256,7 +256,25 @@ async function startBackend() {
   }
 }
 
+// A login that failed comes back as ?pinauth_error=<code>; the rest is the frontend's.
+const LOGIN_ERRORS = {
+  access_denied: "The Pinterest account owner did not grant access.",
+  invalid_state: "This login could not be verified: it expired, was already used, or was started in another browser. Connect again.",
+  upstream_error: "Pinterest could not complete the login; try again in a moment.",
+  upstream_timeout: "Pinterest did not answer in time; try again in a moment.",
+};
+
+function reportFailedLogin() {
+  const url = new URL(location.href);
+  const code = url.searchParams.get("pinauth_error");
+  if (code === null) return;
+  show(`${LOGIN_ERRORS[code] || "The login did not complete."} (${code})`);
+  url.searchParams.delete("pinauth_error");
+  history.replaceState(null, "", url.pathname + url.search + url.hash);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  reportFailedLogin();
   $("connect").href = `${API}/auth/login?return_to=${encodeURIComponent(location.pathname)}`;
   $("refresh").addEventListener("click", busy($("refresh"), async () => {
     await call("POST", "/auth/refresh");
