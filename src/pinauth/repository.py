@@ -17,6 +17,7 @@ from pinauth.models import (
     ConnectionStatus,
     ConnectSession,
     LoginState,
+    WebhookEvent,
 )
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
@@ -329,3 +330,13 @@ class ConnectSessionRepository:
             delete(ConnectSession).where(ConnectSession.expires_at <= now)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class WebhookEventRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, event: WebhookEvent) -> WebhookEvent:
+        self._db.add(event)
+        await self._db.flush()
+        return event
