@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
+import respx
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -14,7 +17,22 @@ from pinauth.errors import ConfigurationError
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
 from pinauth.settings import Settings
 from pinauth.webhooks import record_event
-from tests.helpers import ALL_TOKENS, make_settings
+from tests.helpers import (
+    ACCESS_1,
+    ACCESS_2,
+    ALL_TOKENS,
+    REFRESH_1,
+    REFRESH_2,
+    SERVICE,
+    TOKEN_URL,
+    USER_ACCOUNT,
+    browsers,
+    connect_end_user,
+    create_api_key,
+    log_in,
+    make_settings,
+    run_client,
+)
 
 SECRET_A = "whsec-" + "a" * 40
 SECRET_B = "whsec-" + "b" * 40
@@ -124,3 +142,70 @@ def test_webhook_secrets_are_comma_separated() -> None:
     )
     settings.validate_for_serving()
     assert [s.get_secret_value() for s in settings.webhook_secrets] == [SECRET_A, SECRET_B]
+
+
+# --- every change commits its event -----------------------------------------------
+
+
+def types_of(events: list[WebhookEvent]) -> list[str]:
+    return [event.type for event in events]
+
+
+async def test_login_events_created_then_updated(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, settings: Settings
+) -> None:
+    await log_in(client, pinterest)
+    await log_in(client, pinterest)
+
+    events = await outbox(settings)
+    assert types_of(events) == ["connection.created", "connection.updated"]
+    me = (await client.get("/me")).json()
+    assert {event.connection_id for event in events} == {me["connection_id"]}
+    for event in events:
+        assert all(token not in event.body for token in ALL_TOKENS)
+
+
+async def test_rejected_refresh_reports_once_across_replicas_then_recovered(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Two replicas meet the same dead refresh token: one event; a new login: recovered."""
+    pinterest.post(TOKEN_URL).respond(400, json={"code": 2, "message": "Authentication failed."})
+    async with run_client(settings, pinterest) as one, run_client(settings, pinterest) as two:
+        await log_in(one, pinterest)
+        pinterest.post(TOKEN_URL).respond(400, json={"code": 2, "message": "dead"})
+        two.cookies = one.cookies
+        answers = await asyncio.gather(
+            *(replica.post("/auth/refresh") for replica in (one, two, one, two))
+        )
+        again = await two.post("/auth/refresh")
+        await log_in(one, pinterest)
+
+    assert {a.json()["error"] for a in [*answers, again]} == {"reauthorization_required"}
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+        "connection.recovered",
+    ]
+    body = json.loads((await outbox(settings))[1].body)
+    assert body["data"]["connection"]["status"] == "reauthorization_required"
+
+
+async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockRouter) -> None:
+    """Through the API (an API key) and the browser's disconnect alike."""
+    key = await create_api_key(settings)
+    async with browsers(settings, pinterest, 3) as (backend, ada, grace):
+        backend.headers["Authorization"] = f"Bearer {key}"
+        first = await connect_end_user(
+            backend, ada, pinterest, "user_1", USER_ACCOUNT, ACCESS_1, REFRESH_1
+        )
+        second = await connect_end_user(
+            backend, grace, pinterest, "user_2", USER_ACCOUNT, ACCESS_2, REFRESH_2
+        )
+        assert (await backend.delete(f"/v1/connections/{first}")).status_code == 204
+        disconnect = await grace.delete("/auth/connection", headers={"Origin": SERVICE})
+        assert disconnect.status_code == 204, disconnect.text
+
+    events = await outbox(settings)
+    deleted = [e for e in events if e.type == "connection.deleted"]
+    assert [e.connection_id for e in deleted] == [first, second]
+    assert json.loads(deleted[0].body)["data"]["connection"]["end_user_id"] == "user_1"

@@ -56,6 +56,7 @@ from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,12 @@ class TokenManager:
             marked = await repository.replace_version(
                 public_id, version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
             )
-            current = row if marked else await repository.get(public_id)
+            current = await repository.get(public_id)
+            if marked and current is not None:
+                # The compare-and-swap from the one active version this refresh claimed
+                # is what makes this the only report of it.
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+            current = row if marked else current
         if current is None:
             raise NotAuthenticated("This Pinterest connection no longer exists.")
         if marked:
@@ -442,9 +448,20 @@ class TokenManager:
 
     async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
         async with self._sessionmaker() as db, db.begin():
-            return await ConnectionRepository(db).replace_version(
+            repository = ConnectionRepository(db)
+            if await repository.replace_version(public_id, version, values):
+                return True
+            # Versions only grow: if the row is not at `version` now, it never will be,
+            # so a match here is the rejection this answer overrides.
+            if not await repository.replace_version(
                 public_id, version, values, over_rejection=True
-            )
+            ):
+                return False
+            # The connection was reported as needing a new login; it works again.
+            current = await repository.get(public_id)
+            if current is not None:
+                await record_event(db, EventType.RECOVERED, current)
+            return True
 
     async def _write_until_stored(
         self, row: Connection, version: int, values: dict[str, Any]
