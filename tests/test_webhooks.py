@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import hashlib
+import hmac
+import itertools
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import respx
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import ConfigurationError
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
-from pinauth.webhooks import record_event
+from pinauth.webhooks import (
+    WebhookDispatcher,
+    create_webhook_client,
+    record_event,
+    verify,
+)
 from tests.helpers import (
     ACCESS_1,
     ACCESS_2,
@@ -209,3 +222,297 @@ async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockR
     deleted = [e for e in events if e.type == "connection.deleted"]
     assert [e.connection_id for e in deleted] == [first, second]
     assert json.loads(deleted[0].body)["data"]["connection"]["end_user_id"] == "user_1"
+
+
+# --- delivery ---------------------------------------------------------------------
+
+
+class Clock:
+    """The dispatcher's wall clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def hooked(settings: Settings, url: str = "https://app.example/hooks") -> Settings:
+    return settings.model_copy(
+        update={
+            "webhook_url": url,
+            "webhook_secrets": [SecretStr(SECRET_A), SecretStr(SECRET_B)],
+            "webhook_timeout_seconds": 2.0,
+        }
+    )
+
+
+@asynccontextmanager
+async def dispatching(
+    settings: Settings,
+    receiver: Callable[[httpx.Request], httpx.Response] | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
+    """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
+    engine = create_engine(settings)
+    transport = httpx.MockTransport(receiver) if receiver is not None else None
+    http = (
+        httpx.AsyncClient(transport=transport)
+        if transport is not None
+        else create_webhook_client(settings)
+    )
+    sessionmaker = create_sessionmaker(engine)
+    try:
+        yield (
+            WebhookDispatcher(
+                settings, sessionmaker, http, clock=clock or Clock(), jitter=lambda: 0.0
+            ),
+            sessionmaker,
+        )
+    finally:
+        await http.aclose()
+        await engine.dispose()
+
+
+async def add_events(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    when: datetime,
+    *kinds: str,
+    end_user_id: str = "user_42",
+) -> Connection:
+    """A connection and its events, each committed in its own transaction."""
+    async with sessionmaker() as db, db.begin():
+        connection = a_connection(end_user_id=end_user_id)
+        db.add(connection)
+        await db.flush()
+    for kind in kinds:
+        async with sessionmaker() as db, db.begin():
+            attached = await db.merge(connection)
+            await record_event(db, kind, attached, now=when)
+    return connection
+
+
+def independent_signature_check(body: bytes, header: str, secret: str) -> bool:
+    """Written from the documented format alone, not from pinauth's code."""
+    fields = [field.split("=", 1) for field in header.split(",")]
+    timestamp = next(value for name, value in fields if name == "t")
+    expected = hmac.new(
+        secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256
+    ).hexdigest()
+    return any(name == "v1" and value == expected for name, value in fields)
+
+
+async def test_a_delivery_is_signed_with_every_secret(settings: Settings) -> None:
+    settings = hooked(settings)
+    received: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        received.append(request)
+        return httpx.Response(204)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        connection = await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        assert await dispatcher.run_once() == 0  # delivered once, not again
+
+    [request] = received
+    body = request.content
+    header = request.headers["pinauth-signature"]
+    event = json.loads(body)
+    assert str(request.url) == "https://app.example/hooks"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["pinauth-event-id"] == event["id"]
+    assert event["type"] == "connection.created"
+    assert event["data"]["connection"]["id"] == connection.public_id
+    assert header.startswith(f"t={int(clock.now.timestamp())},v1=")
+    assert header.count("v1=") == 2
+    assert independent_signature_check(body, header, SECRET_A)
+    assert independent_signature_check(body, header, SECRET_B)
+    assert not independent_signature_check(body, header, "whsec-" + "c" * 40)
+    now = clock.now.timestamp()
+    assert verify(body, header, [SECRET_B], now=now)  # a receiver mid-rotation
+    assert verify(body.decode(), header, SECRET_A, now=now)
+    assert not verify(body + b" ", header, SECRET_A, now=now)
+    assert not verify(body, header, "whsec-" + "c" * 40, now=now)
+    assert not verify(body, header, SECRET_A, now=now + 301)  # a replay, too late
+    assert verify(body, header, SECRET_A, tolerance=600, now=now + 301)
+    assert not verify(body, header.replace("t=", "t=1"), SECRET_A, now=now)
+    assert not verify(body, "", SECRET_A, now=now)
+    assert not verify(body, "t=abc,v1=00", SECRET_A, now=now)
+    [stored] = await outbox(settings)
+    assert stored.status is WebhookEventStatus.DELIVERED
+    assert stored.delivered_at == clock.now
+
+
+@pytest.mark.parametrize(
+    ("answer", "retried"),
+    [
+        (httpx.Response(500), True),
+        (httpx.Response(503), True),
+        (httpx.Response(408), True),
+        (httpx.Response(429), True),
+        (httpx.ConnectError("refused"), True),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.Response(400), False),
+        (httpx.Response(401), False),
+        (httpx.Response(404), False),
+        (httpx.Response(410), False),
+        (httpx.Response(301, headers={"Location": "https://elsewhere.example/"}), False),
+    ],
+)
+async def test_what_is_retried_and_what_fails_at_once(
+    settings: Settings, answer: httpx.Response | Exception, retried: bool
+) -> None:
+    settings = hooked(settings)
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        await dispatcher.run_once()
+        async with sessionmaker() as db:
+            [event] = (await db.execute(select(WebhookEvent))).scalars()
+            [attempt] = await WebhookEventRepository(db).attempts(event.id)
+
+    code = None if isinstance(answer, Exception) else answer.status_code
+    assert attempt.response_code == code
+    assert attempt.duration_ms >= 0
+    assert event.attempts == 1
+    if retried:
+        assert attempt.outcome == "retry"
+        assert event.status is WebhookEventStatus.PENDING
+        assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
+    else:
+        assert attempt.outcome == "failed"
+        assert event.status is WebhookEventStatus.FAILED
+
+
+@pytest.mark.parametrize("retry_after", ["120", "HTTP-DATE"])
+async def test_retry_after_is_honoured(settings: Settings, retry_after: str) -> None:
+    settings = hooked(settings)
+    clock = Clock()
+    if retry_after == "HTTP-DATE":
+        retry_after = email.utils.format_datetime(clock.now + timedelta(seconds=120), usegmt=True)
+    answers = iter([httpx.Response(429, headers={"Retry-After": retry_after})])
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        return next(answers, httpx.Response(200))
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        clock.advance(119)
+        assert await dispatcher.run_once() == 0  # not before the receiver asked
+        clock.advance(1)
+        assert await dispatcher.run_once() == 1
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+
+
+async def test_retries_back_off_for_24_hours_then_fail(settings: Settings) -> None:
+    settings = hooked(settings)
+    calls: list[datetime] = []
+    clock = Clock()
+    start = clock.now
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        calls.append(clock.now)
+        return httpx.Response(502)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        for _ in range(200):
+            await dispatcher.run_once()
+            [event] = await outbox(settings)
+            if event.status is not WebhookEventStatus.PENDING:
+                break
+            clock.now = event.next_attempt_at
+
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(calls)]
+    assert event.status is WebhookEventStatus.FAILED
+    assert event.last_error == "HTTP 502"
+    assert gaps[:4] == [5, 10, 20, 40]  # doubling (jitter 0 takes half)
+    assert max(gaps) == 1800  # capped at an hour, halved
+    assert calls[-1] - start <= timedelta(hours=24)
+    assert calls[-1] - start > timedelta(hours=23)
+    assert len(calls) == event.attempts < 60  # about two an hour at most: no storm
+
+
+async def test_one_connections_events_go_in_order(settings: Settings) -> None:
+    """A later event waits while an earlier one of the same connection is retried;
+    other connections' events do not wait for it."""
+    settings = hooked(settings)
+    delivered: list[str] = []
+    failing = {"first": True}
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        key = f"{event['data']['connection']['end_user_id']}:{event['type']}"
+        if key == "ada:connection.created" and failing["first"]:
+            failing["first"] = False
+            return httpx.Response(503)
+        delivered.append(key)
+        return httpx.Response(200)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(
+            sessionmaker,
+            clock.now,
+            "connection.created",
+            "connection.reauthorization_required",
+            "connection.recovered",
+            end_user_id="ada",
+        )
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="grace")
+        await dispatcher.run_once()
+        await dispatcher.run_once()
+        assert delivered == ["grace:connection.created"]
+        clock.advance(5)
+        for _ in range(4):
+            await dispatcher.run_once()
+
+    assert delivered == [
+        "grace:connection.created",
+        "ada:connection.created",
+        "ada:connection.reauthorization_required",
+        "ada:connection.recovered",
+    ]
+
+
+async def test_two_dispatchers_deliver_each_event_once(settings: Settings) -> None:
+    """Two replicas' dispatchers over one database, passes interleaved at every await."""
+    settings = hooked(settings)
+    seen: list[str] = []
+
+    async def receiver(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)  # let the other dispatcher run mid-delivery
+        seen.append(request.headers["pinauth-event-id"])
+        return httpx.Response(200)
+
+    clock = Clock()
+    async with (
+        dispatching(settings, receiver, clock) as (one, sessionmaker),  # type: ignore[arg-type]
+        dispatching(settings, receiver, clock) as (two, _),  # type: ignore[arg-type]
+    ):
+        for user in range(30):
+            await add_events(
+                sessionmaker, clock.now, "connection.created", end_user_id=f"user_{user}"
+            )
+        while True:
+            done = await asyncio.gather(one.run_once(), two.run_once(), one.run_once())
+            if not any(done):
+                break
+
+    assert len(seen) == 30
+    assert len(set(seen)) == 30
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}

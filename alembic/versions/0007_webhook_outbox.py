@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("created_at", Timestamp, nullable=False),
         sa.Column("next_attempt_at", Timestamp, nullable=False),
+        sa.Column("retry_until", Timestamp, nullable=False),
         sa.Column("lease_owner", sa.String(length=32), nullable=True),
         sa.Column("lease_until", Timestamp, nullable=True),
         sa.Column("delivered_at", Timestamp, nullable=True),

@@ -51,6 +51,7 @@ from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import WebhookDispatcher, WebhookEvents, create_webhook_client
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,26 @@ def create_app(
             ),
             metrics=metrics,
             schema_head=head,
+            webhook_events=WebhookEvents(sessionmaker),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
+        dispatcher = None
+        if settings.webhook_url:
+            webhook_http = create_webhook_client(settings)
+            dispatcher = WebhookDispatcher(settings, sessionmaker, webhook_http)
+            served.state.webhook_dispatcher = dispatcher
+            dispatcher.start()
         try:
             yield {"services": services}
         finally:
             await purger.stop()
+            if dispatcher is not None:
+                await dispatcher.stop()
+                await webhook_http.aclose()
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.
             await tokens.aclose()

@@ -252,6 +252,8 @@ class WebhookEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
+    # Retries stop here (24 hours after the event, or after a redelivery was asked for).
+    retry_until: Mapped[datetime]
     # A committed claim by one dispatcher (any replica) on the next delivery attempt; it
     # runs out by itself if that process dies mid-delivery, and the event goes again.
     lease_owner: Mapped[str | None] = mapped_column(String(32))

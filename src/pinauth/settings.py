@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
         [], validation_alias="PINAUTH_WEBHOOK_SECRETS"
     )
+    # One delivery attempt, connecting and waiting for the answer's status line included;
+    # a slower receiver counts as down and is retried later.
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, validation_alias="PINAUTH_WEBHOOK_TIMEOUT"
+    )
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod
