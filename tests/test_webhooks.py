@@ -8,7 +8,8 @@ import hashlib
 import hmac
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -516,3 +517,105 @@ async def test_two_dispatchers_deliver_each_event_once(settings: Settings) -> No
     assert len(seen) == 30
     assert len(set(seen)) == 30
     assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+# --- receivers that misbehave -----------------------------------------------------
+
+
+@asynccontextmanager
+async def tcp_receiver(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A loopback TCP server running `handle` for each connection; yields its URL."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_receiver_that_never_answers_does_not_hold_requests(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """The dispatcher started by `pinauth serve`'s lifespan POSTs into a receiver that
+    holds the request; the service answers its own clients meanwhile."""
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        holding.set()
+        await release.wait()
+
+    async with tcp_receiver(hold) as url:
+        settings = hooked(settings, url).model_copy(update={"webhook_timeout_seconds": 60.0})
+        async with run_client(settings, pinterest) as client:
+            await log_in(client, pinterest)  # commits connection.created
+            async with asyncio.timeout(30):
+                await holding.wait()
+            answers = [await client.get("/me") for _ in range(20)]
+            assert not release.is_set()  # all of them while the receiver held on
+            release.set()
+
+    assert [a.status_code for a in answers] == [200] * 20
+
+
+async def test_a_receiver_trickling_its_answer_is_cut_off_and_retried(settings: Settings) -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        while True:  # a header byte now and then: each read is quick, the whole is not
+            writer.write(b"X")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with tcp_receiver(trickle) as url:
+        settings = hooked(settings, url).model_copy(update={"webhook_timeout_seconds": 0.5})
+        clock = Clock()
+        async with dispatching(settings, clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            await dispatcher.run_once()
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.last_error == "no answer within 0.5 s"
+
+
+async def test_a_huge_answer_is_never_read(settings: Settings) -> None:
+    offered = {"bytes": 0}
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+        chunk = b"x" * 65536
+        while offered["bytes"] < 200_000_000:
+            writer.write(chunk)
+            offered["bytes"] += len(chunk)
+            await writer.drain()
+
+    async with tcp_receiver(flood) as url:
+        settings = hooked(settings, url)
+        clock = Clock()
+        async with dispatching(settings, clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            tracemalloc.start()
+            try:
+                await dispatcher.run_once()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+    assert peak < 4_000_000
+    assert offered["bytes"] < 50_000_000  # the connection was closed, not drained
