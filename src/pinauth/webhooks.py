@@ -170,6 +170,7 @@ POLL_INTERVAL_SECONDS = 1.0
 # The longest a receiver's Retry-After is believed (beyond it, the retry window decides).
 MAX_RETRY_AFTER_SECONDS = 6 * 3600
 _ERROR_LENGTH = 255
+LEASE_MARGIN_SECONDS = 5.0
 
 
 def utc_now() -> datetime:
@@ -255,8 +256,9 @@ class WebhookDispatcher:
         self._clock = clock
         self._jitter = jitter
         self._poll_interval = poll_interval
-        # Longer than any attempt can take (it is cut off at the timeout), plus the write.
-        self._lease = timedelta(seconds=self._timeout + 30)
+        # Longer than any attempt can take (it is cut off at the timeout), plus the write
+        # of its outcome. A dead holder's events wait this long to go again.
+        self._lease = timedelta(seconds=self._timeout + LEASE_MARGIN_SECONDS)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
