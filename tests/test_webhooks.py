@@ -20,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import ConfigurationError
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
@@ -619,3 +620,96 @@ async def test_a_huge_answer_is_never_read(settings: Settings) -> None:
     assert event.status is WebhookEventStatus.DELIVERED
     assert peak < 4_000_000
     assert offered["bytes"] < 50_000_000  # the connection was closed, not drained
+
+
+# --- listing and redelivery: the CLI and /v1/webhook-events -----------------------
+
+
+async def failed_and_delivered(settings: Settings) -> tuple[str, str]:
+    """Two events of two connections: the first failed (410), the second delivered."""
+    answers = iter([httpx.Response(410), httpx.Response(200)])
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
+        await dispatcher.run_once()
+    failed, delivered = await outbox(settings)
+    assert failed.status is WebhookEventStatus.FAILED
+    assert delivered.status is WebhookEventStatus.DELIVERED
+    return failed.public_id, delivered.public_id
+
+
+async def test_webhooks_cli_lists_and_redelivers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed, delivered = await failed_and_delivered(settings)
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, everything, _ = await asyncio.to_thread(run, "webhooks", "list")
+    assert code == 0
+    assert failed in everything
+    assert delivered in everything
+    assert "HTTP 410" in everything
+    code, only_failed, _ = await asyncio.to_thread(run, "webhooks", "list", "--failed")
+    assert failed in only_failed
+    assert delivered not in only_failed
+    code, said, _ = await asyncio.to_thread(run, "webhooks", "redeliver", failed)
+    assert code == 0
+    assert failed in said
+    code, _, err = await asyncio.to_thread(run, "webhooks", "redeliver", "evt_nope")
+    assert code == 2
+    assert "No webhook event has that id" in err
+    assert "Traceback" not in err
+
+    [redelivered, _] = await outbox(settings)
+    assert redelivered.status is WebhookEventStatus.PENDING
+    assert redelivered.last_error is None
+    assert redelivered.retry_until > datetime.now(UTC) + timedelta(hours=23)
+
+
+async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRouter) -> None:
+    failed, delivered = await failed_and_delivered(settings)
+    key = await create_api_key(settings)
+    async with run_client(settings, pinterest) as client:
+        assert (await client.get("/v1/webhook-events")).status_code == 401
+        client.headers["Authorization"] = f"Bearer {key}"
+        listing = (await client.get("/v1/webhook-events")).json()
+        only_failed = (await client.get("/v1/webhook-events", params={"status": "failed"})).json()
+        first = (await client.get("/v1/webhook-events", params={"limit": 1})).json()
+        rest = (
+            await client.get(
+                "/v1/webhook-events", params={"limit": 1, "cursor": first["next_cursor"]}
+            )
+        ).json()
+        bad_cursor = await client.get("/v1/webhook-events", params={"cursor": "nope"})
+        detail = (await client.get(f"/v1/webhook-events/{failed}")).json()
+        missing = await client.get("/v1/webhook-events/evt_nope")
+        redelivered = await client.post(f"/v1/webhook-events/{failed}/redeliver")
+        missing_redelivery = await client.post("/v1/webhook-events/evt_nope/redeliver")
+
+    assert [e["id"] for e in listing["items"]] == [delivered, failed]  # newest first
+    assert listing["next_cursor"] is None
+    assert [e["id"] for e in only_failed["items"]] == [failed]
+    assert [e["id"] for e in first["items"] + rest["items"]] == [delivered, failed]
+    assert bad_cursor.status_code == 422
+    assert detail["status"] == "failed"
+    assert detail["next_attempt_at"] is None
+    assert detail["payload"]["id"] == failed
+    assert detail["payload"]["data"]["connection"]["end_user_id"] == "ada"
+    assert [(a["response_code"], a["outcome"]) for a in detail["delivery_attempts"]] == [
+        (410, "failed")
+    ]
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "webhook_event_not_found"
+    assert redelivered.status_code == 202
+    assert redelivered.json()["status"] == "pending"
+    assert redelivered.json()["next_attempt_at"] is not None
+    assert missing_redelivery.status_code == 404

@@ -25,6 +25,7 @@ from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api import v1 as v1_routes
+from pinauth.api import webhook_events as webhook_event_routes
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
@@ -110,7 +111,7 @@ def create_app(
             ),
             metrics=metrics,
             schema_head=head,
-            webhook_events=WebhookEvents(sessionmaker),
+            webhook_events=WebhookEvents(sessionmaker, CursorCodec(cipher)),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
@@ -173,6 +174,7 @@ def create_app(
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
     app.include_router(v1_routes.router)
+    app.include_router(webhook_event_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
     app.include_router(

@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth import __version__
 from pinauth.api.schemas import ConnectionObject
-from pinauth.errors import WebhookEventNotFound
+from pinauth.crypto import CursorCodec
+from pinauth.errors import UnprocessableRequest, WebhookEventNotFound
 from pinauth.models import (
     Connection,
     WebhookAttempt,
@@ -406,25 +407,31 @@ class WebhookEvents:
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
+        cursors: CursorCodec | None = None,
         *,
         clock: Callable[[], datetime] = utc_now,
-        on_redeliver: Callable[[], None] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        # Cursors carry a database key, encrypted, as the connections API's do.
+        self._cursors = cursors
         self._clock = clock
-        self._on_redeliver = on_redeliver
 
     async def page(
-        self, *, limit: int, before: int | None = None, status: WebhookEventStatus | None = None
-    ) -> tuple[list[WebhookEvent], int | None]:
-        """Newest first; the key to continue before, None on the last page."""
+        self, *, limit: int, cursor: str | None = None, status: WebhookEventStatus | None = None
+    ) -> tuple[list[WebhookEvent], str | None]:
+        """Newest first, and the cursor of the next page (None on the last page)."""
+        before = None
+        if cursor is not None:
+            before = None if self._cursors is None else self._cursors.loads(cursor)
+            if before is None:
+                raise UnprocessableRequest("cursor is not one this API returned; start without it.")
         async with self._sessionmaker() as db:
             rows = await WebhookEventRepository(db).page(
                 limit=limit + 1, before=before, status=status
             )
-        if len(rows) > limit:
-            return rows[:limit], rows[limit - 1].id
-        return rows, None
+        if len(rows) > limit and self._cursors is not None:
+            return rows[:limit], self._cursors.dumps(rows[limit - 1].id)
+        return rows[:limit], None
 
     async def get(self, public_id: str) -> EventDetail:
         async with self._sessionmaker() as db:
@@ -440,6 +447,4 @@ class WebhookEvents:
         async with self._sessionmaker() as db, db.begin():
             if not await WebhookEventRepository(db).redeliver(public_id, now, now + RETRY_WINDOW):
                 raise WebhookEventNotFound()
-        if self._on_redeliver is not None:
-            self._on_redeliver()
         return await self.get(public_id)
