@@ -12,16 +12,20 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import respx
+import uvicorn
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.app import create_app
 from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
+from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
 from pinauth.repository import WebhookEventRepository
@@ -44,6 +48,7 @@ from tests.helpers import (
     browsers,
     connect_end_user,
     create_api_key,
+    free_port,
     log_in,
     make_settings,
     run_client,
@@ -713,3 +718,56 @@ async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRoute
     assert redelivered.json()["status"] == "pending"
     assert redelivered.json()["next_attempt_at"] is not None
     assert missing_redelivery.status_code == 404
+
+
+# --- demo mode --------------------------------------------------------------------
+
+
+async def test_demo_mode_shows_delivered_events(database_url: str) -> None:
+    """`pinauth serve --demo`: events go, signed, to the built-in receiver, which the
+    demo page reads; nothing to set up."""
+    port = free_port()
+    settings, sandbox = demo_settings(make_settings(database_url), "127.0.0.1", port)
+    app = create_app(settings, sandbox=sandbox)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    base = f"http://localhost:{port}"
+    try:
+        while not server.started:
+            assert not serving.done()
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as browser:
+            login = await browser.get("/auth/login")
+            params = parse_qs(urlsplit(login.headers["location"]).query)
+            fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+            decision = await browser.post("/sandbox/oauth/", data=fields | {"decision": "allow"})
+            callback = await browser.get(decision.headers["location"])
+            assert callback.status_code == 303, callback.text
+            dispatcher: WebhookDispatcher = app.state.webhook_dispatcher
+            async with asyncio.timeout(30):
+                while not (await browser.get("/demo/webhook-events")).json()["items"]:
+                    dispatcher.pass_done.clear()
+                    await dispatcher.pass_done.wait()
+            [received] = (await browser.get("/demo/webhook-events")).json()["items"]
+            forged = await browser.post(
+                "/demo/webhooks", content=b"{}", headers={"Pinauth-Signature": "t=1,v1=00"}
+            )
+            page = await browser.get("/")
+    finally:
+        server.should_exit = True
+        await serving
+
+    assert received["type"] == "connection.created"
+    assert received["connection"]["status"] == "active"
+    assert forged.status_code == 400
+    assert 'id="webhook-events"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "<script>" not in page.text  # the page's one script is a file: CSP holds
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+
+
+def test_no_receiver_outside_demo_mode(settings: Settings) -> None:
+    paths = {getattr(route, "path", None) for route in create_app(settings).routes}
+    assert "/demo/webhooks" not in paths
+    assert "/demo/webhook-events" not in paths

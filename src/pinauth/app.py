@@ -36,7 +36,7 @@ from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.demo import SANDBOX_PREFIX
+from pinauth.demo import SANDBOX_PREFIX, DemoReceiver
 from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
@@ -183,6 +183,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
+        app.state.demo_receiver = DemoReceiver(settings)
+        app.include_router(demo_routes.receiver_router)
     # The proxy's APIRoutes define and document the operation; ProxyFastPath serves the
     # same endpoint ahead of the router, and they would answer if it stepped aside.
     app.router.routes[0:0] = pinterest_routes.router.routes
