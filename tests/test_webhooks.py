@@ -19,7 +19,7 @@ import pytest
 import respx
 import uvicorn
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.app import create_app
@@ -40,6 +40,7 @@ from tests.helpers import (
     ACCESS_1,
     ACCESS_2,
     ALL_TOKENS,
+    API,
     REFRESH_1,
     REFRESH_2,
     SERVICE,
@@ -771,3 +772,61 @@ def test_no_receiver_outside_demo_mode(settings: Settings) -> None:
     paths = {getattr(route, "path", None) for route in create_app(settings).routes}
     assert "/demo/webhooks" not in paths
     assert "/demo/webhook-events" not in paths
+
+
+# --- crash safety: every way a connection becomes unusable reports once -----------
+
+
+async def test_a_key_that_no_longer_decrypts_reports_once(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Tokens encrypted under a key that was then removed: the proxy answers 401 and the
+    connection is marked and reported once, however many calls and replicas meet it."""
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        cookies = client.cookies
+    other_key = make_settings(settings.database_url).encryption_keys
+    rotated = settings.model_copy(update={"encryption_keys": other_key})
+    boards = pinterest.get(f"{API}/boards").respond(200, json={"items": [], "bookmark": None})
+    async with run_client(rotated, pinterest) as one, run_client(rotated, pinterest) as two:
+        one.cookies = two.cookies = cookies
+        answers = await asyncio.gather(
+            *(replica.get("/pinterest/boards") for replica in (one, two, one, two))
+        )
+        me = (await one.get("/me")).json()
+
+    assert {a.status_code for a in answers} == {401}
+    assert {a.json()["error"] for a in answers} == {"reauthorization_required"}
+    assert boards.call_count == 0
+    assert me["status"] == "reauthorization_required"
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+    ]
+
+
+async def test_an_expired_refresh_token_reports_once_without_calling_pinterest(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        engine = create_engine(settings)
+        try:
+            async with create_sessionmaker(engine)() as db, db.begin():
+                await db.execute(
+                    update(Connection).values(
+                        refresh_token_expires_at=datetime.now(UTC) - timedelta(seconds=1)
+                    )
+                )
+        finally:
+            await engine.dispose()
+        token = pinterest.post(TOKEN_URL).respond(200, json={})
+        first = await client.post("/auth/refresh")
+        second = await client.post("/auth/refresh")
+
+    assert first.json()["error"] == second.json()["error"] == "reauthorization_required"
+    assert token.call_count == 0
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+    ]

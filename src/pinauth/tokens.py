@@ -97,6 +97,14 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
     connection.last_refreshed_at = datetime.now(UTC)
 
 
+class UndecryptableToken(ReauthorizationRequired):
+    """No configured key decrypts the connection's access token."""
+
+    def __init__(self, login_url: str, connection: Connection) -> None:
+        super().__init__(login_url)
+        self.connection = connection
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     """An access token ready to send, and the row version it came from."""
@@ -158,7 +166,7 @@ class TokenManager:
                 token = self._cipher.decrypt(connection.access_token_encrypted)
             except TokenDecryptionError:
                 # The key that encrypted it was removed from PINAUTH_ENCRYPTION_KEYS.
-                raise self.reauthorization_required() from None
+                raise UndecryptableToken(self._settings.login_url, connection) from None
             self._cache.remember_access_token(connection, token)
         return Credential(connection, token)
 
@@ -175,17 +183,22 @@ class TokenManager:
             # Tokens that live shorter than the margin would otherwise be "expiring" from
             # the moment they are issued, and every call would refresh again.
             margin = min(margin, lifetime / 2)
-        if connection.access_token_expires_at - now > margin:
-            return self.credential(connection)
+        # A try costs nothing until something is raised: the hot path stays as it was.
         try:
-            return self.credential(await self.refresh(connection))
-        except UpstreamUnavailable:
-            if connection.access_token_expires_at > now:
-                log.warning(
-                    "using connection %s's current token until refresh recovers",
-                    connection.public_id,
-                )
+            if connection.access_token_expires_at - now > margin:
                 return self.credential(connection)
+            try:
+                return self.credential(await self.refresh(connection))
+            except UpstreamUnavailable:
+                if connection.access_token_expires_at > now:
+                    log.warning(
+                        "using connection %s's current token until refresh recovers",
+                        connection.public_id,
+                    )
+                    return self.credential(connection)
+                raise
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
             raise
 
     async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
@@ -197,7 +210,11 @@ class TokenManager:
         is not fresh, and a caller it fails for comes back here with it.
         """
         connection, refreshed = await self._refresh(rejected.connection)
-        return self.credential(connection), refreshed
+        try:
+            return self.credential(connection), refreshed
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
+            raise
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -278,6 +295,10 @@ class TokenManager:
         try:
             if row.refresh_token_encrypted is None:
                 raise TokenRejected("no refresh token stored")
+            expires = row.refresh_token_expires_at
+            if expires is not None and expires <= datetime.now(UTC):
+                # Pinterest would refuse it: no call, and the same one-time report.
+                raise TokenRejected("the refresh token has expired")
             refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
             # Bounded absolutely (httpx's read timeout is per read), so the lease, which
             # is longer than this, cannot run out while the answer may still come.
@@ -374,6 +395,32 @@ class TokenManager:
             log.warning(
                 "could not release connection %s's refresh lease: %s", public_id, type(e).__name__
             )
+
+    async def _mark_undecryptable(self, connection: Connection) -> None:
+        """No configured key decrypts the row's access token: it needs a new login.
+
+        Marked, and reported, by a compare-and-swap from the active version that failed
+        to decrypt, so replicas that all find it report it once.
+        """
+        public_id = connection.public_id
+        log.warning("connection %s needs reauthorization: no key decrypts it", public_id)
+        try:
+            async with self._sessionmaker() as db, db.begin():
+                repository = ConnectionRepository(db)
+                marked = await repository.replace_version(
+                    public_id,
+                    connection.version,
+                    {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED},
+                )
+                current = await repository.get(public_id)
+                if marked and current is not None:
+                    await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+        except DATABASE_DOWN as e:
+            # The next call that meets the row tries again; the caller gets its 401 now.
+            log.warning("could not mark connection %s: %s", public_id, type(e).__name__)
+            return
+        if current is not None:
+            self._cache.remember_connection(current)
 
     async def _mark_rejected(self, row: Connection, version: int) -> tuple[Connection, bool]:
         """Pinterest refused the refresh token: the row needs a new login, unless it has
