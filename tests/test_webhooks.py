@@ -830,3 +830,31 @@ async def test_an_expired_refresh_token_reports_once_without_calling_pinterest(
         "connection.created",
         "connection.reauthorization_required",
     ]
+
+
+async def test_connections_cli_delete_reports_deleted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = create_engine(settings)
+    try:
+        connection = await add_events(create_sessionmaker(engine), NOW)
+    finally:
+        await engine.dispose()
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PINAUTH_ENCRYPTION_KEYS", settings.encryption_keys[0].get_secret_value())
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    deleted = await asyncio.to_thread(run, "connections", "delete", connection.public_id)
+    again = await asyncio.to_thread(run, "connections", "delete", connection.public_id)
+
+    assert deleted[0] == 0
+    assert connection.public_id in deleted[1]
+    assert again[0] == 2
+    assert "No connection has that id" in again[2]
+    [event] = await outbox(settings)
+    assert event.type == "connection.deleted"
+    assert event.connection_id == connection.public_id

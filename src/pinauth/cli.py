@@ -212,6 +212,42 @@ def _webhooks(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"{e.message} ({args.event_id!r})") from e
 
 
+def _connections(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.connections import ConnectionService
+    from pinauth.crypto import CursorCodec, TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import ConnectionNotFound
+    from pinauth.migrations import upgrade_to_head
+
+    settings = _load_settings()
+    if not settings.encryption_keys:
+        raise ConfigurationError("PINAUTH_ENCRYPTION_KEYS is missing")
+    upgrade_to_head(settings.database_url)
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            service = ConnectionService(
+                create_sessionmaker(engine), ConnectionCache(0), CursorCodec(cipher)
+            )
+            await service.delete(args.connection_id)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except ConnectionNotFound as e:
+        raise ConfigurationError(f"{e.message} ({args.connection_id!r})") from e
+    print(
+        f"Deleted connection {args.connection_id}: its tokens are gone and its sessions ended "
+        "(other replicas notice within PINAUTH_CACHE_TTL)."
+    )
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
 
@@ -263,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     redeliver = webhook_actions.add_parser("redeliver", help="send an event again, now")
     redeliver.add_argument("event_id", metavar="EVENT_ID")
     webhooks.set_defaults(handler=_webhooks)
+
+    connections = commands.add_parser("connections", help="delete a connection")
+    connection_actions = connections.add_subparsers(dest="action", required=True)
+    delete = connection_actions.add_parser(
+        "delete", help="delete its tokens and end its sessions (reports connection.deleted)"
+    )
+    delete.add_argument("connection_id", metavar="CONNECTION_ID")
+    connections.set_defaults(handler=_connections)
     return parser
 
 
