@@ -46,13 +46,17 @@ from tests.helpers import (
     SERVICE,
     TOKEN_URL,
     USER_ACCOUNT,
+    allow_token_writes,
     browsers,
     connect_end_user,
     create_api_key,
+    expire_refresh_leases,
     free_port,
     log_in,
     make_settings,
+    refuse_token_writes,
     run_client,
+    token_json,
 )
 
 SECRET_A = "whsec-" + "a" * 40
@@ -858,3 +862,38 @@ async def test_connections_cli_delete_reports_deleted(
     [event] = await outbox(settings)
     assert event.type == "connection.deleted"
     assert event.connection_id == connection.public_id
+
+
+async def test_a_late_write_over_a_rejection_reports_recovered(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """The scenario of `over_rejection` (test_durable_refresh): B reports the connection
+    unusable; A's late write of the live pair makes it usable again, and says so."""
+    settings_a = make_settings(database_url)
+    settings_b = make_settings(database_url, encryption_keys=settings_a.encryption_keys[0])
+    spent: list[str] = []
+
+    async def token_endpoint(request: httpx.Request) -> httpx.Response:
+        if REFRESH_1 in request.content.decode() and not spent:
+            spent.append(REFRESH_1)
+            await refuse_token_writes(database_url)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        return httpx.Response(400, json={"code": 1, "message": "Invalid refresh token."})
+
+    async with run_client(settings_b, pinterest) as b:
+        async with run_client(settings_a, pinterest) as a:
+            await log_in(a, pinterest)
+            b.cookies.update(a.cookies)
+            pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+            assert (await a.post("/auth/refresh")).status_code == 200
+            await expire_refresh_leases(database_url)
+            assert (await b.post("/auth/refresh")).status_code == 401
+            await allow_token_writes(database_url)
+
+    events = await outbox(settings_a)
+    assert types_of(events) == [
+        "connection.created",
+        "connection.reauthorization_required",
+        "connection.recovered",
+    ]
+    assert json.loads(events[-1].body)["data"]["connection"]["status"] == "active"
