@@ -27,6 +27,7 @@ from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
+from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
@@ -897,3 +898,25 @@ async def test_a_late_write_over_a_rejection_reports_recovered(
         "connection.recovered",
     ]
     assert json.loads(events[-1].body)["data"]["connection"]["status"] == "active"
+
+
+async def test_events_are_purged_30_days_after_their_last_possible_retry(
+    settings: Settings,
+) -> None:
+    settings = hooked(settings)
+    clock = Clock()
+    async with dispatching(settings, lambda _: httpx.Response(200), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="old")
+        await dispatcher.run_once()
+        await add_events(
+            sessionmaker, clock.now + timedelta(days=2), "connection.created", end_user_id="new"
+        )
+        month_later = clock.now + timedelta(days=31, seconds=1)
+        purged = await ExpiredRowPurger(sessionmaker, 60, clock=lambda: month_later).purge_once()
+
+    assert purged.webhook_events == 1
+    [kept] = await outbox(settings)
+    assert json.loads(kept.body)["data"]["connection"]["end_user_id"] == "new"

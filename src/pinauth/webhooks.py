@@ -313,7 +313,13 @@ class WebhookDispatcher:
                     now, owner, now + self._lease, BATCH_SIZE
                 )
             if events:
-                await asyncio.gather(*(self._deliver(event, owner) for event in events))
+                outcomes = await asyncio.gather(
+                    *(self._deliver(event, owner) for event in events), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        # Its lease runs out and the event goes again: at least once.
+                        log.warning("recording a webhook delivery failed: %r", outcome)
             return len(events)
         finally:
             self.passes += 1
