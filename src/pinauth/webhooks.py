@@ -270,10 +270,6 @@ class WebhookDispatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhook dispatcher")
 
-    def wake(self) -> None:
-        """Run a pass now rather than at the next poll (an event was just committed)."""
-        self._wake.set()
-
     async def stop(self) -> None:
         if self._task is None:
             return
