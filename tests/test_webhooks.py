@@ -29,6 +29,7 @@ from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
 from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
 from pinauth.webhooks import (
@@ -268,6 +269,7 @@ async def dispatching(
     settings: Settings,
     receiver: Callable[[httpx.Request], httpx.Response] | None = None,
     clock: Clock | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
     """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
     engine = create_engine(settings)
@@ -281,7 +283,12 @@ async def dispatching(
     try:
         yield (
             WebhookDispatcher(
-                settings, sessionmaker, http, clock=clock or Clock(), jitter=lambda: 0.0
+                settings,
+                sessionmaker,
+                http,
+                clock=clock or Clock(),
+                jitter=lambda: 0.0,
+                metrics=metrics,
             ),
             sessionmaker,
         )
@@ -388,7 +395,8 @@ async def test_what_is_retried_and_what_fails_at_once(
         return answer
 
     clock = Clock()
-    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+    metrics = Metrics()
+    async with dispatching(settings, receiver, clock, metrics) as (dispatcher, sessionmaker):
         await add_events(sessionmaker, clock.now, "connection.created")
         await dispatcher.run_once()
         async with sessionmaker() as db:
@@ -399,6 +407,10 @@ async def test_what_is_retried_and_what_fails_at_once(
     assert attempt.response_code == code
     assert attempt.duration_ms >= 0
     assert event.attempts == 1
+    counted = metrics.registry.get_sample_value(
+        "pinauth_webhook_deliveries_total", {"outcome": attempt.outcome}
+    )
+    assert counted == 1
     if retried:
         assert attempt.outcome == "retry"
         assert event.status is WebhookEventStatus.PENDING

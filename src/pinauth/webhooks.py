@@ -38,6 +38,7 @@ from pinauth.models import (
     WebhookEventStatus,
     new_event_id,
 )
+from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
 
@@ -248,7 +249,9 @@ class WebhookDispatcher:
         clock: Callable[[], datetime] = utc_now,
         jitter: Callable[[], float] = random.random,
         poll_interval: float = POLL_INTERVAL_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._url = settings.webhook_url
         self._secrets = [s.get_secret_value() for s in settings.webhook_secrets]
         self._timeout = settings.webhook_timeout_seconds
@@ -343,6 +346,8 @@ class WebhookDispatcher:
                 values = {"status": WebhookEventStatus.FAILED}
                 verdict = "failed"
             values["last_error"] = outcome.error
+        if self._metrics is not None:
+            self._metrics.webhook_deliveries.labels(verdict).inc()
         log.log(
             logging.INFO if outcome.delivered else logging.WARNING,
             "webhook %s %s (%s, attempt %d): %s",
