@@ -12,6 +12,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -932,3 +933,42 @@ async def test_events_are_purged_30_days_after_their_last_possible_retry(
     assert purged.webhook_events == 1
     [kept] = await outbox(settings)
     assert json.loads(kept.body)["data"]["connection"]["end_user_id"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PINAUTH_WEBHOOK_URL": "ftp://app.example/hooks"}, "is not an http(s) URL"),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks", "PINAUTH_WEBHOOK_SECRETS": "x"},
+            "secret #1 is shorter than 32 characters",
+        ),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks"},
+            "PINAUTH_WEBHOOK_SECRETS is not",
+        ),
+    ],
+)
+def test_serve_refuses_bad_webhook_settings_in_one_line(
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in {
+        "PINTEREST_CLIENT_ID": "1234567",
+        "PINTEREST_CLIENT_SECRET": "client-secret",
+        "PINAUTH_SECRET_KEY": "s" * 40,
+        "PINAUTH_ENCRYPTION_KEYS": make_settings("sqlite://").encryption_keys[0].get_secret_value(),
+        "PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'never.db'}",
+        **env,
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "never.db").exists()  # refused before anything started
