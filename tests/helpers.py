@@ -46,6 +46,7 @@ from pinauth.app import create_app
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.logs import JsonFormatter
+from pinauth.models import Base
 from pinauth.observability import Metrics
 from pinauth.sandbox import SandboxConfig
 from pinauth.server import uvicorn_options
@@ -123,12 +124,9 @@ def truncate_all(url: str) -> None:
         engine = create_async_engine(url)
         try:
             async with engine.begin() as connection:
-                await connection.execute(
-                    text(
-                        "TRUNCATE connections, sessions, login_states, api_keys, connect_sessions"
-                        " RESTART IDENTITY CASCADE"
-                    )
-                )
+                # Every table the models know, so a new one is never left holding rows.
+                tables = ", ".join(Base.metadata.tables)
+                await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         finally:
             await engine.dispose()
 

@@ -241,3 +241,9 @@ class ProxyTokenConnectionMismatch(PinauthError):
         "Pinauth-Connection-Id header names another; drop the header or use that "
         "connection's own proxy token."
     )
+
+
+class WebhookEventNotFound(PinauthError):
+    status_code = 404
+    code = "webhook_event_not_found"
+    default_message = "No webhook event has that id."
