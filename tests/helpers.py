@@ -142,6 +142,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "database_url": database_url,
         "secret_key": "test-secret-key-" + "k" * 32,
         "encryption_keys": Fernet.generate_key().decode(),
+        # Off unless a test is about it (tests/test_keeper.py): a keeper pass at start-up
+        # would race the tests that count token requests and queries.
+        "keeper": False,
     } | overrides
     return Settings(_env_file=None, **values)
 

@@ -39,6 +39,7 @@ from pinauth.demo import SANDBOX_PREFIX
 from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
+from pinauth.keeper import Keeper
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.outage import OutageTracker
@@ -115,9 +116,16 @@ def create_app(
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
+        keeper = None
+        if settings.keeper:
+            keeper = Keeper(settings, sessionmaker, tokens, metrics)
+            served.state.keeper = keeper
+            keeper.start()
         try:
             yield {"services": services}
         finally:
+            if keeper is not None:
+                await keeper.stop()
             await purger.stop()
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.

@@ -31,6 +31,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -51,6 +52,7 @@ from pinauth.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from pinauth.lifecycle import record_connection_event
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
@@ -117,8 +119,12 @@ class TokenManager:
         cipher: TokenCipher,
         cache: ConnectionCache,
         metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        # What times the cooldown after a failed token call (tests move it instead of waiting).
+        self._clock = clock
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._oauth = oauth
@@ -174,18 +180,41 @@ class TokenManager:
             # Tokens that live shorter than the margin would otherwise be "expiring" from
             # the moment they are issued, and every call would refresh again.
             margin = min(margin, lifetime / 2)
-        if connection.access_token_expires_at - now > margin:
-            return self.credential(connection)
         try:
-            return self.credential(await self.refresh(connection))
-        except UpstreamUnavailable:
-            if connection.access_token_expires_at > now:
-                log.warning(
-                    "using connection %s's current token until refresh recovers",
-                    connection.public_id,
-                )
+            if connection.access_token_expires_at - now > margin:
                 return self.credential(connection)
+            try:
+                return self.credential(await self.refresh(connection))
+            except UpstreamUnavailable:
+                if connection.access_token_expires_at > now:
+                    log.warning(
+                        "using connection %s's current token until refresh recovers",
+                        connection.public_id,
+                    )
+                    return self.credential(connection)
+                raise
+        except ReauthorizationRequired:
+            await self._mark_undecryptable(connection)
             raise
+
+    async def _mark_undecryptable(self, connection: Connection) -> None:
+        """An active row whose token no configured key decrypts (its key was removed from
+        PINAUTH_ENCRYPTION_KEYS) needs a new login: say so in the row, and in an event.
+
+        Only on the way to a 401, so the hot path pays nothing for it.
+        """
+        if connection.status is not ConnectionStatus.ACTIVE:
+            return
+        try:
+            self._cipher.decrypt(connection.access_token_encrypted)
+        except TokenDecryptionError:
+            log.warning(
+                "connection %s's token is encrypted under no configured key", connection.public_id
+            )
+        else:
+            return
+        with contextlib.suppress(ReauthorizationRequired, NotAuthenticated):
+            await self._mark_rejected(connection, connection.version)
 
     async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
         """Pinterest refused `rejected`: a credential to retry with, and whether it is fresh.
@@ -260,7 +289,7 @@ class TokenManager:
     async def _refresh_once(self, seen: Connection) -> tuple[Connection, bool]:
         """Claim the lease, call the token endpoint with no transaction open, store."""
         public_id = seen.public_id
-        remaining = self._cooldown_until.get(public_id, 0.0) - time.monotonic()
+        remaining = self._cooldown_until.get(public_id, 0.0) - self._clock()
         if remaining > 0:
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
@@ -291,7 +320,7 @@ class TokenManager:
             self._metrics.refreshes.labels("transient_error").inc()
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
             cooldown = max(retry_after, TRANSIENT_FAILURE_COOLDOWN)
-            self._cooldown_until[public_id] = time.monotonic() + cooldown
+            self._cooldown_until[public_id] = self._clock() + cooldown
             await self._release_lease(public_id, owner)
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint is unavailable; retry later.", retry_after=cooldown
@@ -383,7 +412,11 @@ class TokenManager:
             marked = await repository.replace_version(
                 public_id, version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
             )
-            current = row if marked else await repository.get(public_id)
+            current = await repository.get(public_id)
+            if marked and current is not None:
+                await record_connection_event(db, "connection.reauthorization_required", current)
+            if marked:
+                current = row
         if current is None:
             raise NotAuthenticated("This Pinterest connection no longer exists.")
         if marked:
