@@ -290,7 +290,7 @@ class Keeper:
             done.scheduled += 1
             return
         try:
-            fresh = await self._tokens.refresh(connection)
+            fresh, refreshed = await self._tokens.refresh_reporting(connection)
         except ReauthorizationRequired:
             # The TokenManager marked the row (and recorded its event) or found it marked.
             self._metrics.refreshes.labels("reauthorization_required").inc()
@@ -309,7 +309,7 @@ class Keeper:
         not_before = None if again is None or again > now else now + BACKOFF_MAX
         async with self._sessionmaker() as db, db.begin():
             await KeeperRepository(db).schedule(public_id, not_before, keeper_failures=0)
-        if fresh.status is ConnectionStatus.ACTIVE:
+        if refreshed:
             self._metrics.refreshes.labels("refreshed").inc()
             done.refreshed += 1
 

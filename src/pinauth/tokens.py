@@ -236,6 +236,11 @@ class TokenManager:
         connection, _ = await self._refresh(seen)
         return connection
 
+    async def refresh_reporting(self, seen: Connection) -> tuple[Connection, bool]:
+        """`refresh`, also telling whether this very call's token request got new tokens
+        (False when it joined another caller's refresh or found the row moved on)."""
+        return await self._refresh(seen)
+
     async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
         """`refresh`, also telling whether this call got new tokens from Pinterest.
 
