@@ -89,9 +89,11 @@ async def test_rotate_to_a_new_key_during_a_refresh_storm_then_drop_the_old_one(
     finally:
         await engine.dispose()
 
-    assert before.by_key == {1: 40} and before.outdated == 40
+    assert before.by_key == {1: 40}
+    assert before.outdated == 40
     assert report.undecryptable == report.gave_up == 0
-    assert after.by_key == {0: 40} and after.outdated == 0 and after.undecryptable == 0
+    assert after.by_key == {0: 40}
+    assert after.outdated == after.undecryptable == 0
     assert refreshed > 40
     # No refresh lost: every stored refresh token is the one Pinterest considers live,
     # and no spent one was ever sent again.
@@ -188,7 +190,8 @@ async def test_rotation_marks_rows_no_key_decrypts(
         await engine.dispose()
     assert (first.undecryptable, first.marked, first.already_current) == (2, 2, 3)
     assert (second.undecryptable, second.marked) == (2, 0)
-    assert usage.undecryptable == 2 and usage.by_key == {0: 3}
+    assert usage.undecryptable == 2
+    assert usage.by_key == {0: 3}
     assert len(events(logs, "connection.reauthorization_required")) == 2
     stored = await stored_connections(keyed(database_url, KEY_B))
     assert {stored[i]["status"] for i in lost} == {ConnectionStatus.REAUTHORIZATION_REQUIRED}
@@ -226,7 +229,7 @@ def test_rotate_keys_command_prints_counts_and_check_tells_when_done(
     assert "re-encrypted 3 rows" in rotate.stdout
     done = pinauth("rotate-keys", "--check")
     assert done.returncode == 0
-    assert "remove the others" in done.stdout
+    assert "the others can be removed" in done.stdout
     for output in (check, rotate, done):
         assert KEY_A not in output.stdout + output.stderr
         assert KEY_B not in output.stdout + output.stderr
