@@ -49,7 +49,7 @@ from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.keeper import Keeper
 from pinauth.logs import JsonFormatter
-from pinauth.models import Connection, ConnectionStatus, new_public_id
+from pinauth.models import Base, Connection, ConnectionStatus, new_public_id
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
 from pinauth.pinterest.oauth import PinterestOAuth
@@ -130,12 +130,9 @@ def truncate_all(url: str) -> None:
         engine = create_async_engine(url)
         try:
             async with engine.begin() as connection:
-                await connection.execute(
-                    text(
-                        "TRUNCATE connections, sessions, login_states, api_keys, connect_sessions"
-                        " RESTART IDENTITY CASCADE"
-                    )
-                )
+                # Every table the models know, so a new one is never left holding rows.
+                tables = ", ".join(Base.metadata.tables)
+                await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         finally:
             await engine.dispose()
 
@@ -1130,3 +1127,16 @@ async def stored_connections(settings: Settings) -> dict[str, dict[str, Any]]:
         }
         for row in rows
     }
+
+
+async def outbox_types(settings: Settings) -> list[tuple[str, str]]:
+    """(event type, connection id) of every event in the webhook outbox, oldest first."""
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT type, connection_id FROM webhook_events ORDER BY id")
+            )
+            return [(str(row[0]), str(row[1])) for row in rows]
+    finally:
+        await engine.dispose()

@@ -29,9 +29,8 @@ from tests.helpers import (
     TOKEN_URL,
     RotatingTokenEndpoint,
     SimClock,
-    captured_logs,
-    events,
     make_settings,
+    outbox_types,
     replica,
     seed_connections,
     serve_app,
@@ -219,15 +218,14 @@ async def test_an_expired_refresh_token_needs_reauthorization_without_a_call(
         settings, endpoint, 1, refresh_expires_in=DUE, now=clock.now()
     )
     clock.advance(DUE.total_seconds() + 60)
-    with captured_logs() as logs:
-        async with replica(settings, pinterest, clock) as one:
-            first = await one.keeper.run_once()
-            second = await one.keeper.run_once()
+    async with replica(settings, pinterest, clock) as one:
+        first = await one.keeper.run_once()
+        second = await one.keeper.run_once()
     assert endpoint.calls == 0
     assert (first.reauthorization_required, second.reauthorization_required) == (1, 0)
     stored = (await stored_connections(settings))[public_id]
     assert stored["status"] == ConnectionStatus.REAUTHORIZATION_REQUIRED
-    assert len(events(logs, "connection.reauthorization_required")) == 1
+    assert await outbox_types(settings) == [("connection.reauthorization_required", public_id)]
 
 
 async def test_a_connection_the_keeper_cannot_refresh_is_reported_expiring_once(
@@ -238,13 +236,12 @@ async def test_a_connection_the_keeper_cannot_refresh_is_reported_expiring_once(
         settings, endpoint, 1, refresh_expires_in=timedelta(days=2), now=clock.now()
     )
     endpoint.down = True
-    with captured_logs() as logs:
-        async with replica(settings, pinterest, clock) as one:
-            for _ in range(5):
-                await one.keeper.run_once()
-                clock.advance(BACKOFF_MAX.total_seconds())
+    async with replica(settings, pinterest, clock) as one:
+        for _ in range(5):
+            await one.keeper.run_once()
+            clock.advance(BACKOFF_MAX.total_seconds())
     assert endpoint.calls == 5
-    assert len(events(logs, "connection.expiring")) == 1
+    assert [t for t, _ in await outbox_types(settings)] == ["connection.expiring"]
 
 
 async def test_connections_made_together_are_refreshed_apart(

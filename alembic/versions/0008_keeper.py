@@ -1,7 +1,7 @@
 """Connections get the keeper's schedule: when it may next look at them, and its failures.
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0007
 Create Date: 2026-11-29
 
 The keeper (keeper.py) refreshes connections whose refresh token nears its 60-day end.
@@ -9,7 +9,8 @@ The keeper (keeper.py) refreshes connections whose refresh token nears its 60-da
 keeper's claim on a batch (so replicas split the work), a connection's jittered due time,
 and its back-off after a transient failure. `keeper_failures` counts failures in a row,
 for the back-off. `keeper_expiring_for` is the refresh-token expiry a
-`connection.expiring` event was recorded for: one event per refresh token. None of them bumps the row version: they say nothing about the tokens.
+`connection.expiring` event was recorded for: one event per refresh token. None of them
+bumps the row version: they say nothing about the tokens.
 """
 
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0004"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

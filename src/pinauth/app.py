@@ -25,6 +25,7 @@ from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api import v1 as v1_routes
+from pinauth.api import webhook_events as webhook_event_routes
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
@@ -35,7 +36,7 @@ from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.demo import SANDBOX_PREFIX
+from pinauth.demo import SANDBOX_PREFIX, DemoReceiver
 from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
@@ -52,6 +53,7 @@ from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import WebhookDispatcher, WebhookEvents, create_webhook_client
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def create_app(
             ),
             metrics=metrics,
             schema_head=head,
+            webhook_events=WebhookEvents(sessionmaker, CursorCodec(cipher)),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
@@ -121,12 +124,21 @@ def create_app(
             keeper = Keeper(settings, sessionmaker, tokens, metrics)
             served.state.keeper = keeper
             keeper.start()
+        dispatcher = None
+        if settings.webhook_url:
+            webhook_http = create_webhook_client(settings)
+            dispatcher = WebhookDispatcher(settings, sessionmaker, webhook_http)
+            served.state.webhook_dispatcher = dispatcher
+            dispatcher.start()
         try:
             yield {"services": services}
         finally:
             if keeper is not None:
                 await keeper.stop()
             await purger.stop()
+            if dispatcher is not None:
+                await dispatcher.stop()
+                await webhook_http.aclose()
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.
             await tokens.aclose()
@@ -170,6 +182,7 @@ def create_app(
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
     app.include_router(v1_routes.router)
+    app.include_router(webhook_event_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
     app.include_router(
@@ -178,6 +191,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
+        app.state.demo_receiver = DemoReceiver(settings)
+        app.include_router(demo_routes.receiver_router)
     # The proxy's APIRoutes define and document the operation; ProxyFastPath serves the
     # same endpoint ahead of the router, and they would answer if it stepped aside.
     app.router.routes[0:0] = pinterest_routes.router.routes

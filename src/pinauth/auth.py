@@ -27,7 +27,7 @@ from pinauth.errors import (
     InvalidRequest,
     InvalidState,
 )
-from pinauth.models import AuthSession, Connection, LoginState
+from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
 from pinauth.pinterest.api import PinterestAccount, PinterestAPI
 from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
 from pinauth.repository import (
@@ -38,6 +38,7 @@ from pinauth.repository import (
 )
 from pinauth.settings import Settings
 from pinauth.tokens import apply_token_set
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,10 @@ class AuthService:
                 refresh_token_expires_at=None,
             )
             apply_token_set(connection, tokens, self._cipher)
-            return await connections.add(connection)
+            await connections.add(connection)
+            await record_event(db, EventType.CREATED, connection)
+            return connection
+        was_usable = connection.status is ConnectionStatus.ACTIVE
         connection.username = account.username
         # A new login's refresh token replaces the old one even if Pinterest sent none.
         connection.refresh_token_encrypted = None
@@ -292,6 +296,9 @@ class AuthService:
             connection.scopes = ",".join(self._settings.scopes)
         apply_token_set(connection, tokens, self._cipher)
         await db.flush()
+        # A connection that needed a new login and got one has recovered: the app may
+        # have told its user to reconnect, and now can stop.
+        await record_event(db, EventType.UPDATED if was_usable else EventType.RECOVERED, connection)
         return connection
 
     # --- sessions --------------------------------------------------------------------

@@ -294,6 +294,87 @@ def _rotate_keys(args: argparse.Namespace) -> None:
         sys.exit(status)
 
 
+def _webhooks(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import WebhookEventNotFound
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.models import WebhookEventStatus
+    from pinauth.webhooks import WebhookEvents
+
+    if args.action == "list" and not 1 <= args.limit <= 10_000:
+        raise ConfigurationError("--limit must be between 1 and 10000")
+    settings = _load_settings()
+    upgrade_to_head(settings.database_url)
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            events = WebhookEvents(create_sessionmaker(engine))
+            if args.action == "list":
+                status = WebhookEventStatus.FAILED if args.failed else None
+                rows, _ = await events.page(limit=args.limit, status=status)
+                print(
+                    f"{'EVENT':<34} {'TYPE':<38} {'CONNECTION':<34} {'STATUS':<10} "
+                    f"{'TRIES':>5} {'CREATED':<20} LAST ERROR"
+                )
+                for e in rows:
+                    print(
+                        f"{e.public_id:<34} {e.type:<38} {e.connection_id:<34} {e.status:<10} "
+                        f"{e.attempts:>5} {_when(e.created_at):<20} {e.last_error or ''}"
+                    )
+            else:
+                found = await events.redeliver(args.event_id)
+                print(
+                    f"Event {found.event.public_id} ({found.event.type}) is queued for delivery "
+                    "again; a running `pinauth serve` sends it within seconds."
+                )
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except WebhookEventNotFound as e:
+        raise ConfigurationError(f"{e.message} ({args.event_id!r})") from e
+
+
+def _connections(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.connections import ConnectionService
+    from pinauth.crypto import CursorCodec, TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import ConnectionNotFound
+    from pinauth.migrations import upgrade_to_head
+
+    settings = _load_settings()
+    if not settings.encryption_keys:
+        raise ConfigurationError("PINAUTH_ENCRYPTION_KEYS is missing")
+    upgrade_to_head(settings.database_url)
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            service = ConnectionService(
+                create_sessionmaker(engine), ConnectionCache(0), CursorCodec(cipher)
+            )
+            await service.delete(args.connection_id)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except ConnectionNotFound as e:
+        raise ConfigurationError(f"{e.message} ({args.connection_id!r})") from e
+    print(
+        f"Deleted connection {args.connection_id}: its tokens are gone and its sessions ended "
+        "(other replicas notice within PINAUTH_CACHE_TTL)."
+    )
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
 
@@ -353,6 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
     rotate.set_defaults(handler=_rotate_keys)
+    webhooks = commands.add_parser("webhooks", help="list webhook events, redeliver one")
+    webhook_actions = webhooks.add_subparsers(dest="action", required=True)
+    listing = webhook_actions.add_parser("list", help="the newest events, newest first")
+    listing.add_argument("--failed", action="store_true", help="only events that gave up")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    redeliver = webhook_actions.add_parser("redeliver", help="send an event again, now")
+    redeliver.add_argument("event_id", metavar="EVENT_ID")
+    webhooks.set_defaults(handler=_webhooks)
+
+    connections = commands.add_parser("connections", help="delete a connection")
+    connection_actions = connections.add_subparsers(dest="action", required=True)
+    delete = connection_actions.add_parser(
+        "delete", help="delete its tokens and end its sessions (reports connection.deleted)"
+    )
+    delete.add_argument("connection_id", metavar="CONNECTION_ID")
+    connections.set_defaults(handler=_connections)
     return parser
 
 

@@ -204,3 +204,9 @@ class ShuttingDown(PinauthError):
     def __init__(self, *, retry_after: int = 5) -> None:
         # Connection: close, so the client's retry opens a connection to a live process.
         super().__init__(headers={"Retry-After": str(max(1, retry_after)), "Connection": "close"})
+
+
+class WebhookEventNotFound(PinauthError):
+    status_code = 404
+    code = "webhook_event_not_found"
+    default_message = "No webhook event has that id."

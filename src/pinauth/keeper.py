@@ -44,12 +44,12 @@ from pinauth.errors import (
     PinauthError,
     ReauthorizationRequired,
 )
-from pinauth.lifecycle import record_connection_event
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository, KeeperRepository
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class Keeper:
             )
             current = await repository.get(connection.public_id) if marked else None
             if current is not None:
-                await record_connection_event(db, "connection.reauthorization_required", current)
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
         if marked:
             log.warning(
                 "connection %s's refresh token expired unused; it needs a new login",
@@ -354,7 +354,7 @@ class Keeper:
                 values["keeper_expiring_for"] = expires
             await repository.schedule(public_id, now + pause, **values)
             if warn:
-                await record_connection_event(db, "connection.expiring", connection)
+                await record_event(db, EventType.EXPIRING, connection)
         log.warning(
             "keeper could not refresh connection %s (%s, %d in a row); next try in %ds",
             public_id,

@@ -212,3 +212,80 @@ class ConnectSession(Base):
     end_user_id: Mapped[str] = mapped_column(String(255))
     return_to: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class WebhookEventStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+EVENT_ID_PREFIX = "evt_"
+
+
+def new_event_id() -> str:
+    return new_public_id(EVENT_ID_PREFIX)
+
+
+class WebhookEvent(Base):
+    """The webhook outbox: a lifecycle event, written in the transaction of its change.
+
+    The body is stored exactly as it will be sent and signed, so every delivery attempt
+    (and a redelivery years later) carries the same bytes.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        # The dispatcher's scan: what is due, oldest first.
+        Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),
+        # Per-connection order: is an older event of this connection still pending?
+        Index("ix_webhook_events_connection_id_id", "connection_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True, default=new_event_id)
+    type: Mapped[str] = mapped_column(String(64))
+    # The connection's public id, not a foreign key: the event outlives a deleted row.
+    connection_id: Mapped[str] = mapped_column(String(40))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[WebhookEventStatus] = mapped_column(
+        Enum(
+            WebhookEventStatus,
+            name="status",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda statuses: [s.value for s in statuses],
+        ),
+        default=WebhookEventStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    # Retries stop here (24 hours after the event, or after a redelivery was asked for).
+    retry_until: Mapped[datetime]
+    # A committed claim by one dispatcher (any replica) on the next delivery attempt; it
+    # runs out by itself if that process dies mid-delivery, and the event goes again.
+    lease_owner: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(255))
+
+
+class WebhookAttempt(Base):
+    """One delivery attempt of an event: when, how long, and what came back."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime]
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    # The receiver's status code; None when none came (connection error, timeout).
+    response_code: Mapped[int | None] = mapped_column(Integer)
+    # delivered, retry or failed: what this attempt decided.
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(255))

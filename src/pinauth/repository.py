@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import aliased, joinedload
 
 from pinauth.models import (
     ApiKey,
@@ -17,6 +17,9 @@ from pinauth.models import (
     ConnectionStatus,
     ConnectSession,
     LoginState,
+    WebhookAttempt,
+    WebhookEvent,
+    WebhookEventStatus,
 )
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
@@ -432,5 +435,110 @@ class SecretRepository:
             update(_connections)
             .where(c.public_id == public_id, c.version == version)
             .values(values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class WebhookEventRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, event: WebhookEvent) -> WebhookEvent:
+        self._db.add(event)
+        await self._db.flush()
+        return event
+
+    async def claim_due(
+        self, now: datetime, owner: str, until: datetime, limit: int
+    ) -> list[WebhookEvent]:
+        """Lease up to `limit` due events to `owner`, each the oldest pending one of its
+        connection (so one connection's events go out in order), and return them.
+
+        SKIP LOCKED (PostgreSQL): replicas scanning together each take what no other is
+        taking instead of queueing; the UPDATE's WHERE re-checks the lease, so an event
+        is leased to one dispatcher at a time on every backend.
+        """
+        e = WebhookEvent
+        older = aliased(WebhookEvent)
+        blocked = (
+            select(older.id)
+            .where(
+                older.connection_id == e.connection_id,
+                older.status == WebhookEventStatus.PENDING,
+                older.id < e.id,
+            )
+            .exists()
+        )
+        free = or_(e.lease_until.is_(None), e.lease_until < now)
+        due = (
+            select(e.id)
+            .where(e.status == WebhookEventStatus.PENDING, e.next_attempt_at <= now, free, ~blocked)
+            .order_by(e.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = list((await self._db.execute(due)).scalars())
+        if not ids:
+            return []
+        await self._db.execute(
+            update(e)
+            .where(e.id.in_(ids), e.status == WebhookEventStatus.PENDING, free)
+            .values(lease_owner=owner, lease_until=until)
+            .execution_options(synchronize_session=False)
+        )
+        claimed = select(e).where(e.id.in_(ids), e.lease_owner == owner).order_by(e.id)
+        return list((await self._db.execute(claimed)).scalars())
+
+    async def finish_attempt(
+        self, event_id: int, owner: str, values: dict[str, Any], attempt: WebhookAttempt
+    ) -> None:
+        """Record an attempt and its outcome on the event, and let the lease go."""
+        self._db.add(attempt)
+        await self._db.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id, WebhookEvent.lease_owner == owner)
+            .values(
+                {**values, "attempts": WebhookEvent.attempts + 1, "lease_owner": None}
+                | {"lease_until": None}
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await self._db.flush()
+
+    async def get(self, public_id: str) -> WebhookEvent | None:
+        stmt = select(WebhookEvent).where(WebhookEvent.public_id == public_id)
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def attempts(self, event_id: int) -> list[WebhookAttempt]:
+        stmt = (
+            select(WebhookAttempt)
+            .where(WebhookAttempt.event_id == event_id)
+            .order_by(WebhookAttempt.id)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def page(
+        self, *, limit: int, before: int | None = None, status: WebhookEventStatus | None = None
+    ) -> list[WebhookEvent]:
+        """Up to `limit` events, newest first, older than the key `before`."""
+        stmt = select(WebhookEvent).order_by(WebhookEvent.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(WebhookEvent.status == status)
+        if before is not None:
+            stmt = stmt.where(WebhookEvent.id < before)
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def redeliver(self, public_id: str, now: datetime, retry_until: datetime) -> bool:
+        """Make the event due now, with a fresh retry window; False if there is none."""
+        result = await self._db.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.public_id == public_id)
+            .values(
+                status=WebhookEventStatus.PENDING,
+                next_attempt_at=now,
+                retry_until=retry_until,
+                last_error=None,
+            )
+            .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -21,9 +21,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.crypto import TokenCipher
-from pinauth.lifecycle import record_connection_event
 from pinauth.models import ConnectionStatus
 from pinauth.repository import ConnectionRepository, SecretRepository
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class KeyRotator:
             )
             current = await repository.get(row.public_id) if marked else None
             if current is not None:
-                await record_connection_event(db, "connection.reauthorization_required", current)
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
         if marked:
             log.warning(
                 "connection %s is encrypted under no configured key; it needs a new login",

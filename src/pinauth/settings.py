@@ -137,13 +137,24 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field("", validation_alias="PINAUTH_FORWARDED_ALLOW_IPS")
     # FastAPI's native OpenTelemetry hooks; they cost an environment lookup per request.
     opentelemetry: bool = Field(False, validation_alias="PINAUTH_OPENTELEMETRY")
+    # Lifecycle webhooks (webhooks.py): where events are POSTed, and the secrets that sign
+    # them, comma-separated; the first signs, all are listed while a secret is rotated.
+    webhook_url: str = Field("", validation_alias="PINAUTH_WEBHOOK_URL")
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        [], validation_alias="PINAUTH_WEBHOOK_SECRETS"
+    )
+    # One delivery attempt, connecting and waiting for the answer's status line included;
+    # a slower receiver counts as down and is retried later.
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, validation_alias="PINAUTH_WEBHOOK_TIMEOUT"
+    )
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("encryption_keys", mode="before")
+    @field_validator("encryption_keys", "webhook_secrets", mode="before")
     @classmethod
     def _comma_separated_secrets(cls, value: object) -> object:
         if isinstance(value, SecretStr):
@@ -171,6 +182,32 @@ class Settings(BaseSettings):
                     "with no path or trailing slash"
                 )
         return origins
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str) -> str:
+        url = url.strip()
+        if not url:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{url!r} is not an http(s) URL; webhooks are POSTed to an absolute "
+                "http:// or https:// address"
+            )
+        return url
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+        for position, secret in enumerate(secrets, start=1):
+            if len(secret.get_secret_value()) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(
+                    f"secret #{position} is shorter than {MIN_SECRET_KEY_LENGTH} characters; "
+                    "generate one with: "
+                    'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+                )
+        return secrets
 
     @field_validator("scopes")
     @classmethod
@@ -231,6 +268,11 @@ class Settings(BaseSettings):
                 "PINAUTH_ENCRYPTION_KEYS is missing: tokens are encrypted at rest with it. "
                 "Generate a key with: python -c "
                 '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+            )
+        if self.webhook_url and not self.webhook_secrets:
+            problems.append(
+                "PINAUTH_WEBHOOK_URL is set but PINAUTH_WEBHOOK_SECRETS is not: every webhook "
+                f"is signed. Set at least one secret of {MIN_SECRET_KEY_LENGTH}+ characters."
             )
         if problems:
             raise ConfigurationError("\n".join(problems))

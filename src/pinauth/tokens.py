@@ -52,12 +52,12 @@ from pinauth.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from pinauth.lifecycle import record_connection_event
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
         connection.scopes = ",".join(tokens.scopes)
     connection.status = ConnectionStatus.ACTIVE
     connection.last_refreshed_at = datetime.now(UTC)
+
+
+class UndecryptableToken(ReauthorizationRequired):
+    """No configured key decrypts the connection's access token."""
+
+    def __init__(self, login_url: str, connection: Connection) -> None:
+        super().__init__(login_url)
+        self.connection = connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +171,7 @@ class TokenManager:
                 token = self._cipher.decrypt(connection.access_token_encrypted)
             except TokenDecryptionError:
                 # The key that encrypted it was removed from PINAUTH_ENCRYPTION_KEYS.
-                raise self.reauthorization_required() from None
+                raise UndecryptableToken(self._settings.login_url, connection) from None
             self._cache.remember_access_token(connection, token)
         return Credential(connection, token)
 
@@ -180,6 +188,7 @@ class TokenManager:
             # Tokens that live shorter than the margin would otherwise be "expiring" from
             # the moment they are issued, and every call would refresh again.
             margin = min(margin, lifetime / 2)
+        # A try costs nothing until something is raised: the hot path stays as it was.
         try:
             if connection.access_token_expires_at - now > margin:
                 return self.credential(connection)
@@ -193,28 +202,9 @@ class TokenManager:
                     )
                     return self.credential(connection)
                 raise
-        except ReauthorizationRequired:
-            await self._mark_undecryptable(connection)
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
             raise
-
-    async def _mark_undecryptable(self, connection: Connection) -> None:
-        """An active row whose token no configured key decrypts (its key was removed from
-        PINAUTH_ENCRYPTION_KEYS) needs a new login: say so in the row, and in an event.
-
-        Only on the way to a 401, so the hot path pays nothing for it.
-        """
-        if connection.status is not ConnectionStatus.ACTIVE:
-            return
-        try:
-            self._cipher.decrypt(connection.access_token_encrypted)
-        except TokenDecryptionError:
-            log.warning(
-                "connection %s's token is encrypted under no configured key", connection.public_id
-            )
-        else:
-            return
-        with contextlib.suppress(ReauthorizationRequired, NotAuthenticated):
-            await self._mark_rejected(connection, connection.version)
 
     async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
         """Pinterest refused `rejected`: a credential to retry with, and whether it is fresh.
@@ -225,7 +215,11 @@ class TokenManager:
         is not fresh, and a caller it fails for comes back here with it.
         """
         connection, refreshed = await self._refresh(rejected.connection)
-        return self.credential(connection), refreshed
+        try:
+            return self.credential(connection), refreshed
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
+            raise
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -311,6 +305,10 @@ class TokenManager:
         try:
             if row.refresh_token_encrypted is None:
                 raise TokenRejected("no refresh token stored")
+            expires = row.refresh_token_expires_at
+            if expires is not None and expires <= datetime.now(UTC):
+                # Pinterest would refuse it: no call, and the same one-time report.
+                raise TokenRejected("the refresh token has expired")
             refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
             # Bounded absolutely (httpx's read timeout is per read), so the lease, which
             # is longer than this, cannot run out while the answer may still come.
@@ -408,6 +406,32 @@ class TokenManager:
                 "could not release connection %s's refresh lease: %s", public_id, type(e).__name__
             )
 
+    async def _mark_undecryptable(self, connection: Connection) -> None:
+        """No configured key decrypts the row's access token: it needs a new login.
+
+        Marked, and reported, by a compare-and-swap from the active version that failed
+        to decrypt, so replicas that all find it report it once.
+        """
+        public_id = connection.public_id
+        log.warning("connection %s needs reauthorization: no key decrypts it", public_id)
+        try:
+            async with self._sessionmaker() as db, db.begin():
+                repository = ConnectionRepository(db)
+                marked = await repository.replace_version(
+                    public_id,
+                    connection.version,
+                    {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED},
+                )
+                current = await repository.get(public_id)
+                if marked and current is not None:
+                    await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+        except DATABASE_DOWN as e:
+            # The next call that meets the row tries again; the caller gets its 401 now.
+            log.warning("could not mark connection %s: %s", public_id, type(e).__name__)
+            return
+        if current is not None:
+            self._cache.remember_connection(current)
+
     async def _mark_rejected(self, row: Connection, version: int) -> tuple[Connection, bool]:
         """Pinterest refused the refresh token: the row needs a new login, unless it has
         moved on meanwhile (a late write of this very token's successor, or a login)."""
@@ -419,9 +443,10 @@ class TokenManager:
             )
             current = await repository.get(public_id)
             if marked and current is not None:
-                await record_connection_event(db, "connection.reauthorization_required", current)
-            if marked:
-                current = row
+                # The compare-and-swap from the one active version this refresh claimed
+                # is what makes this the only report of it.
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+            current = row if marked else current
         if current is None:
             raise NotAuthenticated("This Pinterest connection no longer exists.")
         if marked:
@@ -480,9 +505,20 @@ class TokenManager:
 
     async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
         async with self._sessionmaker() as db, db.begin():
-            return await ConnectionRepository(db).replace_version(
+            repository = ConnectionRepository(db)
+            if await repository.replace_version(public_id, version, values):
+                return True
+            # Versions only grow: if the row is not at `version` now, it never will be,
+            # so a match here is the rejection this answer overrides.
+            if not await repository.replace_version(
                 public_id, version, values, over_rejection=True
-            )
+            ):
+                return False
+            # The connection was reported as needing a new login; it works again.
+            current = await repository.get(public_id)
+            if current is not None:
+                await record_event(db, EventType.RECOVERED, current)
+            return True
 
     async def _write_until_stored(
         self, row: Connection, version: int, values: dict[str, Any]

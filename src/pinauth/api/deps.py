@@ -19,6 +19,7 @@ from pinauth.observability import CONNECTION_ID, Metrics
 from pinauth.proxy import ProxyService
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import WebhookEvents
 
 SESSION_COOKIE = "pinauth_session"
 LOGIN_COOKIE = "pinauth_login"
@@ -39,6 +40,7 @@ class Services:
     proxy: ProxyService
     metrics: Metrics
     schema_head: str
+    webhook_events: WebhookEvents
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs plain `def`

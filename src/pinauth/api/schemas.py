@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pinauth.models import Connection, ConnectionStatus
+from pinauth.models import Connection, ConnectionStatus, WebhookEvent, WebhookEventStatus
 
 
 class ErrorResponse(BaseModel):
@@ -123,6 +123,53 @@ class ConnectionObject(BaseModel):
 
 class ConnectionPage(BaseModel):
     items: list[ConnectionObject]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class WebhookAttemptObject(BaseModel):
+    attempted_at: datetime
+    duration_ms: int
+    response_code: int | None = Field(description="The receiver's status; null if none came.")
+    outcome: Literal["delivered", "retry", "failed"]
+    error: str | None
+
+
+class WebhookEventObject(BaseModel):
+    id: str = Field(examples=["evt_3mzq7c2hk4xw5v6n7p8r9s2t3u"])
+    type: str = Field(examples=["connection.reauthorization_required"])
+    connection_id: str
+    status: WebhookEventStatus
+    attempts: int = Field(description="Delivery attempts so far.")
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="When it goes next (pending only).")
+    delivered_at: datetime | None
+    last_error: str | None
+
+    @classmethod
+    def of(cls, event: WebhookEvent) -> WebhookEventObject:
+        pending = event.status is WebhookEventStatus.PENDING
+        return cls(
+            id=event.public_id,
+            type=event.type,
+            connection_id=event.connection_id,
+            status=event.status,
+            attempts=event.attempts,
+            created_at=event.created_at,
+            next_attempt_at=event.next_attempt_at if pending else None,
+            delivered_at=event.delivered_at,
+            last_error=event.last_error,
+        )
+
+
+class WebhookEventDetail(WebhookEventObject):
+    payload: dict[str, Any] = Field(description="The body as sent (and signed).")
+    delivery_attempts: list[WebhookAttemptObject]
+
+
+class WebhookEventPage(BaseModel):
+    items: list[WebhookEventObject]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
     )

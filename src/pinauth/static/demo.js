@@ -125,6 +125,28 @@ async function start() {
   }
 }
 
+function eventItem(event) {
+  const li = document.createElement("li");
+  const type = document.createElement("code");
+  type.textContent = event.type;
+  const who = event.connection.username || event.connection.id;
+  li.append(type, ` ${who} (${event.connection.id}) at ${new Date(event.created_at).toLocaleTimeString()}`);
+  return li;
+}
+
+// The demo's receiver exists in demo mode only; elsewhere the section stays hidden.
+async function pollWebhooks() {
+  try {
+    const received = await call("GET", "/demo/webhook-events");
+    $("webhooks").hidden = false;
+    $("webhook-events").replaceChildren(...received.items.map(eventItem));
+    $("no-webhook-events").hidden = received.items.length > 0;
+  } catch (error) {
+    if (error.status === 404) return;
+  }
+  setTimeout(pollWebhooks, 2000);
+}
+
 function busy(button, work) {
   return async (event) => {
     event.preventDefault();
@@ -161,4 +183,5 @@ document.addEventListener("DOMContentLoaded", () => {
     show(`Board “${board.name}” created.`, "info");
   }));
   start();
+  pollWebhooks();
 });
