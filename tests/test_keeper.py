@@ -7,14 +7,17 @@ once); time is a simulated clock the tests move, never a sleep.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import respx
 from cryptography.fernet import Fernet
+from fastapi import FastAPI, Request, Response
 from prometheus_client import generate_latest
 
 from pinauth.apikeys import ApiKeyService
@@ -26,9 +29,11 @@ from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
 from tests.helpers import (
+    POSTGRES_ADMIN_URL,
     TOKEN_URL,
     RotatingTokenEndpoint,
     SimClock,
+    live_server,
     make_settings,
     outbox_types,
     replica,
@@ -323,3 +328,61 @@ def test_keeper_command_runs_one_pass(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "refreshed 0, failed 0, need reauthorization 0" in result.stdout
+
+
+@pytest.mark.skipif(not POSTGRES_ADMIN_URL, reason="replica processes need PostgreSQL")
+async def test_two_keeper_processes_refresh_1000_due_connections_exactly_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The same as two real replicas: two `pinauth keeper --once` processes over one
+    PostgreSQL, Pinterest's token endpoint a loopback server counting every call."""
+    settings = make_settings(database_url)
+    endpoint = RotatingTokenEndpoint()
+    await seed_connections(settings, endpoint, 1000, refresh_expires_in=DUE)
+
+    pinterest = FastAPI()
+
+    @pinterest.post("/v5/oauth/token")
+    async def token(request: Request) -> Response:
+        answer = await endpoint(httpx.Request("POST", TOKEN_URL, content=await request.body()))
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    env |= {
+        "PINAUTH_DATABASE_URL": database_url,
+        "PINAUTH_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "PINAUTH_ENCRYPTION_KEYS": settings.encryption_keys[0].get_secret_value(),
+        "PINTEREST_CLIENT_ID": "cid",
+        "PINTEREST_CLIENT_SECRET": "csecret",
+        "PINAUTH_KEEPER_CONCURRENCY": "8",
+        "PINAUTH_LOG_LEVEL": "error",
+    }
+    async with live_server(pinterest) as url:
+        env["PINTEREST_API_URL"] = f"{url}/v5"
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pinauth",
+                "keeper",
+                "--once",
+                env=env,
+                cwd=tmp_path,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        outputs = [await process.communicate() for process in processes]
+
+    refreshed = 0
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err.decode()
+        refreshed += int(out.decode().split()[1].rstrip(","))
+    assert endpoint.calls == 1000
+    assert endpoint.reused == []
+    assert refreshed == 1000
+    stored = await stored_connections(settings)
+    assert sorted(row["refresh"] for row in stored.values()) == sorted(
+        f"pinr_{n}_1" for n in range(1000)
+    )
