@@ -386,3 +386,23 @@ async def test_two_keeper_processes_refresh_1000_due_connections_exactly_once(
     assert sorted(row["refresh"] for row in stored.values()) == sorted(
         f"pinr_{n}_1" for n in range(1000)
     )
+
+
+async def test_stopping_finishes_refreshes_under_way_and_starts_no_more(
+    database_url: str, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards the stop check before each refresh: a shutdown mid-pass waits for the one
+    refresh in flight, not for the whole batch (without it, all ten were refreshed)."""
+    settings = make_settings(database_url, keeper_concurrency=1)
+    clock = SimClock()
+    await seed_connections(settings, endpoint, 10, refresh_expires_in=DUE, now=clock.now())
+    endpoint.gate = asyncio.Event()
+    async with replica(settings, pinterest, clock) as one:
+        one.keeper.start()
+        await asyncio.wait_for(endpoint.asked.wait(), 10)
+        one.keeper.request_stop()  # as SIGTERM does, through stop(), mid-refresh
+        endpoint.gate.set()
+        await one.keeper.stop()
+    assert endpoint.calls == 1
+    stored = await stored_connections(settings)
+    assert sorted(row["refresh"][-2:] for row in stored.values()) == ["_0"] * 9 + ["_1"]

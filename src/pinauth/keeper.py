@@ -198,8 +198,12 @@ class Keeper:
         call (the TokenManager owns it), only the keeper's bookkeeping of it."""
         task, self._task = self._task, None
         if task is not None:
-            self._stopping.set()
+            self.request_stop()
             await task
+
+    def request_stop(self) -> None:
+        """Start no more refreshes; `stop` then waits for those under way."""
+        self._stopping.set()
 
     async def run_forever(self) -> None:
         """`pinauth keeper`: run until cancelled."""
@@ -262,6 +266,10 @@ class Keeper:
         self, connection: Connection, limit: asyncio.Semaphore, done: KeeperPass
     ) -> None:
         async with limit:
+            if self._stopping.is_set():
+                # Shutting down: finish the refreshes under way, start none. The rest of
+                # the batch waits for its claim to run out, then another pass takes it.
+                return
             try:
                 await self._look_after(connection, done)
             except (DatabaseUnavailable, DBAPIError, OSError) as e:
