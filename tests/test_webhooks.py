@@ -12,6 +12,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -27,7 +28,9 @@ from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
+from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
 from pinauth.webhooks import (
@@ -46,13 +49,17 @@ from tests.helpers import (
     SERVICE,
     TOKEN_URL,
     USER_ACCOUNT,
+    allow_token_writes,
     browsers,
     connect_end_user,
     create_api_key,
+    expire_refresh_leases,
     free_port,
     log_in,
     make_settings,
+    refuse_token_writes,
     run_client,
+    token_json,
 )
 
 SECRET_A = "whsec-" + "a" * 40
@@ -263,6 +270,7 @@ async def dispatching(
     settings: Settings,
     receiver: Callable[[httpx.Request], httpx.Response] | None = None,
     clock: Clock | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
     """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
     engine = create_engine(settings)
@@ -276,7 +284,12 @@ async def dispatching(
     try:
         yield (
             WebhookDispatcher(
-                settings, sessionmaker, http, clock=clock or Clock(), jitter=lambda: 0.0
+                settings,
+                sessionmaker,
+                http,
+                clock=clock or Clock(),
+                jitter=lambda: 0.0,
+                metrics=metrics,
             ),
             sessionmaker,
         )
@@ -383,7 +396,8 @@ async def test_what_is_retried_and_what_fails_at_once(
         return answer
 
     clock = Clock()
-    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+    metrics = Metrics()
+    async with dispatching(settings, receiver, clock, metrics) as (dispatcher, sessionmaker):
         await add_events(sessionmaker, clock.now, "connection.created")
         await dispatcher.run_once()
         async with sessionmaker() as db:
@@ -394,6 +408,10 @@ async def test_what_is_retried_and_what_fails_at_once(
     assert attempt.response_code == code
     assert attempt.duration_ms >= 0
     assert event.attempts == 1
+    counted = metrics.registry.get_sample_value(
+        "pinauth_webhook_deliveries_total", {"outcome": attempt.outcome}
+    )
+    assert counted == 1
     if retried:
         assert attempt.outcome == "retry"
         assert event.status is WebhookEventStatus.PENDING
@@ -858,3 +876,99 @@ async def test_connections_cli_delete_reports_deleted(
     [event] = await outbox(settings)
     assert event.type == "connection.deleted"
     assert event.connection_id == connection.public_id
+
+
+async def test_a_late_write_over_a_rejection_reports_recovered(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """The scenario of `over_rejection` (test_durable_refresh): B reports the connection
+    unusable; A's late write of the live pair makes it usable again, and says so."""
+    settings_a = make_settings(database_url)
+    settings_b = make_settings(database_url, encryption_keys=settings_a.encryption_keys[0])
+    spent: list[str] = []
+
+    async def token_endpoint(request: httpx.Request) -> httpx.Response:
+        if REFRESH_1 in request.content.decode() and not spent:
+            spent.append(REFRESH_1)
+            await refuse_token_writes(database_url)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        return httpx.Response(400, json={"code": 1, "message": "Invalid refresh token."})
+
+    async with run_client(settings_b, pinterest) as b:
+        async with run_client(settings_a, pinterest) as a:
+            await log_in(a, pinterest)
+            b.cookies.update(a.cookies)
+            pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+            assert (await a.post("/auth/refresh")).status_code == 200
+            await expire_refresh_leases(database_url)
+            assert (await b.post("/auth/refresh")).status_code == 401
+            await allow_token_writes(database_url)
+
+    events = await outbox(settings_a)
+    assert types_of(events) == [
+        "connection.created",
+        "connection.reauthorization_required",
+        "connection.recovered",
+    ]
+    assert json.loads(events[-1].body)["data"]["connection"]["status"] == "active"
+
+
+async def test_events_are_purged_30_days_after_their_last_possible_retry(
+    settings: Settings,
+) -> None:
+    settings = hooked(settings)
+    clock = Clock()
+    async with dispatching(settings, lambda _: httpx.Response(200), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="old")
+        await dispatcher.run_once()
+        await add_events(
+            sessionmaker, clock.now + timedelta(days=2), "connection.created", end_user_id="new"
+        )
+        month_later = clock.now + timedelta(days=31, seconds=1)
+        purged = await ExpiredRowPurger(sessionmaker, 60, clock=lambda: month_later).purge_once()
+
+    assert purged.webhook_events == 1
+    [kept] = await outbox(settings)
+    assert json.loads(kept.body)["data"]["connection"]["end_user_id"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PINAUTH_WEBHOOK_URL": "ftp://app.example/hooks"}, "is not an http(s) URL"),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks", "PINAUTH_WEBHOOK_SECRETS": "x"},
+            "secret #1 is shorter than 32 characters",
+        ),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks"},
+            "PINAUTH_WEBHOOK_SECRETS is not",
+        ),
+    ],
+)
+def test_serve_refuses_bad_webhook_settings_in_one_line(
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in {
+        "PINTEREST_CLIENT_ID": "1234567",
+        "PINTEREST_CLIENT_SECRET": "client-secret",
+        "PINAUTH_SECRET_KEY": "s" * 40,
+        "PINAUTH_ENCRYPTION_KEYS": make_settings("sqlite://").encryption_keys[0].get_secret_value(),
+        "PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'never.db'}",
+        **env,
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "never.db").exists()  # refused before anything started

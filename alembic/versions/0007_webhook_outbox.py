@@ -58,6 +58,7 @@ def upgrade() -> None:
         ["status", "next_attempt_at"],
     )
     op.create_index("ix_webhook_events_connection_id_id", "webhook_events", ["connection_id", "id"])
+    op.create_index("ix_webhook_events_retry_until", "webhook_events", ["retry_until"])
     op.create_table(
         "webhook_attempts",
         sa.Column("id", sa.Integer(), nullable=False),

@@ -127,7 +127,7 @@ def create_app(
         dispatcher = None
         if settings.webhook_url:
             webhook_http = create_webhook_client(settings)
-            dispatcher = WebhookDispatcher(settings, sessionmaker, webhook_http)
+            dispatcher = WebhookDispatcher(settings, sessionmaker, webhook_http, metrics=metrics)
             served.state.webhook_dispatcher = dispatcher
             dispatcher.start()
         try:

@@ -12,14 +12,20 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.errors import DatabaseUnavailable
-from pinauth.repository import LoginStateRepository, SessionRepository
+from pinauth.repository import (
+    LoginStateRepository,
+    SessionRepository,
+    WebhookEventRepository,
+)
 
 log = logging.getLogger(__name__)
+
+WEBHOOK_RETENTION = timedelta(days=30)
 
 
 def utc_now() -> datetime:
@@ -30,6 +36,7 @@ def utc_now() -> datetime:
 class Purged:
     sessions: int
     login_states: int
+    webhook_events: int = 0
 
 
 class ExpiredRowPurger:
@@ -57,7 +64,10 @@ class ExpiredRowPurger:
         async with self._sessionmaker() as db, db.begin():
             sessions = await SessionRepository(db).delete_expired(now)
             login_states = await LoginStateRepository(db).delete_expired(now)
-        return Purged(sessions=sessions, login_states=login_states)
+            # The outbox is history once nothing can retry an event: kept this long for
+            # `pinauth webhooks list` and /v1/webhook-events, then gone.
+            events = await WebhookEventRepository(db).delete_retired(now - WEBHOOK_RETENTION)
+        return Purged(sessions=sessions, login_states=login_states, webhook_events=events)
 
     @property
     def running(self) -> bool:
@@ -90,11 +100,13 @@ class ExpiredRowPurger:
                     "purging expired rows failed; next try in %ss", self._interval, exc_info=True
                 )
             else:
-                if purged.sessions or purged.login_states:
+                if purged.sessions or purged.login_states or purged.webhook_events:
                     log.info(
-                        "purged %d expired sessions and %d expired pending logins",
+                        "purged %d expired sessions, %d expired pending logins and %d "
+                        "retired webhook events",
                         purged.sessions,
                         purged.login_states,
+                        purged.webhook_events,
                     )
             self.passes += 1
             self.first_pass_done.set()

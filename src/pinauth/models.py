@@ -240,6 +240,8 @@ class WebhookEvent(Base):
         Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),
         # Per-connection order: is an older event of this connection still pending?
         Index("ix_webhook_events_connection_id_id", "connection_id", "id"),
+        # The purge of events past their retention.
+        Index("ix_webhook_events_retry_until", "retry_until"),
         {"sqlite_autoincrement": True},
     )
 

@@ -77,6 +77,15 @@ class Metrics:
             ["category", "status"],
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "pinauth_webhook_deliveries",
+            "Webhook delivery attempts, by what they came to: delivered, retry (to be tried "
+            "again) or failed (given up).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("delivered", "retry", "failed"):
+            self.webhook_deliveries.labels(outcome)
         self.connections = Gauge(
             "pinauth_connections",
             "Stored Pinterest connections, by status (read at scrape time).",

@@ -528,6 +528,13 @@ class WebhookEventRepository:
             stmt = stmt.where(WebhookEvent.id < before)
         return list((await self._db.execute(stmt)).scalars())
 
+    async def delete_retired(self, before: datetime) -> int:
+        """Delete events (and their attempts) that could last be retried before `before`."""
+        result = await self._db.execute(
+            delete(WebhookEvent).where(WebhookEvent.retry_until < before)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
     async def redeliver(self, public_id: str, now: datetime, retry_until: datetime) -> bool:
         """Make the event due now, with a fresh retry window; False if there is none."""
         result = await self._db.execute(

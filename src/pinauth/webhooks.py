@@ -38,6 +38,7 @@ from pinauth.models import (
     WebhookEventStatus,
     new_event_id,
 )
+from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
 
@@ -248,7 +249,9 @@ class WebhookDispatcher:
         clock: Callable[[], datetime] = utc_now,
         jitter: Callable[[], float] = random.random,
         poll_interval: float = POLL_INTERVAL_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._url = settings.webhook_url
         self._secrets = [s.get_secret_value() for s in settings.webhook_secrets]
         self._timeout = settings.webhook_timeout_seconds
@@ -269,10 +272,6 @@ class WebhookDispatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhook dispatcher")
-
-    def wake(self) -> None:
-        """Run a pass now rather than at the next poll (an event was just committed)."""
-        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is None:
@@ -313,7 +312,13 @@ class WebhookDispatcher:
                     now, owner, now + self._lease, BATCH_SIZE
                 )
             if events:
-                await asyncio.gather(*(self._deliver(event, owner) for event in events))
+                outcomes = await asyncio.gather(
+                    *(self._deliver(event, owner) for event in events), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        # Its lease runs out and the event goes again: at least once.
+                        log.warning("recording a webhook delivery failed: %r", outcome)
             return len(events)
         finally:
             self.passes += 1
@@ -341,6 +346,8 @@ class WebhookDispatcher:
                 values = {"status": WebhookEventStatus.FAILED}
                 verdict = "failed"
             values["last_error"] = outcome.error
+        if self._metrics is not None:
+            self._metrics.webhook_deliveries.labels(verdict).inc()
         log.log(
             logging.INFO if outcome.delivered else logging.WARNING,
             "webhook %s %s (%s, attempt %d): %s",
