@@ -43,6 +43,7 @@ from pinauth.errors import DatabaseUnavailable, PinauthError
 from pinauth.frontend import CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
+from pinauth.keeper import Keeper
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.outage import OutageTracker
@@ -130,6 +131,11 @@ def create_app(
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
+        keeper = None
+        if settings.keeper:
+            keeper = Keeper(settings, sessionmaker, tokens, metrics)
+            served.state.keeper = keeper
+            keeper.start()
         dispatcher = None
         if settings.webhook_url:
             webhook_http = create_webhook_client(settings)
@@ -143,6 +149,8 @@ def create_app(
         finally:
             if demo_backend is not None:
                 await demo_backend.aclose()
+            if keeper is not None:
+                await keeper.stop()
             await purger.stop()
             if dispatcher is not None:
                 await dispatcher.stop()

@@ -171,6 +171,133 @@ def _api_keys(args: argparse.Namespace) -> None:
         raise ConfigurationError(e.message) from e
 
 
+def _keeper(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.crypto import TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.keeper import Keeper
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.observability import Metrics
+    from pinauth.pinterest.http import create_http_client, create_transport
+    from pinauth.pinterest.oauth import PinterestOAuth
+    from pinauth.tokens import TokenManager
+
+    settings = _load_settings()
+    if not settings.client_id or not settings.client_secret.get_secret_value():
+        raise ConfigurationError(
+            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set: the keeper refreshes "
+            "tokens with them."
+        )
+    settings.validate_for_serving()
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    upgrade_to_head(settings.database_url)
+    log = logging.getLogger("pinauth")
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        sessionmaker = create_sessionmaker(engine)
+        metrics = Metrics()
+        http = create_http_client(settings, create_transport())
+        cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+        tokens = TokenManager(
+            settings,
+            sessionmaker,
+            PinterestOAuth(http, settings, metrics),
+            cipher,
+            ConnectionCache(settings.cache_ttl_seconds),
+            metrics,
+        )
+        keeper = Keeper(settings, sessionmaker, tokens, metrics)
+        try:
+            if args.once:
+                done = await keeper.run_once()
+                print(
+                    f"refreshed {done.refreshed}, failed {done.failed}, "
+                    f"need reauthorization {done.reauthorization_required}"
+                )
+                return
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            log.info(
+                "keeper running: every %ss, connections expiring within %d days",
+                settings.keeper_interval_seconds,
+                settings.keepalive_days,
+            )
+            keeper.start()
+            await stop.wait()
+            log.info("keeper stopping")
+            await keeper.stop()
+        finally:
+            await tokens.aclose()
+            await http.aclose()
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def _rotate_keys(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.crypto import TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.rotation import KeyRotator, fingerprint
+
+    settings = _load_settings()
+    settings.validate_for_serving()
+    logging.config.dictConfig(logging_config("warning", settings.log_format))
+    upgrade_to_head(settings.database_url)
+    keys = [key.get_secret_value() for key in settings.encryption_keys]
+    if args.batch_size < 1:
+        raise ConfigurationError("--batch-size must be at least 1")
+
+    async def run() -> int:
+        engine = create_engine(settings)
+        try:
+            rotator = KeyRotator(
+                create_sessionmaker(engine), TokenCipher(keys), batch_size=args.batch_size
+            )
+            if not args.check:
+                report = await rotator.rotate()
+                print(
+                    f"re-encrypted {report.rotated} rows under key 1 ({fingerprint(keys[0])}); "
+                    f"{report.already_current} were already; {report.retried} written "
+                    f"meanwhile were read again"
+                )
+                if report.undecryptable:
+                    print(
+                        f"{report.undecryptable} rows no configured key decrypts; "
+                        f"{report.marked} of them now need a new login"
+                    )
+                if report.gave_up:
+                    print(f"{report.gave_up} rows kept changing: run rotate-keys again")
+            usage = await rotator.check()
+            print(f"{usage.rows} connections:")
+            for index, key in enumerate(keys):
+                role = " (first: encrypts new tokens)" if index == 0 else ""
+                print(f"  key {index + 1} {fingerprint(key)}{role}: {usage.by_key.get(index, 0)}")
+            print(f"  no configured key: {usage.undecryptable}")
+            if usage.outdated:
+                print("Some rows still need a key other than the first: keep it configured.")
+                return 1
+            if len(keys) > 1:
+                print(
+                    "Only key 1 is in use: the others can be removed from PINAUTH_ENCRYPTION_KEYS."
+                )
+            return 0
+        finally:
+            await engine.dispose()
+
+    status = asyncio.run(run())
+    if args.check and status:
+        sys.exit(status)
+
+
 def _webhooks(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -295,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     api_keys.set_defaults(handler=_api_keys)
 
+    keeper = commands.add_parser(
+        "keeper", help="refresh connections before their refresh tokens expire (alone)"
+    )
+    keeper.add_argument("--once", action="store_true", help="one pass, then exit")
+    keeper.set_defaults(handler=_keeper)
+
+    rotate = commands.add_parser(
+        "rotate-keys", help="re-encrypt stored tokens with the first PINAUTH_ENCRYPTION_KEYS key"
+    )
+    rotate.add_argument(
+        "--check",
+        action="store_true",
+        help="only count the rows each key encrypts (exit 1 if any needs a key but the first)",
+    )
+    rotate.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
+    rotate.set_defaults(handler=_rotate_keys)
     webhooks = commands.add_parser("webhooks", help="list webhook events, redeliver one")
     webhook_actions = webhooks.add_subparsers(dest="action", required=True)
     listing = webhook_actions.add_parser("list", help="the newest events, newest first")

@@ -94,6 +94,10 @@ class Connection(Base):
         # Keyset pagination of the connections API, filtered or not.
         Index("ix_connections_end_user_id_id", "end_user_id", "id"),
         Index("ix_connections_status_id", "status", "id"),
+        # The keeper's query: active connections by refresh-token expiry.
+        Index(
+            "ix_connections_status_refresh_token_expires_at", "status", "refresh_token_expires_at"
+        ),
         # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed
         # by the old id may ever resolve to a new user's row.
         {"sqlite_autoincrement": True},
@@ -134,6 +138,13 @@ class Connection(Base):
     # version or for the lease to run out. Changing it does not bump `version`.
     refresh_lease_owner: Mapped[str | None] = mapped_column(String(32))
     refresh_lease_until: Mapped[datetime | None]
+    # The keeper's schedule (see keeper.py): not before this moment may a keeper take the
+    # connection (its claim, its jittered due time, or its back-off), and its failures in
+    # a row. Like the lease, changing them does not bump `version`.
+    keeper_not_before: Mapped[datetime | None]
+    keeper_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The refresh-token expiry a `connection.expiring` event went out for (one per token).
+    keeper_expiring_for: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 

@@ -361,6 +361,111 @@ class ProxyTokenRepository:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+class KeeperRepository:
+    """The keeper's queries (keeper.py). None of them bumps a row's version."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def claim_due(
+        self, now: datetime, horizon: datetime, claim_until: datetime, limit: int
+    ) -> list[Connection]:
+        """Claim up to `limit` active connections whose refresh token expires by `horizon`
+        and that no keeper holds or has put off; the soonest to expire first.
+
+        One UPDATE, so it is atomic on every backend. SKIP LOCKED (PostgreSQL) lets keepers
+        on other replicas claim other rows instead of queueing behind these; a row another
+        keeper claimed meanwhile fails the re-checked WHERE.
+        """
+        c = _connections.c
+        free = or_(c.keeper_not_before.is_(None), c.keeper_not_before <= now)
+        due = (
+            select(c.id)
+            .where(
+                c.status == ConnectionStatus.ACTIVE,
+                c.refresh_token_expires_at.is_not(None),
+                c.refresh_token_expires_at <= horizon,
+                free,
+            )
+            .order_by(c.refresh_token_expires_at, c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed = (
+            await self._db.execute(
+                update(_connections)
+                .where(c.id.in_(due.scalar_subquery()), free)
+                .values(keeper_not_before=claim_until)
+                .returning(c.id)
+            )
+        ).scalars()
+        ids = list(claimed)
+        if not ids:
+            return []
+        stmt = select(Connection).where(Connection.id.in_(ids))
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def schedule(self, public_id: str, not_before: datetime | None, **values: Any) -> None:
+        """Put the connection off until `not_before` (None: until it is due again)."""
+        await self._db.execute(
+            update(_connections)
+            .where(_connections.c.public_id == public_id)
+            .values(keeper_not_before=not_before, **values)
+        )
+
+    async def soonest(self, limit: int) -> list[Connection]:
+        """The active connections whose refresh tokens expire first."""
+        stmt = (
+            select(Connection)
+            .where(
+                Connection.status == ConnectionStatus.ACTIVE,
+                Connection.refresh_token_expires_at.is_not(None),
+            )
+            .order_by(Connection.refresh_token_expires_at)
+            .limit(limit)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
+
+class SecretRepository:
+    """Key rotation's queries (rotation.py): the encrypted columns, page by page."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    _COLUMNS = (
+        _connections.c.id,
+        _connections.c.public_id,
+        _connections.c.version,
+        _connections.c.status,
+        _connections.c.access_token_encrypted,
+        _connections.c.refresh_token_encrypted,
+    )
+
+    async def page(self, after: int, limit: int) -> list[Any]:
+        c = _connections.c
+        stmt = select(*self._COLUMNS).where(c.id > after).order_by(c.id).limit(limit)
+        return list((await self._db.execute(stmt)).all())
+
+    async def by_public_ids(self, public_ids: list[str]) -> list[Any]:
+        stmt = select(*self._COLUMNS).where(_connections.c.public_id.in_(public_ids))
+        return list((await self._db.execute(stmt)).all())
+
+    async def reencrypt(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+        """Write re-encrypted ciphertexts if the row is still at `version`.
+
+        The version is compared but not bumped: the tokens are the same, so a refresh that
+        started from this version must still be able to store its answer over it.
+        """
+        c = _connections.c
+        result = await self._db.execute(
+            update(_connections)
+            .where(c.public_id == public_id, c.version == version)
+            .values(values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 class WebhookEventRepository:
     def __init__(self, db: AsyncSession) -> None:
         self._db = db

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     max_pending_logins: int = Field(10_000, ge=1, validation_alias="PINAUTH_MAX_PENDING_LOGINS")
     # How often each process deletes expired sessions and pending logins.
     purge_interval_seconds: float = Field(600.0, gt=0, validation_alias="PINAUTH_PURGE_INTERVAL")
+    # The keeper (keeper.py): a background task of `pinauth serve` (or `pinauth keeper`)
+    # that refreshes connections whose refresh token expires within PINAUTH_KEEPALIVE_DAYS,
+    # waking every PINAUTH_KEEPER_INTERVAL seconds, at most PINAUTH_KEEPER_CONCURRENCY
+    # refreshes at a time per process. Refresh tokens live 60 days.
+    keeper: bool = Field(True, validation_alias="PINAUTH_KEEPER")
+    keeper_interval_seconds: float = Field(600.0, ge=1, validation_alias="PINAUTH_KEEPER_INTERVAL")
+    keepalive_days: int = Field(14, validation_alias="PINAUTH_KEEPALIVE_DAYS")
+    keeper_concurrency: int = Field(4, ge=1, le=100, validation_alias="PINAUTH_KEEPER_CONCURRENCY")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
     boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
@@ -159,6 +167,16 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         return _split_commas(value)
+
+    @field_validator("keepalive_days")
+    @classmethod
+    def _within_refresh_token_life(cls, days: int) -> int:
+        if not 1 <= days <= 59:
+            raise ValueError(
+                f"{days} is outside 1-59: refresh tokens live 60 days, so the keeper must "
+                "refresh at least a day before they expire"
+            )
+        return days
 
     @field_validator("cors_origins")
     @classmethod

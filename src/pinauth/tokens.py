@@ -31,6 +31,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -126,8 +127,12 @@ class TokenManager:
         cipher: TokenCipher,
         cache: ConnectionCache,
         metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        # What times the cooldown after a failed token call (tests move it instead of waiting).
+        self._clock = clock
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._oauth = oauth
@@ -225,6 +230,11 @@ class TokenManager:
         connection, _ = await self._refresh(seen)
         return connection
 
+    async def refresh_reporting(self, seen: Connection) -> tuple[Connection, bool]:
+        """`refresh`, also telling whether this very call's token request got new tokens
+        (False when it joined another caller's refresh or found the row moved on)."""
+        return await self._refresh(seen)
+
     async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
         """`refresh`, also telling whether this call got new tokens from Pinterest.
 
@@ -278,7 +288,7 @@ class TokenManager:
     async def _refresh_once(self, seen: Connection) -> tuple[Connection, bool]:
         """Claim the lease, call the token endpoint with no transaction open, store."""
         public_id = seen.public_id
-        remaining = self._cooldown_until.get(public_id, 0.0) - time.monotonic()
+        remaining = self._cooldown_until.get(public_id, 0.0) - self._clock()
         if remaining > 0:
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
@@ -313,7 +323,7 @@ class TokenManager:
             self._metrics.refreshes.labels("transient_error").inc()
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
             cooldown = max(retry_after, TRANSIENT_FAILURE_COOLDOWN)
-            self._cooldown_until[public_id] = time.monotonic() + cooldown
+            self._cooldown_until[public_id] = self._clock() + cooldown
             await self._release_lease(public_id, owner)
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint is unavailable; retry later.", retry_after=cooldown

@@ -95,10 +95,18 @@ class ConnectionObject(BaseModel):
     last_refreshed_at: datetime | None
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime | None
+    next_refresh_at: datetime | None = Field(
+        None,
+        description="When the keeper next refreshes it, before its refresh token expires "
+        "(null if it needs a new login).",
+    )
 
     @classmethod
-    def of(cls, connection: Connection) -> ConnectionObject:
+    def of(
+        cls, connection: Connection, *, next_refresh_at: datetime | None = None
+    ) -> ConnectionObject:
         return cls(
+            next_refresh_at=next_refresh_at,
             id=connection.public_id,
             end_user_id=connection.end_user_id,
             pinterest_user_id=connection.pinterest_user_id,

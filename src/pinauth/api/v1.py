@@ -18,6 +18,7 @@ from pinauth.api.schemas import (
     error_responses,
 )
 from pinauth.errors import UnprocessableRequest
+from pinauth.keeper import next_refresh_at
 from pinauth.models import ConnectionStatus
 
 router = APIRouter(
@@ -64,7 +65,10 @@ async def list_connections(
     rows, next_cursor = await services.connections.page(
         limit=limit, cursor=cursor, end_user_id=end_user_id, status=connection_status
     )
-    return ConnectionPage(items=[ConnectionObject.of(c) for c in rows], next_cursor=next_cursor)
+    items = [
+        ConnectionObject.of(c, next_refresh_at=next_refresh_at(c, services.settings)) for c in rows
+    ]
+    return ConnectionPage(items=items, next_cursor=next_cursor)
 
 
 @router.get(
@@ -74,7 +78,10 @@ async def list_connections(
 )
 async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> ConnectionObject:
     """One connection (never its tokens)."""
-    return ConnectionObject.of(await services.connections.read(connection_id))
+    connection = await services.connections.read(connection_id)
+    return ConnectionObject.of(
+        connection, next_refresh_at=next_refresh_at(connection, services.settings)
+    )
 
 
 @router.delete(
