@@ -19,6 +19,8 @@ class PinauthError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "Something went wrong inside pinauth."
+    # Whether responses carry Retry-After (documented in /docs; test_openapi_errors checks).
+    sends_retry_after: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -123,6 +125,7 @@ class UpstreamUnavailable(UpstreamError):
     """Pinterest (or the lock guarding a refresh) is busy; the client should retry later."""
 
     status_code = 503
+    sends_retry_after = True
     default_message = "Pinterest is temporarily unavailable; retry later."
 
     def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
@@ -184,6 +187,7 @@ class DatabaseUnavailable(PinauthError):
     """The database cannot be reached or refuses work; nothing about the request is wrong."""
 
     status_code = 503
+    sends_retry_after = True
     code = "database_unavailable"
     default_message = "pinauth's database is unavailable at the moment; retry later."
 
@@ -195,6 +199,7 @@ class ShuttingDown(PinauthError):
     """The process stopped before this request finished (its shutdown timeout ran out)."""
 
     status_code = 503
+    sends_retry_after = True
     code = "shutting_down"
     default_message = (
         "pinauth was shutting down and stopped this request before it finished; retry it "

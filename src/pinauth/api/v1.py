@@ -15,15 +15,24 @@ from pinauth.api.schemas import (
     EndUserId,
     error_responses,
 )
-from pinauth.errors import UnprocessableRequest
+from pinauth.errors import (
+    ConnectionNotFound,
+    DatabaseUnavailable,
+    InvalidApiKey,
+    PinauthError,
+    UnprocessableRequest,
+)
 from pinauth.models import ConnectionStatus
 
 router = APIRouter(
     prefix="/v1",
     tags=["backend"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
 )
+
+# What every route here can answer (not router-level `responses`: a route's own entry for
+# a status would replace the router's, dropping its examples).
+BACKEND_ERRORS: tuple[type[PinauthError], ...] = (InvalidApiKey, DatabaseUnavailable)
 
 ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
 
@@ -32,7 +41,7 @@ ConnectionId = Annotated[str, Path(max_length=64, description="The connection's 
     "/connect-sessions",
     status_code=status.HTTP_201_CREATED,
     response_model=ConnectSessionResponse,
-    responses=error_responses(422),
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
 )
 async def create_connect_session(
     services: ServicesDep, body: ConnectSessionRequest
@@ -49,7 +58,11 @@ async def create_connect_session(
     )
 
 
-@router.get("/connections", response_model=ConnectionPage, responses=error_responses(422))
+@router.get(
+    "/connections",
+    response_model=ConnectionPage,
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+)
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
@@ -67,7 +80,7 @@ async def list_connections(
 @router.get(
     "/connections/{connection_id}",
     response_model=ConnectionObject,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> ConnectionObject:
     """One connection (never its tokens)."""
@@ -77,7 +90,7 @@ async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> 
 @router.delete(
     "/connections/{connection_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def delete_connection(services: ServicesDep, connection_id: ConnectionId) -> Response:
     """Delete the connection's tokens and end its browser sessions."""
