@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from playwright.async_api import ConsoleMessage, Route
 
 CHROMIUM = "/usr/bin/chromium"
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
@@ -47,8 +48,8 @@ async def test_the_docs_assets_are_pinauths_own(client: httpx.AsyncClient) -> No
     [
         # Swagger UI: one block per operation; its id names the operation.
         ("/docs", "#operations-account-me_me_get"),
-        # ReDoc: the operation's summary in the side menu.
-        ("/redoc", "label[type='operation'] >> text=Me"),
+        # ReDoc: an operation's description, rendered in the main column.
+        ("/redoc", "text=The Pinterest account connected to this session."),
     ],
 )
 async def test_docs_render_with_only_pinauth_reachable(
@@ -76,7 +77,9 @@ async def test_docs_render_with_only_pinauth_reachable(
                     await route.abort()
 
             def note(message: ConsoleMessage) -> None:
-                if message.type == "error":
+                # ReDoc's "API docs by Redocly" footer names a logo on Redocly's CDN; the
+                # policy refuses it, so it is never even requested. Nothing else may fail.
+                if message.type == "error" and REDOC_LOGO not in message.text:
                     console_errors.append(message.text)
 
             await page.route("**/*", only_pinauth)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -99,7 +98,7 @@ async def test_docs_pages_allow_exactly_their_assets(client: httpx.AsyncClient, 
     inline = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
     assert external
     for url in external:
-        assert url.startswith("/docs/") and not url.startswith("//"), url
+        assert url.startswith("/docs/"), url
         assert (await client.get(url)).status_code == 200, url
     assert sorted(policy["script-src"]) == sorted(["'self'"] + [_sha256(s) for s in inline])
     stylesheets = [
@@ -110,7 +109,8 @@ async def test_docs_pages_allow_exactly_their_assets(client: httpx.AsyncClient, 
     for stylesheet in stylesheets:
         assert stylesheet.startswith("/docs/"), stylesheet
         assert "'self'" in policy["style-src"]
-    assert "http" not in header and "http" not in html.replace("http-equiv", "")
+    assert "http" not in header
+    assert "http" not in html.replace("http-equiv", "")
     assert policy["default-src"] == ["'none'"]
     assert policy["connect-src"] == ["'self'"]
     assert policy["frame-ancestors"] == ["'none'"]
