@@ -1,0 +1,104 @@
+"""The last branches of the security-critical modules that no other test takes.
+
+`make test` requires 100% branch coverage of api/deps.py, apikeys.py, cache.py, crypto.py
+and security_headers.py (see the Makefile); each test here names the branch it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from pinauth.apikeys import ApiKeyService
+from pinauth.cache import ConnectionCache
+from pinauth.crypto import TokenCipher
+from pinauth.db import create_engine, create_sessionmaker
+from pinauth.errors import ConfigurationError, InvalidRequest
+from pinauth.models import Connection
+from pinauth.security_headers import ALWAYS, LOCKED_DOWN_CSP, secured
+from pinauth.settings import Settings
+from tests.helpers import captured_logs, make_settings
+
+
+async def test_a_same_origin_request_on_another_host_name_passes_the_origin_check(
+    client: httpx.AsyncClient,
+) -> None:
+    """deps.check_origin: an Origin that is not a configured one but is the request's own
+    (pinauth reached as 127.0.0.1 instead of its public name) is not cross-site."""
+    same = await client.post(
+        "/auth/logout", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}
+    )
+    assert same.status_code == 204
+    other = await client.post(
+        "/auth/logout", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8001"}
+    )
+    assert other.status_code == 403
+    assert other.json()["error"] == "forbidden_origin"
+
+
+def _connection(version: int) -> Connection:
+    now = datetime.now(UTC)
+    return Connection(
+        public_id="conn_cached",
+        version=version,
+        pinterest_user_id="u1",
+        username=f"v{version}",
+        access_token_expires_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def test_the_connection_cache_keeps_the_newer_row() -> None:
+    """cache.remember_connection: a row read late, older than the cached one, loses."""
+    cache = ConnectionCache(ttl=60)
+    assert cache.remember_connection(_connection(2))
+    assert cache.remember_connection(_connection(1))  # accepted, but not stored
+    cached = cache.cached_connection("conn_cached")
+    assert cached is not None
+    assert cached.version == 2
+
+
+def test_a_cipher_needs_a_key() -> None:
+    with pytest.raises(ConfigurationError, match="at least one encryption key"):
+        TokenCipher([])
+
+
+def test_secured_reads_any_iterable_of_headers_once() -> None:
+    """security_headers.secured: headers that are not a list are read once, not twice."""
+    request_id = (b"x-request-id", b"r1")
+    headers = iter([(b"content-type", b"application/json")])
+    assert secured(headers, request_id) == [
+        (b"content-type", b"application/json"),
+        request_id,
+        *ALWAYS,
+        LOCKED_DOWN_CSP,
+    ]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 101, "tab\there"])
+async def test_an_api_key_name_must_be_printable_and_short(settings: Settings, name: str) -> None:
+    engine = create_engine(settings)
+    try:
+        service = ApiKeyService(create_sessionmaker(engine), cache_ttl=0)
+        with pytest.raises(InvalidRequest, match="1 to 100 printable"):
+            await service.create(name)
+    finally:
+        await engine.dispose()
+
+
+async def test_recording_a_keys_last_use_never_fails_the_request(tmp_path: object) -> None:
+    """apikeys._touch: a failed last-used write is logged, not raised (bookkeeping only)."""
+    # A database without pinauth's tables: the write fails.
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/empty.db")
+    engine = create_engine(settings)
+    try:
+        service = ApiKeyService(create_sessionmaker(engine), cache_ttl=0)
+        with captured_logs(logging.WARNING) as logs:
+            await service._touch("0" * 64)
+        assert "could not record an API key's last use: OperationalError" in logs.getvalue()
+    finally:
+        await engine.dispose()
