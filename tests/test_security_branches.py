@@ -1,7 +1,8 @@
 """The last branches of the security-critical modules that no other test takes.
 
 `make test` requires 100% branch coverage of api/deps.py, apikeys.py, cache.py, crypto.py
-and security_headers.py (see the Makefile); each test here names the branch it takes.
+and security_headers.py (see the Makefile); each test here names the branch it takes
+(tokens.py's are on the way there).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+import respx
+from cryptography.fernet import Fernet
 
 from pinauth.apikeys import ApiKeyService
+from pinauth.app import create_app
 from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
@@ -20,7 +24,7 @@ from pinauth.errors import ConfigurationError, InvalidRequest
 from pinauth.models import Connection
 from pinauth.security_headers import ALWAYS, LOCKED_DOWN_CSP, secured
 from pinauth.settings import Settings
-from tests.helpers import captured_logs, make_settings
+from tests.helpers import captured_logs, log_in, make_settings, serve_app
 
 
 async def test_a_same_origin_request_on_another_host_name_passes_the_origin_check(
@@ -102,3 +106,22 @@ async def test_recording_a_keys_last_use_never_fails_the_request(tmp_path: objec
         assert "could not record an API key's last use: OperationalError" in logs.getvalue()
     finally:
         await engine.dispose()
+
+
+async def test_a_token_no_configured_key_decrypts_means_a_new_login(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """tokens.credential: an access token encrypted with a key since removed from
+    PINAUTH_ENCRYPTION_KEYS is a 401 reauthorization_required, never a 500 or a call to
+    Pinterest with garbage."""
+    transport = httpx.MockTransport(pinterest.async_handler)
+    async with serve_app(create_app(settings, transport=transport)) as before:
+        await log_in(before, pinterest)
+        cookies = before.cookies
+    rotated = make_settings(settings.database_url, encryption_keys=Fernet.generate_key().decode())
+    async with serve_app(create_app(rotated, transport=transport)) as after:
+        after.cookies = cookies
+        response = await after.get("/pinterest/boards")
+    assert response.status_code == 401
+    assert response.json()["error"] == "reauthorization_required"
+    assert not pinterest.calls
