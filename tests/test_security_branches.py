@@ -2,7 +2,7 @@
 
 `make test` requires 100% branch coverage of api/deps.py, apikeys.py, cache.py, crypto.py
 and security_headers.py (see the Makefile); each test here names the branch it takes
-(tokens.py's are on the way there).
+(tokens.py's are on the way there: the credential's own branches are here).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from pinauth.app import create_app
 from pinauth.cache import ConnectionCache
 from pinauth.crypto import TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.errors import ConfigurationError, InvalidRequest
-from pinauth.models import Connection
+from pinauth.errors import ConfigurationError, InvalidRequest, ReauthorizationRequired
+from pinauth.models import Connection, ConnectionStatus
+from pinauth.observability import Metrics
+from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.security_headers import ALWAYS, LOCKED_DOWN_CSP, secured
 from pinauth.settings import Settings
+from pinauth.tokens import Credential, TokenManager
 from tests.helpers import captured_logs, log_in, make_settings, serve_app
 
 
@@ -125,3 +128,32 @@ async def test_a_token_no_configured_key_decrypts_means_a_new_login(
     assert response.status_code == 401
     assert response.json()["error"] == "reauthorization_required"
     assert not pinterest.calls
+
+
+def test_a_credential_never_shows_its_token() -> None:
+    """tokens.Credential.__repr__: what a log line or a traceback would print."""
+    credential = Credential(_connection(3), "pina_secret_access_token")
+    assert repr(credential) == "Credential(connection=conn_cached, version=3)"
+
+
+async def test_no_credential_for_a_connection_that_needs_a_new_login(settings: Settings) -> None:
+    """tokens.credential: a row marked reauthorization_required yields no token at all."""
+    engine = create_engine(settings)
+    metrics = Metrics()
+    async with httpx.AsyncClient() as http:
+        tokens = TokenManager(
+            settings,
+            create_sessionmaker(engine),
+            PinterestOAuth(http, settings, metrics),
+            TokenCipher([key.get_secret_value() for key in settings.encryption_keys]),
+            ConnectionCache(ttl=60),
+            metrics,
+        )
+        connection = _connection(1)
+        connection.status = ConnectionStatus.REAUTHORIZATION_REQUIRED
+        try:
+            with pytest.raises(ReauthorizationRequired) as raised:
+                tokens.credential(connection)
+            assert raised.value.body()["login_url"] == settings.login_url
+        finally:
+            await engine.dispose()
