@@ -27,7 +27,15 @@ from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.security_headers import ALWAYS, LOCKED_DOWN_CSP, secured
 from pinauth.settings import Settings
 from pinauth.tokens import Credential, TokenManager
-from tests.helpers import captured_logs, log_in, make_settings, serve_app
+from tests.helpers import (
+    captured_logs,
+    log_in,
+    make_settings,
+    mock_login_upstream,
+    serve_app,
+    start_login,
+    token_json,
+)
 
 
 async def test_a_same_origin_request_on_another_host_name_passes_the_origin_check(
@@ -157,3 +165,25 @@ async def test_no_credential_for_a_connection_that_needs_a_new_login(settings: S
             assert raised.value.body()["login_url"] == settings.login_url
         finally:
             await engine.dispose()
+
+
+async def test_a_new_login_without_scopes_from_pinterest_records_the_requested_ones(
+    pinterest: respx.MockRouter, database_url: str
+) -> None:
+    """auth._upsert_connection: renewing a connection whose token answer names no scopes
+    records the scopes pinauth asked for, not the previous login's."""
+    requested = ["user_accounts:read", "boards:read", "boards:write"]
+    settings = make_settings(database_url, scopes=",".join(requested))
+    app = create_app(settings, transport=httpx.MockTransport(pinterest.async_handler))
+    async with serve_app(app) as client:
+        await log_in(client, pinterest)  # Pinterest names its scopes: those are recorded
+        assert (await client.get("/me")).json()["scopes"] != requested
+        unscoped = token_json()
+        del unscoped["scope"]
+        mock_login_upstream(pinterest, unscoped)
+        state = await start_login(client)
+        callback = await client.get(
+            "/auth/callback", params={"code": "auth-code-2", "state": state}
+        )
+        assert callback.status_code == 303, callback.text
+        assert (await client.get("/me")).json()["scopes"] == requested
