@@ -207,6 +207,7 @@ def create_app(
     app.include_router(
         docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
     )
+    docs_routes.install_openapi(app)
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))

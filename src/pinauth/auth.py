@@ -296,7 +296,7 @@ class AuthService:
             for ended in (*evicted, *([previous] if previous is not None else [])):
                 self._cache.forget_session(ended)
             return connection.public_id
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _upsert_connection(
         self,

@@ -48,6 +48,7 @@ from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
     ReauthorizationRequired,
+    UndecryptableToken,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -96,14 +97,6 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
         connection.scopes = ",".join(tokens.scopes)
     connection.status = ConnectionStatus.ACTIVE
     connection.last_refreshed_at = datetime.now(UTC)
-
-
-class UndecryptableToken(ReauthorizationRequired):
-    """No configured key decrypts the connection's access token."""
-
-    def __init__(self, login_url: str, connection: Connection) -> None:
-        super().__init__(login_url)
-        self.connection = connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,25 @@ from pinauth.api.deps import (
     SessionCookie,
     TrustedOrigin,
 )
-from pinauth.api.schemas import RefreshResponse, error_responses
-from pinauth.errors import NotConfigured, PinauthError
+from pinauth.api.schemas import COOKIE_SECURITY, RefreshResponse, error_responses
+from pinauth.errors import (
+    AccessDenied,
+    AuthorizationFailed,
+    ConnectionNotFound,
+    DatabaseUnavailable,
+    ForbiddenOrigin,
+    InvalidConnectSession,
+    InvalidRequest,
+    InvalidState,
+    NotAuthenticated,
+    NotConfigured,
+    PinauthError,
+    ProxyTokenNotAllowed,
+    ReauthorizationRequired,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from pinauth.frontend import wants_json
 from pinauth.settings import Settings
 
@@ -55,7 +72,7 @@ def _clear_cookie(response: Response, settings: Settings, name: str) -> None:
     response_class=RedirectResponse,
     responses={
         302: {"description": "Redirect to Pinterest's consent page."},
-        **error_responses(400, 503),
+        **error_responses(InvalidConnectSession, NotConfigured, DatabaseUnavailable),
     },
 )
 async def login(
@@ -100,7 +117,16 @@ async def login(
             "redirect to return_to (or PINAUTH_FRONTEND_URL) with `?pinauth_error=<code>`; "
             "the errors below are answered as JSON only to `Accept: application/json`."
         },
-        **error_responses(400, 403, 502, 503, 504),
+        **error_responses(
+            InvalidState,
+            InvalidRequest,
+            AuthorizationFailed,
+            AccessDenied,
+            UpstreamError,
+            UpstreamUnavailable,
+            UpstreamTimeout,
+            DatabaseUnavailable,
+        ),
     },
 )
 async def callback(
@@ -155,7 +181,15 @@ async def callback(
 @router.post(
     "/refresh",
     response_model=RefreshResponse,
-    responses=error_responses(401, 403, 503),
+    responses=error_responses(
+        NotAuthenticated,
+        ProxyTokenNotAllowed,
+        ReauthorizationRequired,
+        ForbiddenOrigin,
+        UpstreamUnavailable,
+        DatabaseUnavailable,
+    ),
+    openapi_extra=COOKIE_SECURITY,
 )
 async def refresh(services: ServicesDep, connection: CurrentConnection) -> RefreshResponse:
     """Refresh the session's Pinterest tokens now; returns the new expiry times."""
@@ -170,7 +204,9 @@ async def refresh(services: ServicesDep, connection: CurrentConnection) -> Refre
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[TrustedOrigin],
-    responses=error_responses(403),
+    responses=error_responses(ForbiddenOrigin, ProxyTokenNotAllowed, DatabaseUnavailable),
+    # The cookie is optional: without one there is nothing to end.
+    openapi_extra={"security": [{"sessionCookie": []}, {}]},
 )
 async def logout(services: ServicesDep, session_cookie: SessionCookie = None) -> Response:
     """End this browser's session; the Pinterest connection stays stored."""
@@ -183,7 +219,14 @@ async def logout(services: ServicesDep, session_cookie: SessionCookie = None) ->
 @router.delete(
     "/connection",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(401, 403),
+    responses=error_responses(
+        NotAuthenticated,
+        ProxyTokenNotAllowed,
+        ForbiddenOrigin,
+        ConnectionNotFound,
+        DatabaseUnavailable,
+    ),
+    openapi_extra=COOKIE_SECURITY,
 )
 async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Response:
     """Disconnect Pinterest: delete the stored tokens and end every session using them."""

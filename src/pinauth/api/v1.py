@@ -17,7 +17,14 @@ from pinauth.api.schemas import (
     ProxyTokenResponse,
     error_responses,
 )
-from pinauth.errors import UnprocessableRequest
+from pinauth.errors import (
+    ConnectionNotFound,
+    DatabaseUnavailable,
+    InvalidApiKey,
+    PinauthError,
+    ProxyTokenNotAllowed,
+    UnprocessableRequest,
+)
 from pinauth.keeper import next_refresh_at
 from pinauth.models import ConnectionStatus
 
@@ -25,8 +32,14 @@ router = APIRouter(
     prefix="/v1",
     tags=["backend"],
     dependencies=[Depends(require_api_key)],
-    # 403: a proxy token, which acts on the proxy routes only.
-    responses=error_responses(401, 403),
+)
+
+# What every route here can answer (not router-level `responses`: a route's own entry for
+# a status would replace the router's, dropping its examples).
+BACKEND_ERRORS: tuple[type[PinauthError], ...] = (
+    InvalidApiKey,
+    ProxyTokenNotAllowed,
+    DatabaseUnavailable,
 )
 
 ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
@@ -36,7 +49,7 @@ ConnectionId = Annotated[str, Path(max_length=64, description="The connection's 
     "/connect-sessions",
     status_code=status.HTTP_201_CREATED,
     response_model=ConnectSessionResponse,
-    responses=error_responses(422),
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
 )
 async def create_connect_session(
     services: ServicesDep, body: ConnectSessionRequest
@@ -53,7 +66,11 @@ async def create_connect_session(
     )
 
 
-@router.get("/connections", response_model=ConnectionPage, responses=error_responses(422))
+@router.get(
+    "/connections",
+    response_model=ConnectionPage,
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+)
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
@@ -74,7 +91,7 @@ async def list_connections(
 @router.get(
     "/connections/{connection_id}",
     response_model=ConnectionObject,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> ConnectionObject:
     """One connection (never its tokens)."""
@@ -87,7 +104,7 @@ async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> 
 @router.delete(
     "/connections/{connection_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def delete_connection(services: ServicesDep, connection_id: ConnectionId) -> Response:
     """Delete the connection's tokens and end its browser sessions."""
@@ -99,7 +116,7 @@ async def delete_connection(services: ServicesDep, connection_id: ConnectionId) 
     "/connections/{connection_id}/proxy-tokens",
     status_code=status.HTTP_201_CREATED,
     response_model=ProxyTokenResponse,
-    responses=error_responses(404, 422),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def create_proxy_token(
     services: ServicesDep,

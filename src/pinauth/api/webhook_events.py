@@ -15,6 +15,8 @@ from pinauth.api.schemas import (
     WebhookEventPage,
     error_responses,
 )
+from pinauth.api.v1 import BACKEND_ERRORS
+from pinauth.errors import UnprocessableRequest, WebhookEventNotFound
 from pinauth.models import WebhookEventStatus
 from pinauth.webhooks import EventDetail
 
@@ -22,7 +24,6 @@ router = APIRouter(
     prefix="/v1/webhook-events",
     tags=["backend"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
 )
 
 EventId = Annotated[str, Path(max_length=64, description="The event's id (evt_…).")]
@@ -45,7 +46,11 @@ def _detail(found: EventDetail) -> WebhookEventDetail:
     )
 
 
-@router.get("", response_model=WebhookEventPage, responses=error_responses(422))
+@router.get(
+    "",
+    response_model=WebhookEventPage,
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+)
 async def list_webhook_events(
     services: ServicesDep,
     event_status: Annotated[WebhookEventStatus | None, Query(alias="status")] = None,
@@ -59,7 +64,11 @@ async def list_webhook_events(
     return WebhookEventPage(items=[WebhookEventObject.of(e) for e in rows], next_cursor=next_cursor)
 
 
-@router.get("/{event_id}", response_model=WebhookEventDetail, responses=error_responses(404))
+@router.get(
+    "/{event_id}",
+    response_model=WebhookEventDetail,
+    responses=error_responses(*BACKEND_ERRORS, WebhookEventNotFound, UnprocessableRequest),
+)
 async def get_webhook_event(services: ServicesDep, event_id: EventId) -> WebhookEventDetail:
     """One event: its body as sent and every delivery attempt."""
     return _detail(await services.webhook_events.get(event_id))
@@ -69,7 +78,7 @@ async def get_webhook_event(services: ServicesDep, event_id: EventId) -> Webhook
     "/{event_id}/redeliver",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=WebhookEventDetail,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, WebhookEventNotFound, UnprocessableRequest),
 )
 async def redeliver_webhook_event(services: ServicesDep, event_id: EventId) -> WebhookEventDetail:
     """Deliver the event again, now, with a new 24-hour retry window."""
