@@ -131,6 +131,10 @@ def main() -> None:
             status, body = get(f"{base}/docs")
             assert status == 200, status
             assert b"swagger" in body.lower()
+            # Served by pinauth from the installed fastapi-offline package, not a CDN.
+            status, body = get(f"{base}/docs/swagger-ui-bundle.js")
+            assert status == 200, status
+            assert b"SwaggerUIBundle" in body
             stopped = time.monotonic()
             service.send_signal(signal.SIGTERM)
             code = service.wait(timeout=STOP_WITHIN_SECONDS)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ from contextlib import (
     contextmanager,
 )
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,19 +38,25 @@ import uvicorn
 from asgi_lifespan import LifespanManager
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import insert, make_url, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
-from pinauth.crypto import TokenCipher
+from pinauth.cache import ConnectionCache
+from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.db import create_engine, create_sessionmaker
+from pinauth.keeper import Keeper
 from pinauth.logs import JsonFormatter
+from pinauth.models import Base, Connection, ConnectionStatus, new_public_id
 from pinauth.observability import Metrics
+from pinauth.pinterest.http import create_http_client
+from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.sandbox import SandboxConfig
 from pinauth.server import uvicorn_options
 from pinauth.settings import Settings
+from pinauth.tokens import TokenManager
 
 API = "https://api.pinterest.com/v5"
 TOKEN_URL = f"{API}/oauth/token"
@@ -123,12 +130,9 @@ def truncate_all(url: str) -> None:
         engine = create_async_engine(url)
         try:
             async with engine.begin() as connection:
-                await connection.execute(
-                    text(
-                        "TRUNCATE connections, sessions, login_states, api_keys, connect_sessions"
-                        " RESTART IDENTITY CASCADE"
-                    )
-                )
+                # Every table the models know, so a new one is never left holding rows.
+                tables = ", ".join(Base.metadata.tables)
+                await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         finally:
             await engine.dispose()
 
@@ -142,6 +146,12 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "database_url": database_url,
         "secret_key": "test-secret-key-" + "k" * 32,
         "encryption_keys": Fernet.generate_key().decode(),
+        # Most tests reach the app at 127.0.0.1:<port>, a name their redirect URI does
+        # not use; tests/test_frontend.py covers the redirect to the public origin.
+        "canonical_redirect": False,
+        # Off unless a test is about it (tests/test_keeper.py): a keeper pass at start-up
+        # would race the tests that count token requests and queries.
+        "keeper": False,
     } | overrides
     return Settings(_env_file=None, **values)
 
@@ -942,3 +952,259 @@ def sandboxed_pinauth(
     )
     service = PinauthProcess(["serve", "--port", str(port)], env, tmp_path, base + ready_path)
     return SandboxedPinauth(sandbox, service, base, sandbox_url)
+
+
+@dataclass(frozen=True)
+class ServedWithSandbox:
+    """A running pinauth (real uvicorn, loopback) whose Pinterest is its own mounted sandbox."""
+
+    base: str
+    settings: Settings
+
+    @property
+    def sandbox(self) -> str:
+        return f"{self.base}/sandbox"
+
+
+@asynccontextmanager
+async def pinauth_with_sandbox(
+    database_url: str, *, demo_backend: bool = False, **overrides: Any
+) -> AsyncIterator[ServedWithSandbox]:
+    """pinauth as `pinauth serve --demo` wires it (sandbox at /sandbox, called over HTTP),
+    served by uvicorn with `pinauth serve`'s options on a loopback port, in this event loop;
+    with `demo_backend`, the demo page's backend panel too."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    sandbox = SandboxConfig(redirect_uris=(f"{base}/auth/callback",))
+    settings = make_settings(
+        database_url,
+        client_id=sandbox.client_id,
+        client_secret=sandbox.client_secret,
+        redirect_uri=f"{base}/auth/callback",
+        authorize_url=f"{base}/sandbox/oauth/",
+        api_url=f"{base}/sandbox/v5",
+        scopes="user_accounts:read,boards:read,boards:write,pins:read,pins:write",
+        **overrides,
+    )
+    app = create_app(settings, sandbox=sandbox, demo_backend_url=base if demo_backend else None)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, **uvicorn_options(settings)))
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:  # its lifespan has run (the demo backend's key exists)
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield ServedWithSandbox(base, settings)
+    finally:
+        server.should_exit = True
+        await task
+        listener.close()
+
+
+async def consent_in_sandbox(browser: httpx.AsyncClient, start_url: str) -> httpx.Response:
+    """A browser follows `start_url` (a connect_url or /auth/login) through the sandbox's
+    consent page, allows, and comes back to /auth/callback; returns the callback's answer."""
+    login = await browser.get(start_url)
+    assert login.status_code == 302, login.text
+    consent = urlsplit(login.headers["location"])
+    fields = {k: v[0] for k, v in parse_qs(consent.query).items() if k != "response_type"}
+    decision = await browser.post(
+        consent._replace(query="").geturl(), data=fields | {"decision": "allow"}
+    )
+    assert decision.status_code in (302, 303), decision.text
+    callback = await browser.get(decision.headers["location"])
+    assert callback.status_code == 303, callback.text
+    return callback
+
+
+# --- the keeper and key rotation (tests/test_keeper.py, tests/test_key_rotation.py) -----
+
+
+class SimClock:
+    """Wall-clock and monotonic time that move only when a test says so."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.wall = start or datetime.now(UTC)
+        self.mono = 1000.0
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+class RotatingTokenEndpoint:
+    """Pinterest's refresh grant, strict like the real one: every refresh token works once,
+    and each answer carries the next (`pinr_<n>_<k>` becomes `pinr_<n>_<k+1>`).
+
+    Counts every call and every spent token; `down` makes it answer 503; `gate` (when set)
+    holds each call until the test opens it.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.spent: list[str] = []
+        self.reused: list[str] = []
+        self.live: set[str] = set()
+        self.down = False
+        self.asked = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+
+    def issue(self, name: str) -> tuple[str, str]:
+        """A first token pair for connection `name`."""
+        refresh = f"pinr_{name}_0"
+        self.live.add(refresh)
+        return f"pina_{name}_0", refresh
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        self.asked.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            return httpx.Response(503, json={"code": 503, "message": "unavailable"})
+        form = parse_qs(request.content.decode())
+        token = form["refresh_token"][0]
+        if token not in self.live:
+            self.reused.append(token)
+            return httpx.Response(400, json={"code": 1, "message": "invalid refresh token"})
+        self.live.remove(token)
+        self.spent.append(token)
+        stem, _, generation = token.rpartition("_")
+        following = f"{stem}_{int(generation) + 1}"
+        self.live.add(following)
+        body = token_json(following.replace("pinr_", "pina_"), following, response_type="refresh")
+        body.pop("refresh_token_expires_at")
+        return httpx.Response(200, json=body)
+
+
+async def seed_connections(
+    settings: Settings,
+    endpoint: RotatingTokenEndpoint,
+    count: int,
+    *,
+    refresh_expires_in: timedelta,
+    access_expires_in: timedelta = timedelta(days=20),
+    now: datetime | None = None,
+    cipher: TokenCipher | None = None,
+    first: int = 0,
+) -> list[str]:
+    """Insert `count` active connections straight into the database; their public ids.
+
+    They are numbered from `first`: account `n` starts with the tokens `pin?_<n>_0`.
+    """
+    now = now or datetime.now(UTC)
+    cipher = cipher or TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
+    rows = []
+    for n in range(first, first + count):
+        access, refresh = endpoint.issue(str(n))
+        rows.append(
+            {
+                "public_id": new_public_id(),
+                "pinterest_user_id": str(n),
+                "username": f"user{n}",
+                "scopes": "boards:read",
+                "access_token_encrypted": cipher.encrypt(access),
+                "refresh_token_encrypted": cipher.encrypt(refresh),
+                "access_token_expires_at": now + access_expires_in,
+                "refresh_token_expires_at": now + refresh_expires_in,
+                "status": ConnectionStatus.ACTIVE,
+                "version": 1,
+            }
+        )
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(insert(Connection), rows)
+    finally:
+        await engine.dispose()
+    return [str(row["public_id"]) for row in rows]
+
+
+@dataclass
+class Replica:
+    """What one `pinauth serve` process holds for the token lifecycle, in this process."""
+
+    sessionmaker: async_sessionmaker[AsyncSession]
+    tokens: TokenManager
+    keeper: Keeper
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def replica(
+    settings: Settings, pinterest: respx.MockRouter, clock: SimClock, seed: int = 0
+) -> AsyncIterator[Replica]:
+    """A process's engine, TokenManager and Keeper, Pinterest reached through `pinterest`."""
+    engine = create_engine(settings)
+    sessionmaker = create_sessionmaker(engine)
+    metrics = Metrics()
+    http = create_http_client(settings, httpx.MockTransport(pinterest.async_handler))
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    tokens = TokenManager(
+        settings,
+        sessionmaker,
+        PinterestOAuth(http, settings, metrics),
+        cipher,
+        ConnectionCache(settings.cache_ttl_seconds),
+        metrics,
+        clock=clock.monotonic,
+    )
+    keeper = Keeper(
+        settings, sessionmaker, tokens, metrics, clock=clock.now, rng=random.Random(seed)
+    )
+    try:
+        yield Replica(sessionmaker, tokens, keeper, metrics)
+    finally:
+        await keeper.stop()
+        await tokens.aclose()
+        await http.aclose()
+        await engine.dispose()
+
+
+async def stored_connections(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every connection as stored, by public id, its tokens decrypted (None if no key can)."""
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (await connection.execute(select(*Connection.__table__.c))).mappings().all()
+    finally:
+        await engine.dispose()
+
+    def plain(ciphertext: str | None) -> str | None:
+        if ciphertext is None:
+            return None
+        try:
+            return cipher.decrypt(ciphertext)
+        except TokenDecryptionError:
+            return None
+
+    return {
+        row["public_id"]: dict(row)
+        | {
+            "access": plain(row["access_token_encrypted"]),
+            "refresh": plain(row["refresh_token_encrypted"]),
+        }
+        for row in rows
+    }
+
+
+async def outbox_types(settings: Settings) -> list[tuple[str, str]]:
+    """(event type, connection id) of every event in the webhook outbox, oldest first."""
+    engine = create_async_engine(settings.database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT type, connection_id FROM webhook_events ORDER BY id")
+            )
+            return [(str(row[0]), str(row[1])) for row in rows]
+    finally:
+        await engine.dispose()

@@ -191,7 +191,12 @@ async def test_connect_session_links_an_account_to_an_end_user(
         "last_refreshed_at",
         "access_token_expires_at",
         "refresh_token_expires_at",
+        "next_refresh_at",
     }
+    # The keeper's schedule: before the refresh token enters PINAUTH_KEEPALIVE_DAYS (14).
+    next_refresh = datetime.fromisoformat(item["next_refresh_at"])
+    refresh_expires = datetime.fromisoformat(item["refresh_token_expires_at"])
+    assert timedelta(days=14) <= refresh_expires - next_refresh <= timedelta(days=15)
 
 
 async def test_two_end_users_with_one_pinterest_account_get_two_connections(

@@ -61,6 +61,14 @@ async def test_seeded_connections_are_listed_decrypted_and_logged_in_with(
         items = listed.json()["items"]
         assert [item["end_user_id"] for item in items] == ["bench_user_3", "bench_user_3"]
         assert items[0]["scopes"] == seed.SCOPES.split(",")
+        # The listing (columns only) shows each connection exactly as its own page does
+        # (the ORM row), next_refresh_at included.
+        for item in items:
+            one = await client.get(
+                f"/v1/connections/{item['id']}", headers={"Authorization": f"Bearer {key}"}
+            )
+            assert one.json() == item
+        assert items[0]["next_refresh_at"] is not None
         walked = await client.get(
             "/v1/connections", params={"limit": 100}, headers={"Authorization": f"Bearer {key}"}
         )

@@ -31,6 +31,8 @@ from tests.helpers import (
     token_json,
 )
 
+JSON = {"Accept": "application/json"}
+
 
 async def begin_login(client: httpx.AsyncClient) -> tuple[str, str]:
     """A login started by a browser of its own: (state, that browser's login cookie)."""
@@ -42,7 +44,8 @@ async def begin_login(client: httpx.AsyncClient) -> tuple[str, str]:
 async def finish_login(client: httpx.AsyncClient, state: str, nonce: str) -> httpx.Response:
     client.cookies.clear()
     client.cookies.set("pinauth_login", nonce)
-    return await client.get("/auth/callback", params={"code": "c", "state": state})
+    # JSON, so a failure is the error itself rather than a redirect to the frontend.
+    return await client.get("/auth/callback", params={"code": "c", "state": state}, headers=JSON)
 
 
 async def new_browser_session(client: httpx.AsyncClient) -> str:

@@ -38,7 +38,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "pinauth", "serve", "--port", str(port)],
         cwd=tmp_path,
-        env=service_env(tmp_path),
+        env=service_env(tmp_path)
+        | {"PINTEREST_REDIRECT_URI": f"http://127.0.0.1:{port}/auth/callback"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -61,7 +62,8 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     login = httpx.get(f"{base}/auth/login")
     assert login.status_code == 302
     callback = httpx.get(f"{base}/auth/callback", params={"code": "SECRETCODE", "state": "STATE"})
-    assert callback.status_code == 400
+    assert callback.status_code == 303
+    assert callback.headers["location"] == "/?pinauth_error=invalid_state"
 
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=10)
@@ -72,7 +74,7 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     assert "Application shutdown complete." in [line["event"] for line in lines]
     callback_line = next(line for line in lines if line.get("path") == "/auth/callback")
     assert callback_line["event"] == "request"
-    assert callback_line["status"] == 400
+    assert callback_line["status"] == 303
     assert callback_line["route"] == "/auth/callback"
     assert callback_line["request_id"] == callback.headers["x-request-id"]
     assert callback_line["duration_ms"] >= 0

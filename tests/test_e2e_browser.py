@@ -303,3 +303,76 @@ def _connect_and_post_a_pin(backend: httpx.Client) -> None:
     pins = backend.get(f"/pinterest/boards/{board['id']}/pins", headers=named).json()
     assert "Posted by the backend" in {p.get("title") for p in pins["items"]}
     assert connection["end_user_id"] == "customer-7"
+
+
+def test_the_backend_panel_connects_lists_and_posts_both_ways(demo_server: str) -> None:
+    """Issue 11: the demo page's backend panel, walked in Chromium. It mints a connect
+    session, the browser follows it, the panel lists the end user's connections and posts
+    a pin through the server route and through a proxy token, each exchange shown."""
+    base = demo_server
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            expect = playwright_sync.expect
+            csp_errors: list[str] = []
+            page.on(
+                "console",
+                lambda m: (
+                    csp_errors.append(m.text) if "Content Security Policy" in m.text else None
+                ),
+            )
+            exchanges = page.locator("#backend-exchanges")
+
+            page.goto(f"{base}/")
+            expect(page.get_by_role("heading", name="Your backend")).to_be_visible()
+            page.get_by_label("End user id").fill("customer-e2e")
+            page.get_by_role("button", name="Mint connect session").click()
+            expect(exchanges.locator("li").first).to_contain_text("/v1/connect-sessions → 201")
+            expect(exchanges).to_contain_text("authorization: Bearer pinauth_sk_")
+            expect(exchanges).to_contain_text('"end_user_id": "customer-e2e"')
+
+            page.get_by_role("link", name="Connect Pinterest as this end user").click()
+            expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+            page.get_by_role("button", name="Allow").click()
+            # Back on the panel, which lists the end user's connections by itself.
+            expect(page.get_by_label("End user id")).to_have_value("customer-e2e")
+            connections = page.locator("#backend-connections li")
+            expect(connections).to_have_count(1)
+            expect(connections).to_contain_text("sandbox_pinner")
+            expect(exchanges.locator("li").first).to_contain_text(
+                "/v1/connections?limit=100&end_user_id=customer-e2e → 200"
+            )
+
+            page.get_by_label("Pin title").fill("Pinned by key")
+            page.get_by_role("button", name="Post through the server route").click()
+            expect(page.locator("#message")).to_contain_text(
+                "“Pinned by key” posted through the server route"
+            )
+            expect(exchanges.locator("li").first).to_contain_text("/pinterest/pins → 201")
+            expect(exchanges).to_contain_text("pinauth-connection-id: conn_")
+
+            page.get_by_label("Pin title").fill("Pinned by proxy token")
+            page.get_by_role("button", name="Post with a proxy token").click()
+            expect(page.locator("#message")).to_contain_text(
+                "“Pinned by proxy token” posted with a proxy token"
+            )
+            expect(exchanges).to_contain_text("/proxy-tokens → 201")
+            expect(exchanges).to_contain_text("authorization: Bearer pinauth_pt_")
+            expect(exchanges.locator("li").first).to_contain_text("/pinterest/pins → 201")
+            page.locator("#backend-exchanges summary").first.click()  # open the newest
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo-backend.png"), full_page=True)
+
+            # Both pins are really there: the browser (signed in by the connect flow)
+            # reads them back through its own cookie session.
+            pins = page.request.get(f"{base}/pinterest/pins?page_size=25").json()["items"]
+            titles = {pin["title"] for pin in pins}
+            assert {"Pinned by key", "Pinned by proxy token"} <= titles
+            content = page.content()
+            assert "pina_" not in content
+            assert "pinr_" not in content
+            assert csp_errors == []
+        finally:
+            browser.close()

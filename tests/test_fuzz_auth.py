@@ -7,6 +7,7 @@ reproduces on every run and the suite stays quick on a small machine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,12 +180,26 @@ def running_app(
         yield portal, client, portal.call(prepare, client)
 
 
+def assert_confined(location: str) -> None:
+    """A redirect goes to Pinterest's consent page or stays on pinauth's own site (the
+    fuzzed app's frontend is "/"): never to a host the request chose."""
+    if location.startswith("/"):
+        assert not location.startswith(("//", "/\\")), location
+        assert not _UNSAFE.search(location), location
+    else:
+        assert location.startswith(("https://www.pinterest.com/oauth/?", f"{SERVICE}/")), location
+
+
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_no_input_to_auth_routes_yields_a_server_error(
     settings: Settings, pinterest: respx.MockRouter, route: str
 ) -> None:
     """Guards: every /auth/* route answers malformed queries, cookies and Origins with a
-    4xx or a redirect, never a 5xx (which is also what a traceback in the log means)."""
+    4xx or a redirect, never a 5xx (which is also what a traceback in the log means);
+    a redirect (a failed callback's included) never leaves pinauth and Pinterest."""
     with running_app(settings, pinterest) as (portal, client, known):
 
         @FUZZ
@@ -193,5 +208,7 @@ def test_no_input_to_auth_routes_yields_a_server_error(
             client.cookies.clear()  # only the cookies the example chose
             response = portal.call(client.send, request)
             assert response.status_code < 500, (request.url, request.headers, response.text)
+            if response.is_redirect:
+                assert_confined(response.headers["location"])
 
         answers_without_a_server_error()

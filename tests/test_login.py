@@ -26,6 +26,10 @@ from tests.helpers import (
     token_json,
 )
 
+# An API client's callback: failures answer as JSON (a browser's are redirected to the
+# frontend, see tests/test_frontend.py).
+JSON = {"Accept": "application/json"}
+
 
 def set_cookies(response: httpx.Response) -> dict[str, str]:
     """Each Set-Cookie header of the response, by cookie name."""
@@ -190,7 +194,7 @@ async def _assert_rejected_without_token_request(
     if cookies is not None:
         client.cookies.clear()
         client.cookies.update(cookies)
-    response = await client.get("/auth/callback", params=params)
+    response = await client.get("/auth/callback", params=params, headers=JSON)
     assert response.status_code in (400, 403), response.text
     assert response.json()["error"] == expected_error
     assert response.json()["message"]
@@ -319,7 +323,9 @@ async def test_code_rejected_by_pinterest(
     pinterest.post(TOKEN_URL).respond(400, json={"code": 1, "message": "Invalid code"})
     state = await start_login(client)
 
-    response = await client.get("/auth/callback", params={"code": "bad", "state": state})
+    response = await client.get(
+        "/auth/callback", params={"code": "bad", "state": state}, headers=JSON
+    )
 
     assert response.status_code == 400
     assert response.json() == {"error": "authorization_failed", "message": "Invalid code"}
@@ -348,7 +354,9 @@ async def test_token_endpoint_failure_is_a_clean_error(
         route.return_value = failure
     state = await start_login(client)
 
-    response = await client.get("/auth/callback", params={"code": "c", "state": state})
+    response = await client.get(
+        "/auth/callback", params={"code": "c", "state": state}, headers=JSON
+    )
 
     assert response.status_code == status
     assert response.json()["error"] == error
@@ -363,7 +371,9 @@ async def test_user_account_failure_stores_nothing(
     pinterest.get(f"{API}/user_account").respond(403, json={"code": 403, "message": "nope"})
     state = await start_login(client)
 
-    response = await client.get("/auth/callback", params={"code": "c", "state": state})
+    response = await client.get(
+        "/auth/callback", params={"code": "c", "state": state}, headers=JSON
+    )
 
     assert response.status_code == 502
     assert response.json()["error"] == "upstream_error"

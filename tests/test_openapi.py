@@ -16,10 +16,17 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         ("/auth/logout", "post"): {"204", "403"},
         ("/auth/connection", "delete"): {"204", "401", "403"},
         ("/me", "get"): {"200", "401"},
-        ("/v1/connect-sessions", "post"): {"201", "401", "422"},
-        ("/v1/connections", "get"): {"200", "401", "422"},
-        ("/v1/connections/{connection_id}", "get"): {"200", "401", "404"},
-        ("/v1/connections/{connection_id}", "delete"): {"204", "401", "404"},
+        ("/v1/connect-sessions", "post"): {"201", "401", "403", "422"},
+        ("/v1/connections", "get"): {"200", "401", "403", "422"},
+        ("/v1/connections/{connection_id}", "get"): {"200", "401", "403", "404"},
+        ("/v1/connections/{connection_id}", "delete"): {"204", "401", "403", "404"},
+        ("/v1/connections/{connection_id}/proxy-tokens", "post"): {
+            "201",
+            "401",
+            "403",
+            "404",
+            "422",
+        },
     }
     for (path, method), statuses in expected.items():
         operation = paths[path][method]
@@ -33,10 +40,18 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
         operation = paths["/pinterest/{path}"][method]
         assert operation["operationId"] == f"proxy_{method}"
         assert [p["name"] for p in operation["parameters"]] == ["path", "Pinauth-Connection-Id"]
-        assert operation["security"] == [{"apiKey": []}, {}]  # an API key, or the cookie
-        assert {"200", "400", "401", "413", "502", "503", "504"} <= set(operation["responses"])
+        # An API key or proxy token (both bearer), or the cookie.
+        assert operation["security"] == [{"apiKey": []}, {"sessionCookie": []}]
+        assert {"200", "400", "401", "403", "413", "502", "503", "504"} <= set(
+            operation["responses"]
+        )
     boards = paths["/boards"]["get"]
-    assert {p["name"] for p in boards["parameters"]} == {"page_size", "bookmark", "all"}
+    assert {p["name"] for p in boards["parameters"]} == {
+        "page_size",
+        "bookmark",
+        "all",
+        "Pinauth-Connection-Id",
+    }
     me = paths["/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert me == {"$ref": "#/components/schemas/MeResponse"}
     assert set(spec["components"]["schemas"]["MeResponse"]["properties"]) == {

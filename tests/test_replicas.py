@@ -33,8 +33,10 @@ from tests.helpers import (
     token_json,
 )
 
-pytestmark = pytest.mark.skipif(
-    not POSTGRES_ADMIN_URL, reason="replicas need PostgreSQL (PINAUTH_TEST_POSTGRES_URL)"
+# Most of these exercise PostgreSQL itself (advisory locks, row locks, its MVCC under
+# storms); the proxy-token storm runs on SQLite too (two processes on one file).
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_ADMIN_URL, reason="needs PostgreSQL (PINAUTH_TEST_POSTGRES_URL)"
 )
 
 SANDBOX = SandboxConfig()
@@ -99,6 +101,7 @@ async def storm(browser: httpx.AsyncClient, urls: tuple[str, str], count: int) -
     return [response.status_code for response in await asyncio.gather(*calls)]
 
 
+@needs_postgres
 async def test_two_replicas_share_logins_and_refresh_exactly_once(
     deployment: dict[str, object],
 ) -> None:
@@ -148,6 +151,7 @@ async def test_two_replicas_share_logins_and_refresh_exactly_once(
         assert live["active"] is True
 
 
+@needs_postgres
 def test_replicas_migrating_together_all_succeed(tmp_path: Path) -> None:
     """Three `pinauth migrate` at once on an empty database: the advisory lock serialises them."""
     with new_postgres_database("pinauth_migrate") as url:
@@ -166,6 +170,7 @@ def test_replicas_migrating_together_all_succeed(tmp_path: Path) -> None:
         assert [process.returncode for process in processes] == [0, 0, 0], results
 
 
+@needs_postgres
 async def test_refresh_waits_for_a_held_row_lock_only_so_long(
     database_url: str, pinterest: respx.MockRouter
 ) -> None:
@@ -191,6 +196,7 @@ async def test_refresh_waits_for_a_held_row_lock_only_so_long(
     assert token_route.call_count == 0
 
 
+@needs_postgres
 async def test_connect_sessions_and_backend_storms_span_replicas(
     deployment: dict[str, object],
 ) -> None:
@@ -209,7 +215,12 @@ async def test_connect_sessions_and_backend_storms_span_replicas(
     ):
         minted = await backend.post(f"{a}/v1/connect-sessions", json={"end_user_id": "u-9"})
         token = minted.json()["token"]
-        login = await browser.get(f"{b}/auth/login", params={"connect_session": token})
+        # Through the load balancer in front of both, which passes the public Host on.
+        login = await browser.get(
+            f"{b}/auth/login",
+            params={"connect_session": token},
+            headers={"Host": urlsplit(a).netloc},
+        )
         assert login.status_code == 302
         params = parse_qs(urlsplit(login.headers["location"]).query)
         fields = {k: v[0] for k, v in params.items() if k != "response_type"}
@@ -231,3 +242,52 @@ async def test_connect_sessions_and_backend_storms_span_replicas(
         statuses = [response.status_code for response in await asyncio.gather(*calls)]
         assert statuses == [200] * 100
         assert await refreshes(sandbox) - before == 1
+
+
+async def test_proxy_token_storm_over_two_replicas_refreshes_once(
+    deployment: dict[str, object],
+) -> None:
+    """Guards the one-refresh rule for proxy-token callers (issue 11), on SQLite and
+    PostgreSQL: with the access token expired, 100 concurrent calls carrying proxy
+    tokens (one minted on each replica), spread over both replicas and both proxy routes,
+    all succeed on exactly one token request, and the stored refresh token is live."""
+    a, b = str(deployment["a"]), str(deployment["b"])
+    settings = make_settings(str(deployment["database_url"]))
+    key = await create_api_key(settings)
+    limits = httpx.Limits(max_connections=100)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=60) as caller,
+        httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {key}"}) as backend,
+        httpx.AsyncClient(timeout=60) as browser,
+        httpx.AsyncClient(base_url=str(deployment["sandbox"])) as sandbox,
+    ):
+        login = await browser.get(f"{a}/auth/login")
+        params = parse_qs(urlsplit(login.headers["location"]).query)
+        fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+        decision = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
+        callback = urlsplit(decision.headers["location"]).query
+        assert (await browser.get(f"{b}/auth/callback?{callback}")).status_code == 303
+        connection_id = (await browser.get(f"{a}/me")).json()["connection_id"]
+        tokens = []
+        for replica in (a, b):
+            minted = await backend.post(f"{replica}/v1/connections/{connection_id}/proxy-tokens")
+            assert minted.status_code == 201, minted.text
+            tokens.append(minted.json()["token"])
+
+        await sandbox.post("/_sandbox/expire-access-tokens")
+        before = await refreshes(sandbox)
+        calls = [
+            caller.get(
+                f"{(a, b)[i % 2]}{('/pinterest/boards', '/boards')[i // 2 % 2]}",
+                headers={"Authorization": f"Bearer {tokens[i // 4 % 2]}"},
+            )
+            for i in range(100)
+        ]
+        responses = await asyncio.gather(*calls)
+        assert [r.status_code for r in responses] == [200] * 100, responses[0].text
+        assert await refreshes(sandbox) - before == 1
+
+        database_url, encryption_key = str(deployment["database_url"]), str(deployment["key"])
+        stored = await stored_refresh_token(database_url, encryption_key)
+        live = (await sandbox.post("/_sandbox/introspect", json={"token": stored})).json()
+        assert live == {"active": True, "token_type": "refresh_token"}

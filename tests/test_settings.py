@@ -74,3 +74,28 @@ def test_encryption_keys_rotate() -> None:
     assert TokenCipher([new_key]).decrypt(fresh) == "pina_new"  # new ones use the first key
     with pytest.raises(TokenDecryptionError):
         TokenCipher([new_key]).decrypt(stored)
+
+
+def test_keeper_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PINAUTH_KEEPER", "PINAUTH_KEEPER_INTERVAL", "PINAUTH_KEEPALIVE_DAYS"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings(_env_file=None)
+    assert (defaults.keeper, defaults.keeper_interval_seconds, defaults.keepalive_days) == (
+        True,
+        600,
+        14,
+    )
+    monkeypatch.setenv("PINAUTH_KEEPER", "false")
+    monkeypatch.setenv("PINAUTH_KEEPER_INTERVAL", "1")
+    monkeypatch.setenv("PINAUTH_KEEPALIVE_DAYS", "59")
+    settings = Settings(_env_file=None)
+    assert (settings.keeper, settings.keeper_interval_seconds, settings.keepalive_days) == (
+        False,
+        1,
+        59,
+    )
+    for name, value in (("PINAUTH_KEEPALIVE_DAYS", "60"), ("PINAUTH_KEEPER_INTERVAL", "0.5")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match="PINAUTH_KEEP"):
+            Settings(_env_file=None)
+        monkeypatch.setenv(name, "1")

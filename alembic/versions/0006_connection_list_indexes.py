@@ -1,7 +1,7 @@
 """Connections listed by end user and status stay an index range scan at any size.
 
 Revision ID: 0006
-Revises: 0005
+Revises: 0008
 Create Date: 2026-11-29
 
 `GET /v1/connections?end_user_id=…&status=…` has both columns as equalities. With
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0005"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

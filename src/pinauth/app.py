@@ -25,6 +25,8 @@ from pinauth.api import me as me_routes
 from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api import v1 as v1_routes
+from pinauth.api import webhook_events as webhook_event_routes
+from pinauth.api.demo_backend import demo_backend_router
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
@@ -35,10 +37,13 @@ from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.demo import SANDBOX_PREFIX
+from pinauth.demo import SANDBOX_PREFIX, DemoReceiver
+from pinauth.demobackend import DemoBackend
 from pinauth.errors import DatabaseUnavailable, PinauthError
+from pinauth.frontend import CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS
 from pinauth.governor import RateGovernor
 from pinauth.housekeeping import ExpiredRowPurger
+from pinauth.keeper import Keeper
 from pinauth.migrations import schema_head
 from pinauth.observability import Metrics, RequestContextMiddleware
 from pinauth.outage import OutageTracker
@@ -52,6 +57,7 @@ from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import WebhookDispatcher, WebhookEvents, create_webhook_client
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +73,23 @@ def create_app(
     sandbox: SandboxConfig | None = None,
     clock: Callable[[], float] = time.monotonic,
     shutdown: Shutdown | None = None,
+    demo_backend_url: str | None = None,
 ) -> FastAPI:
     """Build the service.
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
     mounts the built-in Pinterest sandbox at /sandbox (demo mode); `clock` is the
     rate governor's monotonic clock (tests move it instead of waiting); `shutdown` is
-    flagged by the server when it starts shutting down (see shutdown.py).
+    flagged by the server when it starts shutting down (see shutdown.py);
+    `demo_backend_url`, where pinauth reaches itself, adds the demo page's backend
+    panel (demo mode; see demobackend.py).
     """
     settings.validate_for_serving()
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
     metrics = Metrics()
     outage = OutageTracker()
     head = schema_head()
+    demo_backend = DemoBackend(demo_backend_url) if demo_backend_url else None
 
     @asynccontextmanager
     async def lifespan(served: FastAPI) -> AsyncIterator[State]:
@@ -114,16 +124,37 @@ def create_app(
             proxy_tokens=ProxyTokenService(
                 sessionmaker, cache, connections, settings.cache_ttl_seconds
             ),
+            webhook_events=WebhookEvents(sessionmaker, CursorCodec(cipher)),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
+        keeper = None
+        if settings.keeper:
+            keeper = Keeper(settings, sessionmaker, tokens, metrics)
+            served.state.keeper = keeper
+            keeper.start()
+        dispatcher = None
+        if settings.webhook_url:
+            webhook_http = create_webhook_client(settings)
+            dispatcher = WebhookDispatcher(settings, sessionmaker, webhook_http, metrics=metrics)
+            served.state.webhook_dispatcher = dispatcher
+            dispatcher.start()
         try:
+            if demo_backend is not None:
+                await demo_backend.start(api_keys)
             yield {"services": services}
         finally:
+            if demo_backend is not None:
+                await demo_backend.aclose()
+            if keeper is not None:
+                await keeper.stop()
             await purger.stop()
+            if dispatcher is not None:
+                await dispatcher.stop()
+                await webhook_http.aclose()
             # Token calls in flight and unsaved tokens first: they need both the HTTP
             # client and the database, and are the only copy of a user's refresh token.
             await tokens.aclose()
@@ -159,7 +190,8 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_credentials=True,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Content-Type", "Accept", "Accept-Language"],
+            allow_headers=CORS_ALLOWED_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
         )
     # Outermost: every response gets a request id, is counted, and is logged once.
     app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
@@ -167,14 +199,20 @@ def create_app(
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
     app.include_router(v1_routes.router)
+    app.include_router(webhook_event_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(demo_routes.router)
+    if demo_backend is not None:
+        app.include_router(demo_backend_router(demo_backend))
     app.include_router(
         docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
     )
+    docs_routes.install_openapi(app)
     app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
+        app.state.demo_receiver = DemoReceiver(settings)
+        app.include_router(demo_routes.receiver_router)
     # The proxy's APIRoutes define and document the operation; ProxyFastPath serves the
     # same endpoint ahead of the router, and they would answer if it stepped aside.
     app.router.routes[0:0] = pinterest_routes.router.routes

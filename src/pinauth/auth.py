@@ -8,7 +8,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from cachetools import LRUCache
 from itsdangerous import BadSignature, SignatureExpired
@@ -27,7 +27,8 @@ from pinauth.errors import (
     InvalidRequest,
     InvalidState,
 )
-from pinauth.models import AuthSession, Connection, LoginState
+from pinauth.frontend import PublicOrigin, with_error
+from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
 from pinauth.pinterest.api import PinterestAccount, PinterestAPI
 from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
 from pinauth.repository import (
@@ -38,6 +39,7 @@ from pinauth.repository import (
 )
 from pinauth.settings import Settings
 from pinauth.tokens import apply_token_set
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ LOGIN_STORE_ATTEMPTS = 10
 _UNSAFE_IN_PATH = re.compile(r"[\\\x00-\x1f\x7f]")
 # It rides in the signed state to Pinterest and back into a Location header.
 MAX_RETURN_TO_LENGTH = 2048
+# A state pinauth issues is a few hundred characters; longer ones are not worth decoding.
+MAX_STATE_LENGTH = 4 * MAX_RETURN_TO_LENGTH
 
 
 class _StatePayload(BaseModel):
@@ -92,14 +96,42 @@ class AuthService:
             if parts.scheme and parts.netloc:
                 origins.add(f"{parts.scheme}://{parts.netloc}")
         self._trusted_origins = frozenset(origins)
+        self.public_origin = PublicOrigin(settings)
+        # A path in return_to is the frontend's when the frontend lives elsewhere.
+        frontend = urlsplit(settings.frontend_url)
+        self._frontend_base = settings.frontend_url if frontend.scheme and frontend.netloc else None
 
     # --- return_to -------------------------------------------------------------------
 
     def safe_return_to(self, return_to: str | None) -> str:
-        """`return_to` if it stays on a trusted site, else the configured frontend URL."""
+        """`return_to` if it stays on a trusted site, else the configured frontend URL.
+
+        A path is the frontend's: resolved against PINAUTH_FRONTEND_URL when that is
+        absolute, so `return_to=/settings` lands on the frontend's /settings.
+        """
         if return_to and self.is_trusted_destination(return_to):
+            if self._frontend_base is not None and return_to.startswith("/"):
+                return urljoin(self._frontend_base, return_to)
             return return_to
         return self._settings.frontend_url
+
+    def failed_login_destination(self, state: str | None, code: str) -> str:
+        """Where a failed callback sends the browser: the login's return_to (or the
+        frontend URL), with `pinauth_error=<code>` for the frontend to show.
+
+        The state's return_to is used only if pinauth signed it, however old, and is
+        checked again: it was confined when the login started, under the settings then.
+        """
+        destination = self._settings.frontend_url
+        if state and len(state) <= MAX_STATE_LENGTH:
+            try:
+                payload = _StatePayload.model_validate(self._states.loads(state))
+            except (BadSignature, ValidationError):
+                pass
+            else:
+                if self.is_trusted_destination(payload.return_to):
+                    destination = payload.return_to
+        return with_error(destination, code)
 
     def is_trusted_destination(self, url: str) -> bool:
         if len(url) > MAX_RETURN_TO_LENGTH or _UNSAFE_IN_PATH.search(url):
@@ -256,12 +288,15 @@ class AuthService:
                 if attempt == LOGIN_STORE_ATTEMPTS - 1:
                     raise
                 continue
+            # The renewed row (a higher version) replaces a cached reauthorization_required
+            # one now, not when the cache entry expires.
+            self._cache.remember_connection(connection)
             # Forgotten after the commit, so a reload starting later cannot cache an ended
             # session again (and one already running is older than the forgetting).
             for ended in (*evicted, *([previous] if previous is not None else [])):
                 self._cache.forget_session(ended)
             return connection.public_id
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _upsert_connection(
         self,
@@ -283,7 +318,10 @@ class AuthService:
                 refresh_token_expires_at=None,
             )
             apply_token_set(connection, tokens, self._cipher)
-            return await connections.add(connection)
+            await connections.add(connection)
+            await record_event(db, EventType.CREATED, connection)
+            return connection
+        was_usable = connection.status is ConnectionStatus.ACTIVE
         connection.username = account.username
         # A new login's refresh token replaces the old one even if Pinterest sent none.
         connection.refresh_token_encrypted = None
@@ -292,6 +330,9 @@ class AuthService:
             connection.scopes = ",".join(self._settings.scopes)
         apply_token_set(connection, tokens, self._cipher)
         await db.flush()
+        # A connection that needed a new login and got one has recovered: the app may
+        # have told its user to reconnect, and now can stop.
+        await record_event(db, EventType.UPDATED if was_usable else EventType.RECOVERED, connection)
         return connection
 
     # --- sessions --------------------------------------------------------------------

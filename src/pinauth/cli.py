@@ -48,11 +48,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = _load_settings()
     sandbox = None
+    demo_backend_url = None
     if args.demo:
-        from pinauth.demo import demo_settings, public_base_url
+        from pinauth.demo import demo_settings, public_base_url, self_url
 
         logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
         settings, sandbox = demo_settings(settings, args.host, args.port)
+        demo_backend_url = self_url(args.host, args.port)
         log = logging.getLogger("pinauth")
         log.warning("=" * 72)
         log.warning("DEMO MODE: Pinterest is pinauth's built-in sandbox, not the real one.")
@@ -78,7 +80,9 @@ def _serve(args: argparse.Namespace) -> None:
         )
     upgrade_to_head(settings.database_url)
     shutdown = Shutdown()
-    app = create_app(settings, sandbox=sandbox, shutdown=shutdown)
+    app = create_app(
+        settings, sandbox=sandbox, shutdown=shutdown, demo_backend_url=demo_backend_url
+    )
     # Everything built so far (modules, routes, models) lives as long as the process;
     # freezing it keeps the cyclic GC from re-scanning it in every full collection,
     # which showed up as latency spikes under load (see bench/).
@@ -167,6 +171,214 @@ def _api_keys(args: argparse.Namespace) -> None:
         raise ConfigurationError(e.message) from e
 
 
+def _keeper(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.crypto import TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.keeper import Keeper
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.observability import Metrics
+    from pinauth.pinterest.http import create_http_client, create_transport
+    from pinauth.pinterest.oauth import PinterestOAuth
+    from pinauth.tokens import TokenManager
+
+    settings = _load_settings()
+    if not settings.client_id or not settings.client_secret.get_secret_value():
+        raise ConfigurationError(
+            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set: the keeper refreshes "
+            "tokens with them."
+        )
+    settings.validate_for_serving()
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    upgrade_to_head(settings.database_url)
+    log = logging.getLogger("pinauth")
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        sessionmaker = create_sessionmaker(engine)
+        metrics = Metrics()
+        http = create_http_client(settings, create_transport())
+        cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+        tokens = TokenManager(
+            settings,
+            sessionmaker,
+            PinterestOAuth(http, settings, metrics),
+            cipher,
+            ConnectionCache(settings.cache_ttl_seconds),
+            metrics,
+        )
+        keeper = Keeper(settings, sessionmaker, tokens, metrics)
+        try:
+            if args.once:
+                done = await keeper.run_once()
+                print(
+                    f"refreshed {done.refreshed}, failed {done.failed}, "
+                    f"need reauthorization {done.reauthorization_required}"
+                )
+                return
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            log.info(
+                "keeper running: every %ss, connections expiring within %d days",
+                settings.keeper_interval_seconds,
+                settings.keepalive_days,
+            )
+            keeper.start()
+            await stop.wait()
+            log.info("keeper stopping")
+            await keeper.stop()
+        finally:
+            await tokens.aclose()
+            await http.aclose()
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def _rotate_keys(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.crypto import TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.rotation import KeyRotator, fingerprint
+
+    settings = _load_settings()
+    settings.validate_for_serving()
+    logging.config.dictConfig(logging_config("warning", settings.log_format))
+    upgrade_to_head(settings.database_url)
+    keys = [key.get_secret_value() for key in settings.encryption_keys]
+    if args.batch_size < 1:
+        raise ConfigurationError("--batch-size must be at least 1")
+
+    async def run() -> int:
+        engine = create_engine(settings)
+        try:
+            rotator = KeyRotator(
+                create_sessionmaker(engine), TokenCipher(keys), batch_size=args.batch_size
+            )
+            if not args.check:
+                report = await rotator.rotate()
+                print(
+                    f"re-encrypted {report.rotated} rows under key 1 ({fingerprint(keys[0])}); "
+                    f"{report.already_current} were already; {report.retried} written "
+                    f"meanwhile were read again"
+                )
+                if report.undecryptable:
+                    print(
+                        f"{report.undecryptable} rows no configured key decrypts; "
+                        f"{report.marked} of them now need a new login"
+                    )
+                if report.gave_up:
+                    print(f"{report.gave_up} rows kept changing: run rotate-keys again")
+            usage = await rotator.check()
+            print(f"{usage.rows} connections:")
+            for index, key in enumerate(keys):
+                role = " (first: encrypts new tokens)" if index == 0 else ""
+                print(f"  key {index + 1} {fingerprint(key)}{role}: {usage.by_key.get(index, 0)}")
+            print(f"  no configured key: {usage.undecryptable}")
+            if usage.outdated:
+                print("Some rows still need a key other than the first: keep it configured.")
+                return 1
+            if len(keys) > 1:
+                print(
+                    "Only key 1 is in use: the others can be removed from PINAUTH_ENCRYPTION_KEYS."
+                )
+            return 0
+        finally:
+            await engine.dispose()
+
+    status = asyncio.run(run())
+    if args.check and status:
+        sys.exit(status)
+
+
+def _webhooks(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import WebhookEventNotFound
+    from pinauth.migrations import upgrade_to_head
+    from pinauth.models import WebhookEventStatus
+    from pinauth.webhooks import WebhookEvents
+
+    if args.action == "list" and not 1 <= args.limit <= 10_000:
+        raise ConfigurationError("--limit must be between 1 and 10000")
+    settings = _load_settings()
+    upgrade_to_head(settings.database_url)
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            events = WebhookEvents(create_sessionmaker(engine))
+            if args.action == "list":
+                status = WebhookEventStatus.FAILED if args.failed else None
+                rows, _ = await events.page(limit=args.limit, status=status)
+                print(
+                    f"{'EVENT':<34} {'TYPE':<38} {'CONNECTION':<34} {'STATUS':<10} "
+                    f"{'TRIES':>5} {'CREATED':<20} LAST ERROR"
+                )
+                for e in rows:
+                    print(
+                        f"{e.public_id:<34} {e.type:<38} {e.connection_id:<34} {e.status:<10} "
+                        f"{e.attempts:>5} {_when(e.created_at):<20} {e.last_error or ''}"
+                    )
+            else:
+                found = await events.redeliver(args.event_id)
+                print(
+                    f"Event {found.event.public_id} ({found.event.type}) is queued for delivery "
+                    "again; a running `pinauth serve` sends it within seconds."
+                )
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except WebhookEventNotFound as e:
+        raise ConfigurationError(f"{e.message} ({args.event_id!r})") from e
+
+
+def _connections(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.connections import ConnectionService
+    from pinauth.crypto import CursorCodec, TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import ConnectionNotFound
+    from pinauth.migrations import upgrade_to_head
+
+    settings = _load_settings()
+    if not settings.encryption_keys:
+        raise ConfigurationError("PINAUTH_ENCRYPTION_KEYS is missing")
+    upgrade_to_head(settings.database_url)
+    cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            service = ConnectionService(
+                create_sessionmaker(engine), ConnectionCache(0), CursorCodec(cipher)
+            )
+            await service.delete(args.connection_id)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except ConnectionNotFound as e:
+        raise ConfigurationError(f"{e.message} ({args.connection_id!r})") from e
+    print(
+        f"Deleted connection {args.connection_id}: its tokens are gone and its sessions ended "
+        "(other replicas notice within PINAUTH_CACHE_TTL)."
+    )
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
 
@@ -209,6 +421,39 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by name, at once")
     revoke.add_argument("name")
     api_keys.set_defaults(handler=_api_keys)
+
+    keeper = commands.add_parser(
+        "keeper", help="refresh connections before their refresh tokens expire (alone)"
+    )
+    keeper.add_argument("--once", action="store_true", help="one pass, then exit")
+    keeper.set_defaults(handler=_keeper)
+
+    rotate = commands.add_parser(
+        "rotate-keys", help="re-encrypt stored tokens with the first PINAUTH_ENCRYPTION_KEYS key"
+    )
+    rotate.add_argument(
+        "--check",
+        action="store_true",
+        help="only count the rows each key encrypts (exit 1 if any needs a key but the first)",
+    )
+    rotate.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
+    rotate.set_defaults(handler=_rotate_keys)
+    webhooks = commands.add_parser("webhooks", help="list webhook events, redeliver one")
+    webhook_actions = webhooks.add_subparsers(dest="action", required=True)
+    listing = webhook_actions.add_parser("list", help="the newest events, newest first")
+    listing.add_argument("--failed", action="store_true", help="only events that gave up")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    redeliver = webhook_actions.add_parser("redeliver", help="send an event again, now")
+    redeliver.add_argument("event_id", metavar="EVENT_ID")
+    webhooks.set_defaults(handler=_webhooks)
+
+    connections = commands.add_parser("connections", help="delete a connection")
+    connection_actions = connections.add_subparsers(dest="action", required=True)
+    delete = connection_actions.add_parser(
+        "delete", help="delete its tokens and end its sessions (reports connection.deleted)"
+    )
+    delete.add_argument("connection_id", metavar="CONNECTION_ID")
+    connections.set_defaults(handler=_connections)
     return parser
 
 

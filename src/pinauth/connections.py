@@ -11,6 +11,7 @@ from pinauth.crypto import CursorCodec
 from pinauth.errors import ConnectionNotFound, UnprocessableRequest
 from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
 from pinauth.repository import ConnectionRepository
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class ConnectionService:
             if stored is None:
                 raise ConnectionNotFound()
             await connections.delete(stored)
+            await record_event(db, EventType.DELETED, stored)
         # After the commit, so that a load or refresh that read the row before the delete
         # is older than the forgetting; the tombstone stops it caching the row again.
         self._cache.forget_connection(public_id)

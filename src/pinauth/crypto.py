@@ -22,7 +22,8 @@ class TokenCipher:
         if not keys:
             raise ConfigurationError("at least one encryption key is required")
         try:
-            self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+            self._keys = [Fernet(key.encode()) for key in keys]
+            self._fernet = MultiFernet(self._keys)
         except (ValueError, TypeError) as e:
             raise ConfigurationError(
                 "PINAUTH_ENCRYPTION_KEYS must be comma-separated Fernet keys "
@@ -37,6 +38,32 @@ class TokenCipher:
             return self._fernet.decrypt(ciphertext.encode("ascii")).decode()
         except InvalidToken as e:
             raise TokenDecryptionError("no configured key decrypts this token") from e
+
+    def rotate(self, ciphertext: str) -> str:
+        """The same plaintext under the first key (its original timestamp kept)."""
+        try:
+            return self._fernet.rotate(ciphertext.encode("ascii")).decode("ascii")
+        except InvalidToken as e:
+            raise TokenDecryptionError("no configured key decrypts this token") from e
+
+    def key_index(self, ciphertext: str) -> int | None:
+        """Which configured key (0 = the first) decrypts `ciphertext`; None if none does.
+
+        Fernet tokens do not name their key, so each is tried in turn: for rotation and its
+        check only, never on a request.
+        """
+        token = ciphertext.encode("ascii")
+        for index, key in enumerate(self._keys):
+            try:
+                key.decrypt(token)
+            except InvalidToken:
+                continue
+            return index
+        return None
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
 
 
 def digest(value: str) -> str:

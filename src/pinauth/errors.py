@@ -8,7 +8,10 @@ renders them, so routers and services just raise.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pinauth.models import Connection
 
 
 class ConfigurationError(Exception):
@@ -19,6 +22,8 @@ class PinauthError(Exception):
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "Something went wrong inside pinauth."
+    # Whether responses carry Retry-After (documented in /docs; test_openapi_errors checks).
+    sends_retry_after: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -113,6 +118,17 @@ class ReauthorizationRequired(PinauthError):
         super().__init__(message, extra={"login_url": login_url})
 
 
+class UndecryptableToken(ReauthorizationRequired):
+    """No configured key decrypts the connection's access token.
+
+    Carries the row so the token manager can mark it reauthorization_required (once).
+    """
+
+    def __init__(self, login_url: str, connection: Connection) -> None:
+        super().__init__(login_url)
+        self.connection = connection
+
+
 class UpstreamError(PinauthError):
     status_code = 502
     code = "upstream_error"
@@ -123,6 +139,7 @@ class UpstreamUnavailable(UpstreamError):
     """Pinterest (or the lock guarding a refresh) is busy; the client should retry later."""
 
     status_code = 503
+    sends_retry_after = True
     default_message = "Pinterest is temporarily unavailable; retry later."
 
     def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
@@ -184,6 +201,7 @@ class DatabaseUnavailable(PinauthError):
     """The database cannot be reached or refuses work; nothing about the request is wrong."""
 
     status_code = 503
+    sends_retry_after = True
     code = "database_unavailable"
     default_message = "pinauth's database is unavailable at the moment; retry later."
 
@@ -195,6 +213,7 @@ class ShuttingDown(PinauthError):
     """The process stopped before this request finished (its shutdown timeout ran out)."""
 
     status_code = 503
+    sends_retry_after = True
     code = "shutting_down"
     default_message = (
         "pinauth was shutting down and stopped this request before it finished; retry it "
@@ -241,3 +260,9 @@ class ProxyTokenConnectionMismatch(PinauthError):
         "Pinauth-Connection-Id header names another; drop the header or use that "
         "connection's own proxy token."
     )
+
+
+class WebhookEventNotFound(PinauthError):
+    status_code = 404
+    code = "webhook_event_not_found"
+    default_message = "No webhook event has that id."

@@ -1,4 +1,4 @@
-"""Housekeeping: a background task that deletes expired sessions and pending logins.
+"""Housekeeping: a background task that deletes expired sessions, logins and proxy tokens.
 
 Expired rows are already refused wherever they are read; deleting them keeps the
 tables (and their indexes) the size of what is live. Every replica runs the task;
@@ -11,15 +11,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.errors import DatabaseUnavailable
-from pinauth.repository import LoginStateRepository, ProxyTokenRepository, SessionRepository
+from pinauth.repository import (
+    LoginStateRepository,
+    ProxyTokenRepository,
+    SessionRepository,
+    WebhookEventRepository,
+)
 
 log = logging.getLogger(__name__)
+
+WEBHOOK_RETENTION = timedelta(days=30)
 
 
 def utc_now() -> datetime:
@@ -31,6 +38,7 @@ class Purged:
     sessions: int
     login_states: int
     proxy_tokens: int = 0
+    webhook_events: int = 0
 
 
 class ExpiredRowPurger:
@@ -59,7 +67,15 @@ class ExpiredRowPurger:
             sessions = await SessionRepository(db).delete_expired(now)
             login_states = await LoginStateRepository(db).delete_expired(now)
             proxy_tokens = await ProxyTokenRepository(db).delete_expired(now)
-        return Purged(sessions=sessions, login_states=login_states, proxy_tokens=proxy_tokens)
+            # The outbox is history once nothing can retry an event: kept this long for
+            # `pinauth webhooks list` and /v1/webhook-events, then gone.
+            events = await WebhookEventRepository(db).delete_retired(now - WEBHOOK_RETENTION)
+        return Purged(
+            sessions=sessions,
+            login_states=login_states,
+            proxy_tokens=proxy_tokens,
+            webhook_events=events,
+        )
 
     @property
     def running(self) -> bool:
@@ -92,11 +108,14 @@ class ExpiredRowPurger:
                     "purging expired rows failed; next try in %ss", self._interval, exc_info=True
                 )
             else:
-                if purged.sessions or purged.login_states:
+                if any(astuple(purged)):
                     log.info(
-                        "purged %d expired sessions and %d expired pending logins",
+                        "purged %d expired sessions, %d expired pending logins, "
+                        "%d expired proxy tokens and %d retired webhook events",
                         purged.sessions,
                         purged.login_states,
+                        purged.proxy_tokens,
+                        purged.webhook_events,
                     )
             self.passes += 1
             self.first_pass_done.set()

@@ -98,6 +98,10 @@ class Connection(Base):
         # Both filters at once (SQLite, without statistics, would otherwise walk the
         # status index across every connection in that status).
         Index("ix_connections_end_user_id_status_id", "end_user_id", "status", "id"),
+        # The keeper's query: active connections by refresh-token expiry.
+        Index(
+            "ix_connections_status_refresh_token_expires_at", "status", "refresh_token_expires_at"
+        ),
         # SQLite would otherwise hand a deleted row's id to the next insert; nothing keyed
         # by the old id may ever resolve to a new user's row.
         {"sqlite_autoincrement": True},
@@ -138,6 +142,13 @@ class Connection(Base):
     # version or for the lease to run out. Changing it does not bump `version`.
     refresh_lease_owner: Mapped[str | None] = mapped_column(String(32))
     refresh_lease_until: Mapped[datetime | None]
+    # The keeper's schedule (see keeper.py): not before this moment may a keeper take the
+    # connection (its claim, its jittered due time, or its back-off), and its failures in
+    # a row. Like the lease, changing them does not bump `version`.
+    keeper_not_before: Mapped[datetime | None]
+    keeper_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The refresh-token expiry a `connection.expiring` event went out for (one per token).
+    keeper_expiring_for: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -172,6 +183,8 @@ class ConnectionSummary:
     last_refreshed_at: datetime | None
     access_token_expires_at: datetime
     refresh_token_expires_at: datetime | None
+    # For the keeper's next_refresh_at, which the listing shows.
+    keeper_not_before: datetime | None
 
     @property
     def scope_list(self) -> list[str]:
@@ -251,3 +264,82 @@ class ProxyToken(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
     connection: Mapped[Connection] = relationship()
+
+
+class WebhookEventStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+EVENT_ID_PREFIX = "evt_"
+
+
+def new_event_id() -> str:
+    return new_public_id(EVENT_ID_PREFIX)
+
+
+class WebhookEvent(Base):
+    """The webhook outbox: a lifecycle event, written in the transaction of its change.
+
+    The body is stored exactly as it will be sent and signed, so every delivery attempt
+    (and a redelivery years later) carries the same bytes.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        # The dispatcher's scan: what is due, oldest first.
+        Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),
+        # Per-connection order: is an older event of this connection still pending?
+        Index("ix_webhook_events_connection_id_id", "connection_id", "id"),
+        # The purge of events past their retention.
+        Index("ix_webhook_events_retry_until", "retry_until"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True, default=new_event_id)
+    type: Mapped[str] = mapped_column(String(64))
+    # The connection's public id, not a foreign key: the event outlives a deleted row.
+    connection_id: Mapped[str] = mapped_column(String(40))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[WebhookEventStatus] = mapped_column(
+        Enum(
+            WebhookEventStatus,
+            name="status",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda statuses: [s.value for s in statuses],
+        ),
+        default=WebhookEventStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    # Retries stop here (24 hours after the event, or after a redelivery was asked for).
+    retry_until: Mapped[datetime]
+    # A committed claim by one dispatcher (any replica) on the next delivery attempt; it
+    # runs out by itself if that process dies mid-delivery, and the event goes again.
+    lease_owner: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(255))
+
+
+class WebhookAttempt(Base):
+    """One delivery attempt of an event: when, how long, and what came back."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime]
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    # The receiver's status code; None when none came (connection error, timeout).
+    response_code: Mapped[int | None] = mapped_column(Integer)
+    # delivered, retry or failed: what this attempt decided.
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(255))

@@ -23,7 +23,8 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Label values come from fixed sets, so no client can mint new series: a method outside
 # this set (any token is a valid HTTP method) is counted as `other`.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-access_log = logging.getLogger("pinauth.access")
+ACCESS_LOGGER = "pinauth.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class Metrics:
@@ -77,6 +78,15 @@ class Metrics:
             ["category", "status"],
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "pinauth_webhook_deliveries",
+            "Webhook delivery attempts, by what they came to: delivered, retry (to be tried "
+            "again) or failed (given up).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("delivered", "retry", "failed"):
+            self.webhook_deliveries.labels(outcome)
         self.connections = Gauge(
             "pinauth_connections",
             "Stored Pinterest connections, by status (read at scrape time).",

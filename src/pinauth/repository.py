@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import aliased, joinedload
 
 from pinauth.models import (
     ApiKey,
@@ -20,6 +20,9 @@ from pinauth.models import (
     ConnectSession,
     LoginState,
     ProxyToken,
+    WebhookAttempt,
+    WebhookEvent,
+    WebhookEventStatus,
 )
 
 # Lease and token writes go through Core: an ORM UPDATE would bump `version` for the
@@ -373,3 +376,220 @@ class ProxyTokenRepository:
     async def delete_expired(self, now: datetime) -> int:
         result = await self._db.execute(delete(ProxyToken).where(ProxyToken.expires_at <= now))
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class KeeperRepository:
+    """The keeper's queries (keeper.py). None of them bumps a row's version."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def claim_due(
+        self, now: datetime, horizon: datetime, claim_until: datetime, limit: int
+    ) -> list[Connection]:
+        """Claim up to `limit` active connections whose refresh token expires by `horizon`
+        and that no keeper holds or has put off; the soonest to expire first.
+
+        One UPDATE, so it is atomic on every backend. SKIP LOCKED (PostgreSQL) lets keepers
+        on other replicas claim other rows instead of queueing behind these; a row another
+        keeper claimed meanwhile fails the re-checked WHERE.
+        """
+        c = _connections.c
+        free = or_(c.keeper_not_before.is_(None), c.keeper_not_before <= now)
+        due = (
+            select(c.id)
+            .where(
+                c.status == ConnectionStatus.ACTIVE,
+                c.refresh_token_expires_at.is_not(None),
+                c.refresh_token_expires_at <= horizon,
+                free,
+            )
+            .order_by(c.refresh_token_expires_at, c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed = (
+            await self._db.execute(
+                update(_connections)
+                .where(c.id.in_(due.scalar_subquery()), free)
+                .values(keeper_not_before=claim_until)
+                .returning(c.id)
+            )
+        ).scalars()
+        ids = list(claimed)
+        if not ids:
+            return []
+        stmt = select(Connection).where(Connection.id.in_(ids))
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def schedule(self, public_id: str, not_before: datetime | None, **values: Any) -> None:
+        """Put the connection off until `not_before` (None: until it is due again)."""
+        await self._db.execute(
+            update(_connections)
+            .where(_connections.c.public_id == public_id)
+            .values(keeper_not_before=not_before, **values)
+        )
+
+    async def soonest(self, limit: int) -> list[Connection]:
+        """The active connections whose refresh tokens expire first."""
+        stmt = (
+            select(Connection)
+            .where(
+                Connection.status == ConnectionStatus.ACTIVE,
+                Connection.refresh_token_expires_at.is_not(None),
+            )
+            .order_by(Connection.refresh_token_expires_at)
+            .limit(limit)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
+
+class SecretRepository:
+    """Key rotation's queries (rotation.py): the encrypted columns, page by page."""
+
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    _COLUMNS = (
+        _connections.c.id,
+        _connections.c.public_id,
+        _connections.c.version,
+        _connections.c.status,
+        _connections.c.access_token_encrypted,
+        _connections.c.refresh_token_encrypted,
+    )
+
+    async def page(self, after: int, limit: int) -> list[Any]:
+        c = _connections.c
+        stmt = select(*self._COLUMNS).where(c.id > after).order_by(c.id).limit(limit)
+        return list((await self._db.execute(stmt)).all())
+
+    async def by_public_ids(self, public_ids: list[str]) -> list[Any]:
+        stmt = select(*self._COLUMNS).where(_connections.c.public_id.in_(public_ids))
+        return list((await self._db.execute(stmt)).all())
+
+    async def reencrypt(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+        """Write re-encrypted ciphertexts if the row is still at `version`.
+
+        The version is compared but not bumped: the tokens are the same, so a refresh that
+        started from this version must still be able to store its answer over it.
+        """
+        c = _connections.c
+        result = await self._db.execute(
+            update(_connections)
+            .where(c.public_id == public_id, c.version == version)
+            .values(values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class WebhookEventRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, event: WebhookEvent) -> WebhookEvent:
+        self._db.add(event)
+        await self._db.flush()
+        return event
+
+    async def claim_due(
+        self, now: datetime, owner: str, until: datetime, limit: int
+    ) -> list[WebhookEvent]:
+        """Lease up to `limit` due events to `owner`, each the oldest pending one of its
+        connection (so one connection's events go out in order), and return them.
+
+        SKIP LOCKED (PostgreSQL): replicas scanning together each take what no other is
+        taking instead of queueing; the UPDATE's WHERE re-checks the lease, so an event
+        is leased to one dispatcher at a time on every backend.
+        """
+        e = WebhookEvent
+        older = aliased(WebhookEvent)
+        blocked = (
+            select(older.id)
+            .where(
+                older.connection_id == e.connection_id,
+                older.status == WebhookEventStatus.PENDING,
+                older.id < e.id,
+            )
+            .exists()
+        )
+        free = or_(e.lease_until.is_(None), e.lease_until < now)
+        due = (
+            select(e.id)
+            .where(e.status == WebhookEventStatus.PENDING, e.next_attempt_at <= now, free, ~blocked)
+            .order_by(e.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = list((await self._db.execute(due)).scalars())
+        if not ids:
+            return []
+        await self._db.execute(
+            update(e)
+            .where(e.id.in_(ids), e.status == WebhookEventStatus.PENDING, free)
+            .values(lease_owner=owner, lease_until=until)
+            .execution_options(synchronize_session=False)
+        )
+        claimed = select(e).where(e.id.in_(ids), e.lease_owner == owner).order_by(e.id)
+        return list((await self._db.execute(claimed)).scalars())
+
+    async def finish_attempt(
+        self, event_id: int, owner: str, values: dict[str, Any], attempt: WebhookAttempt
+    ) -> None:
+        """Record an attempt and its outcome on the event, and let the lease go."""
+        self._db.add(attempt)
+        await self._db.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id, WebhookEvent.lease_owner == owner)
+            .values(
+                {**values, "attempts": WebhookEvent.attempts + 1, "lease_owner": None}
+                | {"lease_until": None}
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await self._db.flush()
+
+    async def get(self, public_id: str) -> WebhookEvent | None:
+        stmt = select(WebhookEvent).where(WebhookEvent.public_id == public_id)
+        return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def attempts(self, event_id: int) -> list[WebhookAttempt]:
+        stmt = (
+            select(WebhookAttempt)
+            .where(WebhookAttempt.event_id == event_id)
+            .order_by(WebhookAttempt.id)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def page(
+        self, *, limit: int, before: int | None = None, status: WebhookEventStatus | None = None
+    ) -> list[WebhookEvent]:
+        """Up to `limit` events, newest first, older than the key `before`."""
+        stmt = select(WebhookEvent).order_by(WebhookEvent.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(WebhookEvent.status == status)
+        if before is not None:
+            stmt = stmt.where(WebhookEvent.id < before)
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def delete_retired(self, before: datetime) -> int:
+        """Delete events (and their attempts) that could last be retried before `before`."""
+        result = await self._db.execute(
+            delete(WebhookEvent).where(WebhookEvent.retry_until < before)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def redeliver(self, public_id: str, now: datetime, retry_until: datetime) -> bool:
+        """Make the event due now, with a fresh retry window; False if there is none."""
+        result = await self._db.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.public_id == public_id)
+            .values(
+                status=WebhookEventStatus.PENDING,
+                next_attempt_at=now,
+                retry_until=retry_until,
+                last_error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     )
     frontend_url: str = Field("/", validation_alias="PINAUTH_FRONTEND_URL")
     cors_origins: CommaList = Field([], validation_alias="PINAUTH_CORS_ORIGINS")
+    # GET / serves the demo page (a working frontend with a "Create board" form) only
+    # when asked to; `pinauth serve --demo` does. Otherwise / is a JSON index.
+    demo_page: bool = Field(False, validation_alias="PINAUTH_DEMO_PAGE")
+    # Redirect a browser that reaches / or /auth/login by another host name to the
+    # redirect URI's, so the login cookie and the callback share one origin. Off only
+    # for a reverse proxy that cannot pass the public Host header on.
+    canonical_redirect: bool = Field(True, validation_alias="PINAUTH_CANONICAL_REDIRECT")
 
     session_max_age_seconds: int = Field(
         30 * 24 * 3600, gt=0, validation_alias="PINAUTH_SESSION_MAX_AGE"
@@ -115,6 +122,14 @@ class Settings(BaseSettings):
     max_pending_logins: int = Field(10_000, ge=1, validation_alias="PINAUTH_MAX_PENDING_LOGINS")
     # How often each process deletes expired sessions and pending logins.
     purge_interval_seconds: float = Field(600.0, gt=0, validation_alias="PINAUTH_PURGE_INTERVAL")
+    # The keeper (keeper.py): a background task of `pinauth serve` (or `pinauth keeper`)
+    # that refreshes connections whose refresh token expires within PINAUTH_KEEPALIVE_DAYS,
+    # waking every PINAUTH_KEEPER_INTERVAL seconds, at most PINAUTH_KEEPER_CONCURRENCY
+    # refreshes at a time per process. Refresh tokens live 60 days.
+    keeper: bool = Field(True, validation_alias="PINAUTH_KEEPER")
+    keeper_interval_seconds: float = Field(600.0, ge=1, validation_alias="PINAUTH_KEEPER_INTERVAL")
+    keepalive_days: int = Field(14, validation_alias="PINAUTH_KEEPALIVE_DAYS")
+    keeper_concurrency: int = Field(4, ge=1, le=100, validation_alias="PINAUTH_KEEPER_CONCURRENCY")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
     boards_max_pages: int = Field(20, ge=1, le=1000, validation_alias="PINAUTH_BOARDS_MAX_PAGES")
     log_level: str = Field("info", validation_alias="PINAUTH_LOG_LEVEL")
@@ -129,18 +144,39 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field("", validation_alias="PINAUTH_FORWARDED_ALLOW_IPS")
     # FastAPI's native OpenTelemetry hooks; they cost an environment lookup per request.
     opentelemetry: bool = Field(False, validation_alias="PINAUTH_OPENTELEMETRY")
+    # Lifecycle webhooks (webhooks.py): where events are POSTed, and the secrets that sign
+    # them, comma-separated; the first signs, all are listed while a secret is rotated.
+    webhook_url: str = Field("", validation_alias="PINAUTH_WEBHOOK_URL")
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        [], validation_alias="PINAUTH_WEBHOOK_SECRETS"
+    )
+    # One delivery attempt, connecting and waiting for the answer's status line included;
+    # a slower receiver counts as down and is retried later.
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, validation_alias="PINAUTH_WEBHOOK_TIMEOUT"
+    )
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("encryption_keys", mode="before")
+    @field_validator("encryption_keys", "webhook_secrets", mode="before")
     @classmethod
     def _comma_separated_secrets(cls, value: object) -> object:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         return _split_commas(value)
+
+    @field_validator("keepalive_days")
+    @classmethod
+    def _within_refresh_token_life(cls, days: int) -> int:
+        if not 1 <= days <= 59:
+            raise ValueError(
+                f"{days} is outside 1-59: refresh tokens live 60 days, so the keeper must "
+                "refresh at least a day before they expire"
+            )
+        return days
 
     @field_validator("cors_origins")
     @classmethod
@@ -153,6 +189,32 @@ class Settings(BaseSettings):
                     "with no path or trailing slash"
                 )
         return origins
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str) -> str:
+        url = url.strip()
+        if not url:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{url!r} is not an http(s) URL; webhooks are POSTed to an absolute "
+                "http:// or https:// address"
+            )
+        return url
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+        for position, secret in enumerate(secrets, start=1):
+            if len(secret.get_secret_value()) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(
+                    f"secret #{position} is shorter than {MIN_SECRET_KEY_LENGTH} characters; "
+                    "generate one with: "
+                    'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+                )
+        return secrets
 
     @field_validator("scopes")
     @classmethod
@@ -213,6 +275,11 @@ class Settings(BaseSettings):
                 "PINAUTH_ENCRYPTION_KEYS is missing: tokens are encrypted at rest with it. "
                 "Generate a key with: python -c "
                 '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+            )
+        if self.webhook_url and not self.webhook_secrets:
+            problems.append(
+                "PINAUTH_WEBHOOK_URL is set but PINAUTH_WEBHOOK_SECRETS is not: every webhook "
+                f"is signed. Set at least one secret of {MIN_SECRET_KEY_LENGTH}+ characters."
             )
         if problems:
             raise ConfigurationError("\n".join(problems))

@@ -31,6 +31,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -47,6 +48,7 @@ from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
     ReauthorizationRequired,
+    UndecryptableToken,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -56,6 +58,7 @@ from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +120,12 @@ class TokenManager:
         cipher: TokenCipher,
         cache: ConnectionCache,
         metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        # What times the cooldown after a failed token call (tests move it instead of waiting).
+        self._clock = clock
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._oauth = oauth
@@ -157,7 +164,7 @@ class TokenManager:
                 token = self._cipher.decrypt(connection.access_token_encrypted)
             except TokenDecryptionError:
                 # The key that encrypted it was removed from PINAUTH_ENCRYPTION_KEYS.
-                raise self.reauthorization_required() from None
+                raise UndecryptableToken(self._settings.login_url, connection) from None
             self._cache.remember_access_token(connection, token)
         return Credential(connection, token)
 
@@ -174,17 +181,22 @@ class TokenManager:
             # Tokens that live shorter than the margin would otherwise be "expiring" from
             # the moment they are issued, and every call would refresh again.
             margin = min(margin, lifetime / 2)
-        if connection.access_token_expires_at - now > margin:
-            return self.credential(connection)
+        # A try costs nothing until something is raised: the hot path stays as it was.
         try:
-            return self.credential(await self.refresh(connection))
-        except UpstreamUnavailable:
-            if connection.access_token_expires_at > now:
-                log.warning(
-                    "using connection %s's current token until refresh recovers",
-                    connection.public_id,
-                )
+            if connection.access_token_expires_at - now > margin:
                 return self.credential(connection)
+            try:
+                return self.credential(await self.refresh(connection))
+            except UpstreamUnavailable:
+                if connection.access_token_expires_at > now:
+                    log.warning(
+                        "using connection %s's current token until refresh recovers",
+                        connection.public_id,
+                    )
+                    return self.credential(connection)
+                raise
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
             raise
 
     async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
@@ -196,7 +208,11 @@ class TokenManager:
         is not fresh, and a caller it fails for comes back here with it.
         """
         connection, refreshed = await self._refresh(rejected.connection)
-        return self.credential(connection), refreshed
+        try:
+            return self.credential(connection), refreshed
+        except UndecryptableToken as e:
+            await self._mark_undecryptable(e.connection)
+            raise
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -206,6 +222,11 @@ class TokenManager:
         """
         connection, _ = await self._refresh(seen)
         return connection
+
+    async def refresh_reporting(self, seen: Connection) -> tuple[Connection, bool]:
+        """`refresh`, also telling whether this very call's token request got new tokens
+        (False when it joined another caller's refresh or found the row moved on)."""
+        return await self._refresh(seen)
 
     async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
         """`refresh`, also telling whether this call got new tokens from Pinterest.
@@ -260,7 +281,7 @@ class TokenManager:
     async def _refresh_once(self, seen: Connection) -> tuple[Connection, bool]:
         """Claim the lease, call the token endpoint with no transaction open, store."""
         public_id = seen.public_id
-        remaining = self._cooldown_until.get(public_id, 0.0) - time.monotonic()
+        remaining = self._cooldown_until.get(public_id, 0.0) - self._clock()
         if remaining > 0:
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
@@ -277,6 +298,10 @@ class TokenManager:
         try:
             if row.refresh_token_encrypted is None:
                 raise TokenRejected("no refresh token stored")
+            expires = row.refresh_token_expires_at
+            if expires is not None and expires <= datetime.now(UTC):
+                # Pinterest would refuse it: no call, and the same one-time report.
+                raise TokenRejected("the refresh token has expired")
             refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
             # Bounded absolutely (httpx's read timeout is per read), so the lease, which
             # is longer than this, cannot run out while the answer may still come.
@@ -291,7 +316,7 @@ class TokenManager:
             self._metrics.refreshes.labels("transient_error").inc()
             retry_after = e.retry_after if isinstance(e, UpstreamUnavailable) else 0
             cooldown = max(retry_after, TRANSIENT_FAILURE_COOLDOWN)
-            self._cooldown_until[public_id] = time.monotonic() + cooldown
+            self._cooldown_until[public_id] = self._clock() + cooldown
             await self._release_lease(public_id, owner)
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint is unavailable; retry later.", retry_after=cooldown
@@ -374,6 +399,32 @@ class TokenManager:
                 "could not release connection %s's refresh lease: %s", public_id, type(e).__name__
             )
 
+    async def _mark_undecryptable(self, connection: Connection) -> None:
+        """No configured key decrypts the row's access token: it needs a new login.
+
+        Marked, and reported, by a compare-and-swap from the active version that failed
+        to decrypt, so replicas that all find it report it once.
+        """
+        public_id = connection.public_id
+        log.warning("connection %s needs reauthorization: no key decrypts it", public_id)
+        try:
+            async with self._sessionmaker() as db, db.begin():
+                repository = ConnectionRepository(db)
+                marked = await repository.replace_version(
+                    public_id,
+                    connection.version,
+                    {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED},
+                )
+                current = await repository.get(public_id)
+                if marked and current is not None:
+                    await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+        except DATABASE_DOWN as e:
+            # The next call that meets the row tries again; the caller gets its 401 now.
+            log.warning("could not mark connection %s: %s", public_id, type(e).__name__)
+            return
+        if current is not None:
+            self._cache.remember_connection(current)
+
     async def _mark_rejected(self, row: Connection, version: int) -> tuple[Connection, bool]:
         """Pinterest refused the refresh token: the row needs a new login, unless it has
         moved on meanwhile (a late write of this very token's successor, or a login)."""
@@ -383,7 +434,12 @@ class TokenManager:
             marked = await repository.replace_version(
                 public_id, version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
             )
-            current = row if marked else await repository.get(public_id)
+            current = await repository.get(public_id)
+            if marked and current is not None:
+                # The compare-and-swap from the one active version this refresh claimed
+                # is what makes this the only report of it.
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+            current = row if marked else current
         if current is None:
             raise NotAuthenticated("This Pinterest connection no longer exists.")
         if marked:
@@ -442,9 +498,20 @@ class TokenManager:
 
     async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
         async with self._sessionmaker() as db, db.begin():
-            return await ConnectionRepository(db).replace_version(
+            repository = ConnectionRepository(db)
+            if await repository.replace_version(public_id, version, values):
+                return True
+            # Versions only grow: if the row is not at `version` now, it never will be,
+            # so a match here is the rejection this answer overrides.
+            if not await repository.replace_version(
                 public_id, version, values, over_rejection=True
-            )
+            ):
+                return False
+            # The connection was reported as needing a new login; it works again.
+            current = await repository.get(public_id)
+            if current is not None:
+                await record_event(db, EventType.RECOVERED, current)
+            return True
 
     async def _write_until_stored(
         self, row: Connection, version: int, values: dict[str, Any]

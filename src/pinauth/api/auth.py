@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Cookie, Query, Response, status
+from fastapi import APIRouter, Cookie, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from pinauth.api.deps import (
@@ -15,11 +16,33 @@ from pinauth.api.deps import (
     SessionCookie,
     TrustedOrigin,
 )
-from pinauth.api.schemas import RefreshResponse, error_responses
-from pinauth.errors import NotConfigured
+from pinauth.api.schemas import COOKIE_SECURITY, RefreshResponse, error_responses
+from pinauth.errors import (
+    AccessDenied,
+    AuthorizationFailed,
+    ConnectionNotFound,
+    DatabaseUnavailable,
+    ForbiddenOrigin,
+    InvalidConnectSession,
+    InvalidRequest,
+    InvalidState,
+    NotAuthenticated,
+    NotConfigured,
+    PinauthError,
+    ProxyTokenNotAllowed,
+    ReauthorizationRequired,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from pinauth.frontend import wants_json
 from pinauth.settings import Settings
 
 router = APIRouter(prefix="/auth", tags=["auth"])
+log = logging.getLogger(__name__)
+
+# The callback answers a browser and an API client differently (see wants_json).
+_VARY_ACCEPT = {"Vary": "Accept"}
 
 
 def _set_cookie(
@@ -49,10 +72,11 @@ def _clear_cookie(response: Response, settings: Settings, name: str) -> None:
     response_class=RedirectResponse,
     responses={
         302: {"description": "Redirect to Pinterest's consent page."},
-        **error_responses(400, 503),
+        **error_responses(InvalidConnectSession, NotConfigured, DatabaseUnavailable),
     },
 )
 async def login(
+    request: Request,
     services: ServicesDep,
     return_to: Annotated[
         str | None,
@@ -70,6 +94,10 @@ async def login(
     ] = None,
 ) -> RedirectResponse:
     """Start a Pinterest login: redirect the browser to Pinterest's consent page."""
+    # Before anything else: the login cookie must be set on the origin of the callback.
+    moved = services.auth.public_origin.redirect(request)
+    if moved is not None:
+        return moved
     settings = services.settings
     if not settings.client_id or not settings.client_secret.get_secret_value():
         raise NotConfigured()
@@ -84,11 +112,25 @@ async def login(
     status_code=status.HTTP_303_SEE_OTHER,
     response_class=RedirectResponse,
     responses={
-        303: {"description": "Logged in; redirect to the frontend with a session cookie."},
-        **error_responses(400, 403, 502, 503, 504),
+        303: {
+            "description": "Logged in: redirect to return_to with a session cookie. Failed: "
+            "redirect to return_to (or PINAUTH_FRONTEND_URL) with `?pinauth_error=<code>`; "
+            "the errors below are answered as JSON only to `Accept: application/json`."
+        },
+        **error_responses(
+            InvalidState,
+            InvalidRequest,
+            AuthorizationFailed,
+            AccessDenied,
+            UpstreamError,
+            UpstreamUnavailable,
+            UpstreamTimeout,
+            DatabaseUnavailable,
+        ),
     },
 )
 async def callback(
+    request: Request,
     services: ServicesDep,
     session_cookie: SessionCookie = None,
     login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE, include_in_schema=False)] = None,
@@ -96,16 +138,39 @@ async def callback(
     state: str | None = None,
     error: str | None = None,
 ) -> RedirectResponse:
-    """Finish a Pinterest login: verify state, exchange the code, start a session."""
-    result = await services.auth.complete_login(
-        code=code,
-        state=state,
-        error=error,
-        nonce=login_cookie,
-        previous_session_cookie=session_cookie,
-    )
+    """Finish a Pinterest login: verify state, exchange the code, start a session.
+
+    Any failure sends the browser back to the frontend with `?pinauth_error=<code>`,
+    unless the request asks for JSON (`Accept: application/json`).
+    """
+    try:
+        result = await services.auth.complete_login(
+            code=code,
+            state=state,
+            error=error,
+            nonce=login_cookie,
+            previous_session_cookie=session_cookie,
+        )
+    except Exception as e:
+        if wants_json(request.headers):
+            raise
+        reason = e.code if isinstance(e, PinauthError) else PinauthError.code
+        if isinstance(e, PinauthError):
+            # The code only: messages can quote the callback's query.
+            log.info("login callback failed: %s", reason)
+        else:
+            log.error("login callback failed", exc_info=e)
+        # A browser on pinauth's callback URL looking at JSON is stuck; its frontend
+        # can say what happened and offer to try again.
+        return RedirectResponse(
+            services.auth.failed_login_destination(state, reason),
+            status_code=status.HTTP_303_SEE_OTHER,
+            headers=_VARY_ACCEPT,
+        )
     settings = services.settings
-    response = RedirectResponse(result.redirect_to, status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse(
+        result.redirect_to, status_code=status.HTTP_303_SEE_OTHER, headers=_VARY_ACCEPT
+    )
     _set_cookie(
         response, settings, SESSION_COOKIE, result.session_cookie, settings.session_max_age_seconds
     )
@@ -116,7 +181,15 @@ async def callback(
 @router.post(
     "/refresh",
     response_model=RefreshResponse,
-    responses=error_responses(401, 403, 503),
+    responses=error_responses(
+        NotAuthenticated,
+        ProxyTokenNotAllowed,
+        ReauthorizationRequired,
+        ForbiddenOrigin,
+        UpstreamUnavailable,
+        DatabaseUnavailable,
+    ),
+    openapi_extra=COOKIE_SECURITY,
 )
 async def refresh(services: ServicesDep, connection: CurrentConnection) -> RefreshResponse:
     """Refresh the session's Pinterest tokens now; returns the new expiry times."""
@@ -131,7 +204,9 @@ async def refresh(services: ServicesDep, connection: CurrentConnection) -> Refre
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[TrustedOrigin],
-    responses=error_responses(403),
+    responses=error_responses(ForbiddenOrigin, ProxyTokenNotAllowed, DatabaseUnavailable),
+    # The cookie is optional: without one there is nothing to end.
+    openapi_extra={"security": [{"sessionCookie": []}, {}]},
 )
 async def logout(services: ServicesDep, session_cookie: SessionCookie = None) -> Response:
     """End this browser's session; the Pinterest connection stays stored."""
@@ -144,7 +219,14 @@ async def logout(services: ServicesDep, session_cookie: SessionCookie = None) ->
 @router.delete(
     "/connection",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(401, 403),
+    responses=error_responses(
+        NotAuthenticated,
+        ProxyTokenNotAllowed,
+        ForbiddenOrigin,
+        ConnectionNotFound,
+        DatabaseUnavailable,
+    ),
+    openapi_extra=COOKIE_SECURITY,
 )
 async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Response:
     """Disconnect Pinterest: delete the stored tokens and end every session using them."""

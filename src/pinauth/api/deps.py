@@ -27,6 +27,7 @@ from pinauth.proxy import ProxyService
 from pinauth.proxytokens import ProxyTokenService, looks_like_proxy_token
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
+from pinauth.webhooks import WebhookEvents
 
 SESSION_COOKIE = "pinauth_session"
 LOGIN_COOKIE = "pinauth_login"
@@ -48,6 +49,7 @@ class Services:
     metrics: Metrics
     schema_head: str
     proxy_tokens: ProxyTokenService
+    webhook_events: WebhookEvents
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs plain `def`

@@ -5,12 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from pinauth.api.deps import CurrentConnection
-from pinauth.api.schemas import MeResponse, error_responses
+from pinauth.api.schemas import COOKIE_SECURITY, MeResponse, error_responses
+from pinauth.errors import DatabaseUnavailable, NotAuthenticated, ProxyTokenNotAllowed
 
 router = APIRouter(tags=["account"])
 
 
-@router.get("/me", response_model=MeResponse, responses=error_responses(401))
+@router.get(
+    "/me",
+    response_model=MeResponse,
+    responses=error_responses(NotAuthenticated, ProxyTokenNotAllowed, DatabaseUnavailable),
+    openapi_extra=COOKIE_SECURITY,
+)
 async def me(connection: CurrentConnection) -> MeResponse:
     """The Pinterest account connected to this session."""
     return MeResponse(

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from pinauth.api.deps import ServicesDep
 from pinauth.api.schemas import error_responses
-from pinauth.errors import NotAuthenticated, NotReady
+from pinauth.errors import DatabaseUnavailable, NotAuthenticated, NotReady
 from pinauth.models import ConnectionStatus
 from pinauth.repository import ConnectionRepository, SchemaRepository
 
@@ -23,13 +23,13 @@ class Health(BaseModel):
     status: str
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, responses=error_responses())
 async def healthz() -> Health:
     """Liveness: the process is up and serving (no I/O)."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses=error_responses(503))
+@router.get("/readyz", response_model=Health, responses=error_responses(NotReady))
 async def readyz(services: ServicesDep) -> Health:
     """Readiness: the database answers and its schema is at the version this code expects."""
     try:
@@ -48,7 +48,10 @@ async def readyz(services: ServicesDep) -> Health:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401)},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}},
+        **error_responses(NotAuthenticated, DatabaseUnavailable),
+    },
 )
 async def metrics(
     services: ServicesDep, authorization: Annotated[str | None, Header()] = None

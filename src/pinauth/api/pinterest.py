@@ -15,14 +15,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth.api.deps import Services, ServicesDep, get_acting_connection
 from pinauth.api.responses import client_disconnected_response, error_response
-from pinauth.api.schemas import BoardsPage, error_responses
+from pinauth.api.schemas import API_KEY_OR_COOKIE, BoardsPage, error_responses
 from pinauth.errors import (
+    ConnectionIdRequired,
     ConnectionNotFound,
     DatabaseUnavailable,
+    ForbiddenOrigin,
+    InvalidApiKey,
+    InvalidProxyToken,
     NotAuthenticated,
     PayloadTooLarge,
     PinauthError,
+    ProxyTokenConnectionMismatch,
     ReauthorizationRequired,
+    UnprocessableRequest,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from pinauth.models import Connection
 from pinauth.outage import OutageTracker
@@ -130,10 +139,65 @@ _CONNECTION_ID_PARAMETER = {
     "in": "header",
     "required": False,
     "schema": {"type": "string"},
-    "description": "With an API key: the connection to act for. Browsers send none.",
+    "description": "With an API key: the connection to act for. Browsers send none; with a "
+    "proxy token it may only name the token's own connection (else 403).",
 }
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+# Errors of every call made for a connection (proxy and /boards).
+_CALL_ERRORS: tuple[type[PinauthError], ...] = (
+    InvalidApiKey,
+    InvalidProxyToken,
+    ProxyTokenConnectionMismatch,
+    ConnectionIdRequired,
+    NotAuthenticated,
+    ReauthorizationRequired,
+    ConnectionNotFound,
+    UpstreamError,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    DatabaseUnavailable,
+)
+# Statuses Pinterest itself answers with its {code, message} body, relayed unchanged; 429
+# may also come from pinauth holding calls back on Pinterest's behalf (governor.py).
+_PINTEREST_ERRORS = (400, 401, 403, 404, 409, 429)
+_PINTEREST_DEFAULT: dict[int | str, dict[str, Any]] = {
+    "default": {
+        "description": "Any other status Pinterest answers, passed through unchanged.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PinterestErrorResponse"}}
+        },
+    }
+}
+_PROXY_BODY = {
+    "required": False,
+    "description": "Passed to Pinterest unchanged (at most PINAUTH_MAX_BODY_BYTES).",
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "additionalProperties": True},
+            "example": {"name": "Recipes", "privacy": "PUBLIC"},
+        }
+    },
+}
+_PROXY_SUCCESS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Pinterest's response, passed through unchanged."},
+    201: {"description": "Pinterest created something; its response, passed through."},
+    204: {"description": "Pinterest's empty success (deletions), passed through."},
+}
+
+
+def _proxy_errors(method: str) -> dict[int | str, dict[str, Any]]:
+    # Origin is checked only on methods that can change something (deps.SAFE_METHODS).
+    origin = () if method == "GET" else (ForbiddenOrigin,)
+    return error_responses(
+        *_CALL_ERRORS,
+        *origin,
+        InvalidPath,
+        PayloadTooLarge,
+        pinterest=_PINTEREST_ERRORS,
+    )
+
 
 # One route per method, so each gets its own OpenAPI operation.
 for _method in PROXY_METHODS:
@@ -146,13 +210,11 @@ for _method in PROXY_METHODS:
         summary=f"{_method} a Pinterest v5 endpoint",
         openapi_extra={
             "parameters": [_PATH_PARAMETER, _CONNECTION_ID_PARAMETER],
-            # A browser's session cookie, or the app backend's API key.
-            "security": [{"apiKey": []}, {}],
+            # A browser's session cookie, or the app backend's API key or proxy token.
+            "security": API_KEY_OR_COOKIE,
+            **({"requestBody": _PROXY_BODY} if _method in ("POST", "PUT", "PATCH") else {}),
         },
-        responses={
-            200: {"description": "Pinterest's response, passed through unchanged."},
-            **error_responses(400, 401, 413, 502, 503, 504),
-        },
+        responses={**_PROXY_SUCCESS, **_proxy_errors(_method), **_PINTEREST_DEFAULT},
     )
 
 
@@ -170,7 +232,11 @@ def proxy_route(method: str) -> BaseRoute:
     response_model=BoardsPage,
     responses={
         200: {"description": "The user's boards, as Pinterest lists them."},
-        **error_responses(401, 502, 503, 504),
+        **error_responses(*_CALL_ERRORS, UnprocessableRequest, pinterest=_PINTEREST_ERRORS),
+    },
+    openapi_extra={
+        "parameters": [_CONNECTION_ID_PARAMETER],
+        "security": API_KEY_OR_COOKIE,
     },
 )
 async def boards(

@@ -17,14 +17,29 @@ from pinauth.api.schemas import (
     ProxyTokenResponse,
     error_responses,
 )
-from pinauth.errors import UnprocessableRequest
+from pinauth.errors import (
+    ConnectionNotFound,
+    DatabaseUnavailable,
+    InvalidApiKey,
+    PinauthError,
+    ProxyTokenNotAllowed,
+    UnprocessableRequest,
+)
+from pinauth.keeper import next_refresh_at
 from pinauth.models import ConnectionStatus
 
 router = APIRouter(
     prefix="/v1",
     tags=["backend"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
+)
+
+# What every route here can answer (not router-level `responses`: a route's own entry for
+# a status would replace the router's, dropping its examples).
+BACKEND_ERRORS: tuple[type[PinauthError], ...] = (
+    InvalidApiKey,
+    ProxyTokenNotAllowed,
+    DatabaseUnavailable,
 )
 
 ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
@@ -34,7 +49,7 @@ ConnectionId = Annotated[str, Path(max_length=64, description="The connection's 
     "/connect-sessions",
     status_code=status.HTTP_201_CREATED,
     response_model=ConnectSessionResponse,
-    responses=error_responses(422),
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
 )
 async def create_connect_session(
     services: ServicesDep, body: ConnectSessionRequest
@@ -51,7 +66,11 @@ async def create_connect_session(
     )
 
 
-@router.get("/connections", response_model=ConnectionPage, responses=error_responses(422))
+@router.get(
+    "/connections",
+    response_model=ConnectionPage,
+    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+)
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
@@ -63,23 +82,29 @@ async def list_connections(
     rows, next_cursor = await services.connections.page(
         limit=limit, cursor=cursor, end_user_id=end_user_id, status=connection_status
     )
-    return ConnectionPage(items=[ConnectionObject.of(c) for c in rows], next_cursor=next_cursor)
+    items = [
+        ConnectionObject.of(c, next_refresh_at=next_refresh_at(c, services.settings)) for c in rows
+    ]
+    return ConnectionPage(items=items, next_cursor=next_cursor)
 
 
 @router.get(
     "/connections/{connection_id}",
     response_model=ConnectionObject,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def get_connection(services: ServicesDep, connection_id: ConnectionId) -> ConnectionObject:
     """One connection (never its tokens)."""
-    return ConnectionObject.of(await services.connections.read(connection_id))
+    connection = await services.connections.read(connection_id)
+    return ConnectionObject.of(
+        connection, next_refresh_at=next_refresh_at(connection, services.settings)
+    )
 
 
 @router.delete(
     "/connections/{connection_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(404),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def delete_connection(services: ServicesDep, connection_id: ConnectionId) -> Response:
     """Delete the connection's tokens and end its browser sessions."""
@@ -91,7 +116,7 @@ async def delete_connection(services: ServicesDep, connection_id: ConnectionId) 
     "/connections/{connection_id}/proxy-tokens",
     status_code=status.HTTP_201_CREATED,
     response_model=ProxyTokenResponse,
-    responses=error_responses(403, 404, 422),
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
 )
 async def create_proxy_token(
     services: ServicesDep,

@@ -20,6 +20,13 @@ RELAYED_RESPONSE_HEADERS = frozenset({b"content-type", b"link", b"retry-after", 
 # Pinterest's rate-limit headers (x-ratelimit-*, and x-userendpoint-ratelimit-* on the
 # per-user, per-endpoint limits).
 RELAYED_RESPONSE_HEADER_PREFIXES = (b"x-ratelimit-", b"x-userendpoint-ratelimit-")
+# The names Pinterest documents under those prefixes, for CORS's Expose-Headers, which
+# takes names, not patterns.
+EXPOSED_RATE_LIMIT_HEADERS = tuple(
+    f"{prefix}{field}"
+    for prefix in ("X-RateLimit-", "X-Userendpoint-Ratelimit-")
+    for field in ("Limit", "Remaining", "Reset")
+)
 
 # RFC 9110 field-value characters, less obs-text (bytes >= 0x80, obsolete): a value
 # with anything else (control characters, UTF-8 that some stacks decode and others

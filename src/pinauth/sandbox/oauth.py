@@ -19,7 +19,7 @@ from pinauth.sandbox.state import V5_SCOPES, SandboxConfig, SandboxState, StateH
 
 def oauth_router(holder: StateHolder) -> APIRouter:
     router = APIRouter()
-    policy = page_policy(holder.config.redirect_uris)
+    policy = page_policy((*holder.config.redirect_uris, *holder.config.landing_origins))
 
     def current() -> SandboxState:
         return holder.state

@@ -53,6 +53,9 @@ class SandboxConfig:
     client_id: str = "1484000"
     client_secret: str = "sandbox-client-secret"
     redirect_uris: tuple[str, ...] = ("http://localhost:8000/auth/callback",)
+    # Where the callback may send the browser on (the app's frontend): the consent form's
+    # form-action covers every redirect after its submission, as Chromium enforces it.
+    landing_origins: tuple[str, ...] = ()
     # The account the consent page approves for by default, and the others it offers, so
     # several accounts can be linked, tested and demoed.
     username: str = "sandbox_pinner"

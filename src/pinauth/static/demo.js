@@ -125,6 +125,28 @@ async function start() {
   }
 }
 
+function eventItem(event) {
+  const li = document.createElement("li");
+  const type = document.createElement("code");
+  type.textContent = event.type;
+  const who = event.connection.username || event.connection.id;
+  li.append(type, ` ${who} (${event.connection.id}) at ${new Date(event.created_at).toLocaleTimeString()}`);
+  return li;
+}
+
+// The demo's receiver exists in demo mode only; elsewhere the section stays hidden.
+async function pollWebhooks() {
+  try {
+    const received = await call("GET", "/demo/webhook-events");
+    $("webhooks").hidden = false;
+    $("webhook-events").replaceChildren(...received.items.map(eventItem));
+    $("no-webhook-events").hidden = received.items.length > 0;
+  } catch (error) {
+    if (error.status === 404) return;
+  }
+  setTimeout(pollWebhooks, 2000);
+}
+
 function busy(button, work) {
   return async (event) => {
     event.preventDefault();
@@ -133,7 +155,148 @@ function busy(button, work) {
   };
 }
 
+// --- The backend panel (demo mode only) -------------------------------------------
+// The demo also plays the app's backend: /demo/backend/* run pinauth.client against
+// pinauth with an API key and answer with every HTTP exchange they made.
+
+function exchangeItem(exchange) {
+  const li = document.createElement("li");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  const status = document.createElement("span");
+  status.className = exchange.status < 400 ? "status-ok" : "status-error";
+  status.textContent = String(exchange.status);
+  summary.append(`${exchange.method} ${exchange.url} → `, status);
+  const request = document.createElement("pre");
+  request.textContent = [
+    `${exchange.method} ${exchange.url}`,
+    ...Object.entries(exchange.request_headers).map(([k, v]) => `${k}: ${v}`),
+    ...(exchange.request_body ? ["", exchange.request_body] : []),
+  ].join("\n");
+  const response = document.createElement("pre");
+  response.textContent = [
+    `HTTP ${exchange.status}`,
+    ...Object.entries(exchange.response_headers).map(([k, v]) => `${k}: ${v}`),
+    ...(exchange.response_body ? ["", exchange.response_body] : []),
+  ].join("\n");
+  details.append(summary, request, response);
+  li.append(details);
+  return li;
+}
+
+function showExchanges(exchanges) {
+  for (const exchange of exchanges || []) $("backend-exchanges").prepend(exchangeItem(exchange));
+}
+
+// One step of the backend: its exchanges are shown whether it worked or not.
+async function backendStep(method, path, body) {
+  try {
+    const data = await call(method, path, body);
+    showExchanges(data.exchanges);
+    return data;
+  } catch (error) {
+    showExchanges(error.data && error.data.exchanges);
+    throw error;
+  }
+}
+
+function connectionItem(connection, checked) {
+  const li = document.createElement("li");
+  const label = document.createElement("label");
+  const radio = document.createElement("input");
+  radio.type = "radio";
+  radio.name = "connection";
+  radio.value = connection.id;
+  radio.checked = checked;
+  const text = document.createElement("span");
+  text.textContent = `${connection.username} · ${connection.status.replace("_", " ")} · ${connection.id}`;
+  label.append(radio, text);
+  li.append(label);
+  return li;
+}
+
+function endUserId() {
+  return $("backend-mint").elements.end_user_id.value.trim();
+}
+
+async function listConnections() {
+  const params = new URLSearchParams({ end_user_id: endUserId() });
+  const data = await backendStep("GET", `/demo/backend/connections?${params}`);
+  const list = $("backend-connections");
+  list.replaceChildren(...data.connections.map((c, i) => connectionItem(c, i === 0)));
+  $("backend-no-connections").hidden = data.connections.length > 0;
+}
+
+async function startBackend() {
+  try {
+    await call("GET", "/demo/backend");
+  } catch {
+    return; // not in demo mode: no backend to play
+  }
+  $("backend").hidden = false;
+  const mint = $("backend-mint");
+  const returning = new URLSearchParams(location.search).get("end_user_id");
+  if (returning) mint.elements.end_user_id.value = returning;
+  mint.addEventListener("submit", busy(mint.querySelector("button"), async () => {
+    const data = await backendStep("POST", "/demo/backend/connect-sessions",
+                                   { end_user_id: endUserId() });
+    // From our own backend, not from Pinterest; still, only ever a web address.
+    const url = new URL(data.connect_session.connect_url, location.href);
+    if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error("bad connect_url");
+    $("backend-connect-link").href = url.href;
+    $("backend-connect-expiry").textContent =
+      new Date(data.connect_session.expires_at).toLocaleTimeString();
+    $("backend-connect").hidden = false;
+  }));
+  $("backend-list").addEventListener("click", busy($("backend-list"), listConnections));
+  const pin = $("backend-pin");
+  pin.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const button = event.submitter;
+    const chosen = document.querySelector("#backend-connections input:checked");
+    if (!chosen) {
+      show("List the end user's connections and choose one first.");
+      return;
+    }
+    button.disabled = true;
+    try {
+      const data = await backendStep("POST", "/demo/backend/pins", {
+        connection_id: chosen.value,
+        title: pin.elements.title.value,
+        via: button.value,
+      });
+      const how = button.value === "proxy_token" ? "with a proxy token" : "through the server route";
+      show(`Pin “${data.pin.title}” posted ${how} (pin ${data.pin.id}).`, "info");
+    } catch (error) {
+      explain(error);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  if (returning) {
+    try { await listConnections(); } catch (error) { explain(error); }
+  }
+}
+
+// A login that failed comes back as ?pinauth_error=<code>; the rest is the frontend's.
+const LOGIN_ERRORS = {
+  access_denied: "The Pinterest account owner did not grant access.",
+  invalid_state: "This login could not be verified: it expired, was already used, or was started in another browser. Connect again.",
+  upstream_error: "Pinterest could not complete the login; try again in a moment.",
+  upstream_timeout: "Pinterest did not answer in time; try again in a moment.",
+};
+
+function reportFailedLogin() {
+  const url = new URL(location.href);
+  const code = url.searchParams.get("pinauth_error");
+  if (code === null) return;
+  show(`${LOGIN_ERRORS[code] || "The login did not complete."} (${code})`);
+  url.searchParams.delete("pinauth_error");
+  history.replaceState(null, "", url.pathname + url.search + url.hash);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  reportFailedLogin();
   $("connect").href = `${API}/auth/login?return_to=${encodeURIComponent(location.pathname)}`;
   $("refresh").addEventListener("click", busy($("refresh"), async () => {
     await call("POST", "/auth/refresh");
@@ -161,4 +324,6 @@ document.addEventListener("DOMContentLoaded", () => {
     show(`Board “${board.name}” created.`, "info");
   }));
   start();
+  startBackend();
+  pollWebhooks();
 });

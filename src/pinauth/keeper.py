@@ -1,0 +1,382 @@
+"""The keeper: refreshes connections before their refresh tokens die unused.
+
+Pinterest's refresh tokens expire 60 days after they were issued. A user who connects and
+then does not come back for two months would be logged out for good; the keeper refreshes
+every active connection whose refresh token expires within PINAUTH_KEEPALIVE_DAYS.
+
+- Every replica runs one. Keepers split the work through the database: each claims a
+  batch of due rows with one UPDATE (SKIP LOCKED on PostgreSQL) that stamps
+  `keeper_not_before`, so other keepers pass them by. A keeper that dies leaves its claim
+  to run out.
+- A refresh goes through the TokenManager, exactly as a request's would: the same
+  single-flight within the process and the same lease on the row across processes. A
+  keeper racing a request, or another keeper whose claim ran out, still makes one token
+  request per refresh token.
+- Jitter: each connection is due a fixed, pseudo-random part of a spread (a day, at most
+  half the window) before its refresh token enters the window, so connections made
+  together are refreshed apart, and stay apart.
+- Transient failures back off per connection, exponentially with jitter, in the row (so
+  every replica honours it): a token endpoint that is down sees a handful of calls per
+  connection, not one per wake-up. When fewer than EXPIRING_WARNING remain, one
+  `connection.expiring` event goes out per refresh token.
+- A refresh token already past expiry cannot be refreshed: the connection is marked
+  reauthorization_required without calling Pinterest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import Counter, Gauge
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pinauth.errors import (
+    DatabaseUnavailable,
+    NotAuthenticated,
+    PinauthError,
+    ReauthorizationRequired,
+)
+from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
+from pinauth.observability import Metrics
+from pinauth.repository import ConnectionRepository, KeeperRepository
+from pinauth.settings import Settings
+from pinauth.tokens import TokenManager
+from pinauth.webhooks import EventType, record_event
+
+log = logging.getLogger(__name__)
+
+# Connections made together are spread over this long (at most half the window).
+MAX_SPREAD = timedelta(days=1)
+# A claimed batch is the keeper's for this long; if it dies, another keeper takes over then.
+CLAIM_DURATION = timedelta(minutes=15)
+# Back-off after a transient failure: the first pause, doubled per failure up to the cap.
+BACKOFF_FIRST = timedelta(minutes=1)
+BACKOFF_MAX = timedelta(hours=6)
+# Fewer than this left on a refresh token the keeper could not refresh: tell the app.
+EXPIRING_WARNING = timedelta(days=3)
+# Rows claimed at once per keeper, per unit of concurrency.
+BATCH_PER_WORKER = 8
+# How many of the soonest-expiring rows the next-due gauge looks at.
+NEXT_DUE_SAMPLE = 50
+# Wake-ups are spread by this fraction of the interval, so replicas drift apart.
+INTERVAL_JITTER = 0.1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def jitter_fraction(public_id: str) -> float:
+    """A fixed pseudo-random number in [0, 1) per connection (its id is random)."""
+    digest = hashlib.sha256(public_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """When connections are due, from PINAUTH_KEEPALIVE_DAYS."""
+
+    window: timedelta
+    spread: timedelta
+
+    @classmethod
+    def of(cls, settings: Settings) -> Schedule:
+        window = timedelta(days=settings.keepalive_days)
+        return cls(window=window, spread=min(MAX_SPREAD, window / 2))
+
+    def due_at(self, connection: Connection | ConnectionSummary) -> datetime | None:
+        """When the keeper refreshes the connection (None: never, it cannot be refreshed).
+
+        Always at or before its refresh token enters the window: the jitter only ever
+        makes it earlier.
+        """
+        expires = connection.refresh_token_expires_at
+        if expires is None:
+            return None
+        return expires - self.window - self.spread * jitter_fraction(connection.public_id)
+
+    def next_refresh_at(self, connection: Connection | ConnectionSummary) -> datetime | None:
+        """What the API shows: the due time, or later if the keeper is backing off."""
+        if connection.status is not ConnectionStatus.ACTIVE:
+            return None
+        due = self.due_at(connection)
+        if due is None:
+            return None
+        later = connection.keeper_not_before
+        return later if later is not None and later > due else due
+
+    def horizon(self, now: datetime) -> datetime:
+        """Rows whose refresh token expires by this may be due now."""
+        return now + self.window + self.spread
+
+
+def next_refresh_at(
+    connection: Connection | ConnectionSummary, settings: Settings
+) -> datetime | None:
+    return Schedule.of(settings).next_refresh_at(connection)
+
+
+class KeeperMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.refreshes = Counter(
+            "pinauth_keeper_refreshes",
+            "Connections the keeper looked after, by outcome: refreshed, failed (transient; "
+            "retried after a back-off), reauthorization_required.",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        for outcome in ("refreshed", "failed", "reauthorization_required"):
+            self.refreshes.labels(outcome)
+        self.next_due = Gauge(
+            "pinauth_keeper_next_due_timestamp_seconds",
+            "When the next connection is due for the keeper (unix time; 0 if none is).",
+            registry=metrics.registry,
+        )
+        self.passes = Counter(
+            "pinauth_keeper_passes", "Keeper wake-ups completed.", registry=metrics.registry
+        )
+
+
+@dataclass(slots=True)
+class KeeperPass:
+    """What one pass did, for logs and tests."""
+
+    refreshed: int = 0
+    failed: int = 0
+    reauthorization_required: int = 0
+    scheduled: int = 0
+    seen: set[str] = field(default_factory=set)
+
+
+class Keeper:
+    """Refreshes due connections every `interval` seconds, until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        tokens: TokenManager,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._tokens = tokens
+        self._metrics = KeeperMetrics(metrics)
+        self._schedule = Schedule.of(settings)
+        self._interval = settings.keeper_interval_seconds
+        self._concurrency = settings.keeper_concurrency
+        self._batch = settings.keeper_concurrency * BATCH_PER_WORKER
+        self._clock = clock
+        self._random = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.passes = 0
+        # Set after each pass: what a test waits on instead of sleeping.
+        self.pass_done = asyncio.Event()
+
+    # --- running ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="pinauth-keeper")
+
+    async def stop(self) -> None:
+        """Stop after the refreshes under way: cancelling one would not cancel its token
+        call (the TokenManager owns it), only the keeper's bookkeeping of it."""
+        task, self._task = self._task, None
+        if task is not None:
+            self.request_stop()
+            await task
+
+    def request_stop(self) -> None:
+        """Start no more refreshes; `stop` then waits for those under way."""
+        self._stopping.set()
+
+    async def run_forever(self) -> None:
+        """`pinauth keeper`: run until cancelled."""
+        self.start()
+        assert self._task is not None
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            await self.stop()
+            raise
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                done = await self.run_once()
+            except DatabaseUnavailable:
+                log.info("keeper pass skipped: the database is unavailable")
+            except Exception:
+                # A database that is down or not yet migrated must not end the task.
+                log.warning("keeper pass failed; next try in %ss", self._interval, exc_info=True)
+            else:
+                if done.refreshed or done.failed or done.reauthorization_required:
+                    log.info(
+                        "keeper: %d refreshed, %d failed, %d need reauthorization",
+                        done.refreshed,
+                        done.failed,
+                        done.reauthorization_required,
+                    )
+            self.passes += 1
+            self.pass_done.set()
+            pause = self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stopping.wait()
+
+    # --- one pass --------------------------------------------------------------------
+
+    async def run_once(self) -> KeeperPass:
+        """Claim due connections batch by batch and look after each; then set the gauge."""
+        done = KeeperPass()
+        limit = asyncio.Semaphore(self._concurrency)
+        while not self._stopping.is_set():
+            now = self._clock()
+            async with self._sessionmaker() as db, db.begin():
+                batch = await KeeperRepository(db).claim_due(
+                    now, self._schedule.horizon(now), now + CLAIM_DURATION, self._batch
+                )
+            if not batch:
+                break
+            async with asyncio.TaskGroup() as group:
+                for connection in batch:
+                    group.create_task(self._guarded(connection, limit, done))
+            if len(batch) < self._batch:
+                break
+        await self._update_next_due()
+        self._metrics.passes.inc()
+        return done
+
+    async def _guarded(
+        self, connection: Connection, limit: asyncio.Semaphore, done: KeeperPass
+    ) -> None:
+        async with limit:
+            if self._stopping.is_set():
+                # Shutting down: finish the refreshes under way, start none. The rest of
+                # the batch waits for its claim to run out, then another pass takes it.
+                return
+            try:
+                await self._look_after(connection, done)
+            except (DatabaseUnavailable, DBAPIError, OSError) as e:
+                # Its claim runs out and a later pass takes it again.
+                log.warning(
+                    "keeper could not look after connection %s: %s",
+                    connection.public_id,
+                    type(e).__name__,
+                )
+
+    async def _look_after(self, connection: Connection, done: KeeperPass) -> None:
+        public_id = connection.public_id
+        done.seen.add(public_id)
+        now = self._clock()
+        due = self._schedule.due_at(connection)
+        expires = connection.refresh_token_expires_at
+        if due is None or expires is None:  # not claimable; the query excludes it
+            return
+        if expires <= now:
+            await self._expired(connection, done)
+            return
+        if due > now:
+            # Within the spread but not its turn yet: come back at its own time.
+            async with self._sessionmaker() as db, db.begin():
+                await KeeperRepository(db).schedule(public_id, due)
+            done.scheduled += 1
+            return
+        try:
+            fresh, refreshed = await self._tokens.refresh_reporting(connection)
+        except ReauthorizationRequired:
+            # The TokenManager marked the row (and recorded its event) or found it marked.
+            self._metrics.refreshes.labels("reauthorization_required").inc()
+            done.reauthorization_required += 1
+            return
+        except NotAuthenticated:
+            return  # deleted meanwhile
+        except PinauthError as e:
+            # Pinterest's token endpoint failing, or another process's refresh of the
+            # same row outlasting our wait: transient either way.
+            await self._failed(connection, now, e, done)
+            return
+        # A refresh whose answer left the token still due (Pinterest sent no new expiry)
+        # must not be repeated on every wake-up.
+        again = self._schedule.due_at(fresh)
+        not_before = None if again is None or again > now else now + BACKOFF_MAX
+        async with self._sessionmaker() as db, db.begin():
+            await KeeperRepository(db).schedule(public_id, not_before, keeper_failures=0)
+        if refreshed:
+            self._metrics.refreshes.labels("refreshed").inc()
+            done.refreshed += 1
+
+    async def _expired(self, connection: Connection, done: KeeperPass) -> None:
+        """Past expiry: no refresh can work, so none is tried. One event, by the row's
+        compare-and-swap: only the keeper (or request) that marks it records it."""
+        async with self._sessionmaker() as db, db.begin():
+            repository = ConnectionRepository(db)
+            marked = await repository.replace_version(
+                connection.public_id,
+                connection.version,
+                {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED, "keeper_not_before": None},
+            )
+            current = await repository.get(connection.public_id) if marked else None
+            if current is not None:
+                await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current)
+        if marked:
+            log.warning(
+                "connection %s's refresh token expired unused; it needs a new login",
+                connection.public_id,
+            )
+            self._metrics.refreshes.labels("reauthorization_required").inc()
+            done.reauthorization_required += 1
+
+    async def _failed(
+        self, connection: Connection, now: datetime, error: PinauthError, done: KeeperPass
+    ) -> None:
+        public_id = connection.public_id
+        failures = connection.keeper_failures + 1
+        pause = min(BACKOFF_FIRST * 2 ** min(failures - 1, 20), BACKOFF_MAX)
+        # Full pause at most, half at least: connections failing together drift apart.
+        pause *= self._random.uniform(0.5, 1.0)
+        retry_after = getattr(error, "retry_after", 0)
+        pause = max(pause, timedelta(seconds=retry_after))
+        expires = connection.refresh_token_expires_at
+        assert expires is not None
+        warn = expires - now < EXPIRING_WARNING and connection.keeper_expiring_for != expires
+        async with self._sessionmaker() as db, db.begin():
+            repository = KeeperRepository(db)
+            values: dict[str, object] = {"keeper_failures": failures}
+            if warn:
+                values["keeper_expiring_for"] = expires
+            await repository.schedule(public_id, now + pause, **values)
+            if warn:
+                await record_event(db, EventType.EXPIRING, connection)
+        log.warning(
+            "keeper could not refresh connection %s (%s, %d in a row); next try in %ds",
+            public_id,
+            type(error).__name__,
+            failures,
+            pause.total_seconds(),
+        )
+        self._metrics.refreshes.labels("failed").inc()
+        done.failed += 1
+
+    async def _update_next_due(self) -> None:
+        async with self._sessionmaker() as db:
+            soonest = await KeeperRepository(db).soonest(NEXT_DUE_SAMPLE)
+        times = [t for c in soonest if (t := self._schedule.next_refresh_at(c)) is not None]
+        self._metrics.next_due.set(min(times).timestamp() if times else 0)

@@ -1,0 +1,159 @@
+"""The demo's backend half over HTTP: /demo/backend/* and the exchanges they report."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pinauth.apikeys import ApiKeyService
+from pinauth.db import create_engine, create_sessionmaker
+from tests.helpers import ServedWithSandbox, consent_in_sandbox, pinauth_with_sandbox
+
+
+@pytest.fixture
+async def served(database_url: str) -> AsyncIterator[ServedWithSandbox]:
+    async with pinauth_with_sandbox(database_url, demo_backend=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def page(served: ServedWithSandbox) -> AsyncIterator[httpx.AsyncClient]:
+    """The demo page's fetch() calls: same origin, so its Origin on writes is pinauth's."""
+    async with httpx.AsyncClient(base_url=served.base, headers={"Origin": served.base}) as client:
+        yield client
+
+
+def assert_no_pinterest_token(body: str) -> None:
+    assert "pina_" not in body
+    assert "pinr_" not in body
+
+
+def exchanges_of(response: httpx.Response) -> list[dict[str, Any]]:
+    assert_no_pinterest_token(response.text)
+    found: list[dict[str, Any]] = response.json()["exchanges"]
+    return found
+
+
+async def test_the_panel_connects_lists_and_posts_both_ways(
+    served: ServedWithSandbox, page: httpx.AsyncClient
+) -> None:
+    about = await page.get("/demo/backend")
+    assert about.json() == {"pinauth_url": served.base}
+
+    minted = await page.post("/demo/backend/connect-sessions", json={"end_user_id": "user_7"})
+    assert minted.status_code == 201, minted.text
+    [mint] = exchanges_of(minted)
+    assert (mint["method"], mint["url"], mint["status"]) == (
+        "POST",
+        f"{served.base}/v1/connect-sessions",
+        201,
+    )
+    assert mint["request_headers"]["authorization"].startswith("Bearer pinauth_sk_")
+    assert '"end_user_id": "user_7"' in mint["request_body"]
+    connect_url = minted.json()["connect_session"]["connect_url"]
+    assert connect_url in mint["response_body"]
+
+    async with httpx.AsyncClient(base_url=served.base) as browser:
+        landed = await consent_in_sandbox(browser, connect_url)
+    assert landed.headers["location"] == "/?end_user_id=user_7#backend"
+
+    listed = await page.get("/demo/backend/connections", params={"end_user_id": "user_7"})
+    assert listed.status_code == 200, listed.text
+    [connection] = listed.json()["connections"]
+    [listing] = exchanges_of(listed)
+    assert listing["url"] == f"{served.base}/v1/connections?limit=100&end_user_id=user_7"
+
+    by_key = await page.post(
+        "/demo/backend/pins",
+        json={"connection_id": connection["id"], "title": "By key", "via": "api_key"},
+    )
+    assert by_key.status_code == 201, by_key.text
+    assert by_key.json()["pin"]["title"] == "By key"
+    boards, pin = exchanges_of(by_key)
+    assert boards["url"] == f"{served.base}/pinterest/boards?page_size=1"
+    assert pin["url"] == f"{served.base}/pinterest/pins"
+    assert pin["status"] == 201
+    for call in (boards, pin):
+        assert call["request_headers"]["pinauth-connection-id"] == connection["id"]
+        assert call["request_headers"]["authorization"].startswith("Bearer pinauth_sk_")
+
+    by_token = await page.post(
+        "/demo/backend/pins",
+        json={"connection_id": connection["id"], "title": "By token", "via": "proxy_token"},
+    )
+    assert by_token.status_code == 201, by_token.text
+    mint_token, boards, pin = exchanges_of(by_token)
+    assert mint_token["url"] == f"{served.base}/v1/connections/{connection['id']}/proxy-tokens"
+    assert mint_token["status"] == 201
+    assert mint_token["request_headers"]["authorization"].startswith("Bearer pinauth_sk_")
+    for call in (boards, pin):
+        assert call["request_headers"]["authorization"].startswith("Bearer pinauth_pt_")
+        assert "pinauth-connection-id" not in call["request_headers"]
+    assert (pin["status"], by_token.json()["pin"]["title"]) == (201, "By token")
+
+
+async def test_failures_come_back_with_the_exchanges_that_failed(
+    page: httpx.AsyncClient,
+) -> None:
+    refused = await page.post("/demo/backend/connect-sessions", json={"end_user_id": ""})
+    assert refused.status_code == 422
+    assert refused.json()["error"] == "invalid_request"
+    [exchange] = exchanges_of(refused)
+    assert exchange["status"] == 422
+
+    missing = await page.post(
+        "/demo/backend/pins", json={"connection_id": "conn_nobody", "via": "proxy_token"}
+    )
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "connection_not_found"
+    [exchange] = exchanges_of(missing)
+    assert exchange["url"].endswith("/v1/connections/conn_nobody/proxy-tokens")
+
+    bad = await page.post("/demo/backend/pins", json={"connection_id": "c", "via": "cookie"})
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/demo/backend/connect-sessions", {"end_user_id": "victim"}),
+        ("POST", "/demo/backend/pins", {"connection_id": "conn_x", "via": "api_key"}),
+        ("GET", "/demo/backend/connections?end_user_id=victim", None),
+    ],
+)
+async def test_another_site_cannot_drive_the_demo_backend(
+    served: ServedWithSandbox, method: str, path: str, body: dict[str, str] | None
+) -> None:
+    """Guards the Origin check on the panel's routes: they act with an API key."""
+    async with httpx.AsyncClient(
+        base_url=served.base, headers={"Origin": "http://evil.example"}
+    ) as attacker:
+        response = await attacker.request(method, path, json=body)
+    assert response.status_code == 403
+    assert response.json()["error"] == "forbidden_origin"
+
+
+async def test_the_panel_exists_only_in_demo_mode_and_its_key_dies_with_it(
+    database_url: str,
+) -> None:
+    async with pinauth_with_sandbox(database_url) as plain, httpx.AsyncClient() as http:
+        assert (await http.get(f"{plain.base}/demo/backend")).status_code == 404
+
+    async with pinauth_with_sandbox(database_url, demo_backend=True) as demo:
+        engine = create_engine(demo.settings)
+        try:
+            keys = ApiKeyService(create_sessionmaker(engine), 0)
+            [key] = [k for k in await keys.list() if k.name.startswith("demo-backend-")]
+            assert key.revoked_at is None
+        finally:
+            await engine.dispose()
+    engine = create_engine(demo.settings)
+    try:
+        [key] = await ApiKeyService(create_sessionmaker(engine), 0).list()
+        assert key.revoked_at is not None
+    finally:
+        await engine.dispose()

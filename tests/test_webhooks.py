@@ -1,0 +1,974 @@
+"""Lifecycle webhooks (issue 13): the outbox, its events, signing and delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import itertools
+import json
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import respx
+import uvicorn
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pinauth.app import create_app
+from pinauth.cli import main
+from pinauth.db import create_engine, create_sessionmaker
+from pinauth.demo import demo_settings
+from pinauth.errors import ConfigurationError
+from pinauth.housekeeping import ExpiredRowPurger
+from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.observability import Metrics
+from pinauth.repository import WebhookEventRepository
+from pinauth.settings import Settings
+from pinauth.webhooks import (
+    WebhookDispatcher,
+    create_webhook_client,
+    record_event,
+    verify,
+)
+from tests.helpers import (
+    ACCESS_1,
+    ACCESS_2,
+    ALL_TOKENS,
+    API,
+    REFRESH_1,
+    REFRESH_2,
+    SERVICE,
+    TOKEN_URL,
+    USER_ACCOUNT,
+    allow_token_writes,
+    browsers,
+    connect_end_user,
+    create_api_key,
+    expire_refresh_leases,
+    free_port,
+    log_in,
+    make_settings,
+    refuse_token_writes,
+    run_client,
+    token_json,
+)
+
+SECRET_A = "whsec-" + "a" * 40
+SECRET_B = "whsec-" + "b" * 40
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def a_connection(**overrides: object) -> Connection:
+    values: dict[str, object] = {
+        "pinterest_user_id": "549755885175",
+        "username": "ada_pins",
+        "scopes": "boards:read,pins:read",
+        "access_token_encrypted": "encrypted-" + ALL_TOKENS[0],
+        "refresh_token_encrypted": "encrypted-" + ALL_TOKENS[1],
+        "access_token_expires_at": NOW + timedelta(days=30),
+        "refresh_token_expires_at": NOW + timedelta(days=60),
+        "end_user_id": "user_42",
+    } | overrides
+    return Connection(**values)
+
+
+async def outbox(settings: Settings) -> list[WebhookEvent]:
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as db:
+            stmt = select(WebhookEvent).order_by(WebhookEvent.id)
+            return list((await db.execute(stmt)).scalars())
+    finally:
+        await engine.dispose()
+
+
+# --- the outbox API ---------------------------------------------------------------
+
+
+async def test_record_event_commits_with_the_callers_transaction(settings: Settings) -> None:
+    """The row exists when the caller commits, and not when it rolls back."""
+    engine = create_engine(settings)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        async with sessionmaker() as db, db.begin():
+            connection = a_connection()
+            db.add(connection)
+            await db.flush()
+            await record_event(db, "connection.created", connection, now=NOW)
+        async with sessionmaker() as db:
+            db.add(a_connection(end_user_id="user_43"))
+            await db.flush()
+            await record_event(db, "connection.created", connection, now=NOW)
+            await db.rollback()
+    finally:
+        await engine.dispose()
+
+    [event] = await outbox(settings)
+    body = json.loads(event.body)
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.connection_id == connection.public_id
+    assert body["id"] == event.public_id
+    assert body["id"].startswith("evt_")
+    assert body["type"] == "connection.created"
+    assert body["created_at"] == "2026-11-29T12:00:00Z"
+    shown = body["data"]["connection"]
+    assert shown["id"] == connection.public_id
+    assert shown["end_user_id"] == "user_42"
+    assert shown["status"] == "active"
+    assert shown["created_at"] is not None  # a server default, read back in the transaction
+    for token in ALL_TOKENS:
+        assert token not in event.body
+    assert "encrypted" not in event.body
+
+
+async def test_record_event_refuses_unknown_types(settings: Settings) -> None:
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as db:
+            with pytest.raises(ValueError, match=r"connection\.exploded"):
+                await record_event(db, "connection.exploded", a_connection())
+    finally:
+        await engine.dispose()
+
+
+# --- settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"webhook_url": "ftp://example.com/hook"}, r"not an http\(s\) URL"),
+        ({"webhook_url": "example.com/hook"}, r"not an http\(s\) URL"),
+        ({"webhook_secrets": f"{SECRET_A},short"}, "secret #2 is shorter than 32"),
+    ],
+)
+def test_bad_webhook_settings_are_refused(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make_settings("sqlite+aiosqlite://", **overrides)
+
+
+def test_a_webhook_url_without_secrets_is_refused() -> None:
+    settings = make_settings("sqlite+aiosqlite://", webhook_url="https://app.example/hooks")
+    with pytest.raises(ConfigurationError, match="PINAUTH_WEBHOOK_SECRETS is not"):
+        settings.validate_for_serving()
+
+
+def test_webhook_secrets_are_comma_separated() -> None:
+    settings = make_settings(
+        "sqlite+aiosqlite://",
+        webhook_url="https://app.example/hooks",
+        webhook_secrets=f" {SECRET_A} , {SECRET_B} ",
+    )
+    settings.validate_for_serving()
+    assert [s.get_secret_value() for s in settings.webhook_secrets] == [SECRET_A, SECRET_B]
+
+
+# --- every change commits its event -----------------------------------------------
+
+
+def types_of(events: list[WebhookEvent]) -> list[str]:
+    return [event.type for event in events]
+
+
+async def test_login_events_created_then_updated(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, settings: Settings
+) -> None:
+    await log_in(client, pinterest)
+    await log_in(client, pinterest)
+
+    events = await outbox(settings)
+    assert types_of(events) == ["connection.created", "connection.updated"]
+    me = (await client.get("/me")).json()
+    assert {event.connection_id for event in events} == {me["connection_id"]}
+    for event in events:
+        assert all(token not in event.body for token in ALL_TOKENS)
+
+
+async def test_rejected_refresh_reports_once_across_replicas_then_recovered(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Two replicas meet the same dead refresh token: one event; a new login: recovered."""
+    pinterest.post(TOKEN_URL).respond(400, json={"code": 2, "message": "Authentication failed."})
+    async with run_client(settings, pinterest) as one, run_client(settings, pinterest) as two:
+        await log_in(one, pinterest)
+        pinterest.post(TOKEN_URL).respond(400, json={"code": 2, "message": "dead"})
+        two.cookies = one.cookies
+        answers = await asyncio.gather(
+            *(replica.post("/auth/refresh") for replica in (one, two, one, two))
+        )
+        again = await two.post("/auth/refresh")
+        await log_in(one, pinterest)
+
+    assert {a.json()["error"] for a in [*answers, again]} == {"reauthorization_required"}
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+        "connection.recovered",
+    ]
+    body = json.loads((await outbox(settings))[1].body)
+    assert body["data"]["connection"]["status"] == "reauthorization_required"
+
+
+async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockRouter) -> None:
+    """Through the API (an API key) and the browser's disconnect alike."""
+    key = await create_api_key(settings)
+    async with browsers(settings, pinterest, 3) as (backend, ada, grace):
+        backend.headers["Authorization"] = f"Bearer {key}"
+        first = await connect_end_user(
+            backend, ada, pinterest, "user_1", USER_ACCOUNT, ACCESS_1, REFRESH_1
+        )
+        second = await connect_end_user(
+            backend, grace, pinterest, "user_2", USER_ACCOUNT, ACCESS_2, REFRESH_2
+        )
+        assert (await backend.delete(f"/v1/connections/{first}")).status_code == 204
+        disconnect = await grace.delete("/auth/connection", headers={"Origin": SERVICE})
+        assert disconnect.status_code == 204, disconnect.text
+
+    events = await outbox(settings)
+    deleted = [e for e in events if e.type == "connection.deleted"]
+    assert [e.connection_id for e in deleted] == [first, second]
+    assert json.loads(deleted[0].body)["data"]["connection"]["end_user_id"] == "user_1"
+
+
+# --- delivery ---------------------------------------------------------------------
+
+
+class Clock:
+    """The dispatcher's wall clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def hooked(settings: Settings, url: str = "https://app.example/hooks") -> Settings:
+    return settings.model_copy(
+        update={
+            "webhook_url": url,
+            "webhook_secrets": [SecretStr(SECRET_A), SecretStr(SECRET_B)],
+            "webhook_timeout_seconds": 2.0,
+        }
+    )
+
+
+@asynccontextmanager
+async def dispatching(
+    settings: Settings,
+    receiver: Callable[[httpx.Request], httpx.Response] | None = None,
+    clock: Clock | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
+    """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
+    engine = create_engine(settings)
+    transport = httpx.MockTransport(receiver) if receiver is not None else None
+    http = (
+        httpx.AsyncClient(transport=transport)
+        if transport is not None
+        else create_webhook_client(settings)
+    )
+    sessionmaker = create_sessionmaker(engine)
+    try:
+        yield (
+            WebhookDispatcher(
+                settings,
+                sessionmaker,
+                http,
+                clock=clock or Clock(),
+                jitter=lambda: 0.0,
+                metrics=metrics,
+            ),
+            sessionmaker,
+        )
+    finally:
+        await http.aclose()
+        await engine.dispose()
+
+
+async def add_events(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    when: datetime,
+    *kinds: str,
+    end_user_id: str = "user_42",
+) -> Connection:
+    """A connection and its events, each committed in its own transaction."""
+    async with sessionmaker() as db, db.begin():
+        connection = a_connection(end_user_id=end_user_id)
+        db.add(connection)
+        await db.flush()
+    for kind in kinds:
+        async with sessionmaker() as db, db.begin():
+            attached = await db.merge(connection)
+            await record_event(db, kind, attached, now=when)
+    return connection
+
+
+def independent_signature_check(body: bytes, header: str, secret: str) -> bool:
+    """Written from the documented format alone, not from pinauth's code."""
+    fields = [field.split("=", 1) for field in header.split(",")]
+    timestamp = next(value for name, value in fields if name == "t")
+    expected = hmac.new(
+        secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256
+    ).hexdigest()
+    return any(name == "v1" and value == expected for name, value in fields)
+
+
+async def test_a_delivery_is_signed_with_every_secret(settings: Settings) -> None:
+    settings = hooked(settings)
+    received: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        received.append(request)
+        return httpx.Response(204)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        connection = await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        assert await dispatcher.run_once() == 0  # delivered once, not again
+
+    [request] = received
+    body = request.content
+    header = request.headers["pinauth-signature"]
+    event = json.loads(body)
+    assert str(request.url) == "https://app.example/hooks"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["pinauth-event-id"] == event["id"]
+    assert event["type"] == "connection.created"
+    assert event["data"]["connection"]["id"] == connection.public_id
+    assert header.startswith(f"t={int(clock.now.timestamp())},v1=")
+    assert header.count("v1=") == 2
+    assert independent_signature_check(body, header, SECRET_A)
+    assert independent_signature_check(body, header, SECRET_B)
+    assert not independent_signature_check(body, header, "whsec-" + "c" * 40)
+    now = clock.now.timestamp()
+    assert verify(body, header, [SECRET_B], now=now)  # a receiver mid-rotation
+    assert verify(body.decode(), header, SECRET_A, now=now)
+    assert not verify(body + b" ", header, SECRET_A, now=now)
+    assert not verify(body, header, "whsec-" + "c" * 40, now=now)
+    assert not verify(body, header, SECRET_A, now=now + 301)  # a replay, too late
+    assert verify(body, header, SECRET_A, tolerance=600, now=now + 301)
+    assert not verify(body, header.replace("t=", "t=1"), SECRET_A, now=now)
+    assert not verify(body, "", SECRET_A, now=now)
+    assert not verify(body, "t=abc,v1=00", SECRET_A, now=now)
+    [stored] = await outbox(settings)
+    assert stored.status is WebhookEventStatus.DELIVERED
+    assert stored.delivered_at == clock.now
+
+
+@pytest.mark.parametrize(
+    ("answer", "retried"),
+    [
+        (httpx.Response(500), True),
+        (httpx.Response(503), True),
+        (httpx.Response(408), True),
+        (httpx.Response(429), True),
+        (httpx.ConnectError("refused"), True),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.Response(400), False),
+        (httpx.Response(401), False),
+        (httpx.Response(404), False),
+        (httpx.Response(410), False),
+        (httpx.Response(301, headers={"Location": "https://elsewhere.example/"}), False),
+    ],
+)
+async def test_what_is_retried_and_what_fails_at_once(
+    settings: Settings, answer: httpx.Response | Exception, retried: bool
+) -> None:
+    settings = hooked(settings)
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    clock = Clock()
+    metrics = Metrics()
+    async with dispatching(settings, receiver, clock, metrics) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        await dispatcher.run_once()
+        async with sessionmaker() as db:
+            [event] = (await db.execute(select(WebhookEvent))).scalars()
+            [attempt] = await WebhookEventRepository(db).attempts(event.id)
+
+    code = None if isinstance(answer, Exception) else answer.status_code
+    assert attempt.response_code == code
+    assert attempt.duration_ms >= 0
+    assert event.attempts == 1
+    counted = metrics.registry.get_sample_value(
+        "pinauth_webhook_deliveries_total", {"outcome": attempt.outcome}
+    )
+    assert counted == 1
+    if retried:
+        assert attempt.outcome == "retry"
+        assert event.status is WebhookEventStatus.PENDING
+        assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
+    else:
+        assert attempt.outcome == "failed"
+        assert event.status is WebhookEventStatus.FAILED
+
+
+@pytest.mark.parametrize("retry_after", ["120", "HTTP-DATE"])
+async def test_retry_after_is_honoured(settings: Settings, retry_after: str) -> None:
+    settings = hooked(settings)
+    clock = Clock()
+    if retry_after == "HTTP-DATE":
+        retry_after = email.utils.format_datetime(clock.now + timedelta(seconds=120), usegmt=True)
+    answers = iter([httpx.Response(429, headers={"Retry-After": retry_after})])
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        return next(answers, httpx.Response(200))
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        clock.advance(119)
+        assert await dispatcher.run_once() == 0  # not before the receiver asked
+        clock.advance(1)
+        assert await dispatcher.run_once() == 1
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+
+
+async def test_retries_back_off_for_24_hours_then_fail(settings: Settings) -> None:
+    settings = hooked(settings)
+    calls: list[datetime] = []
+    clock = Clock()
+    start = clock.now
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        calls.append(clock.now)
+        return httpx.Response(502)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        for _ in range(200):
+            await dispatcher.run_once()
+            [event] = await outbox(settings)
+            if event.status is not WebhookEventStatus.PENDING:
+                break
+            clock.now = event.next_attempt_at
+
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(calls)]
+    assert event.status is WebhookEventStatus.FAILED
+    assert event.last_error == "HTTP 502"
+    assert gaps[:4] == [5, 10, 20, 40]  # doubling (jitter 0 takes half)
+    assert max(gaps) == 1800  # capped at an hour, halved
+    assert calls[-1] - start <= timedelta(hours=24)
+    assert calls[-1] - start > timedelta(hours=23)
+    assert len(calls) == event.attempts < 60  # about two an hour at most: no storm
+
+
+async def test_one_connections_events_go_in_order(settings: Settings) -> None:
+    """A later event waits while an earlier one of the same connection is retried;
+    other connections' events do not wait for it."""
+    settings = hooked(settings)
+    delivered: list[str] = []
+    failing = {"first": True}
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        key = f"{event['data']['connection']['end_user_id']}:{event['type']}"
+        if key == "ada:connection.created" and failing["first"]:
+            failing["first"] = False
+            return httpx.Response(503)
+        delivered.append(key)
+        return httpx.Response(200)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(
+            sessionmaker,
+            clock.now,
+            "connection.created",
+            "connection.reauthorization_required",
+            "connection.recovered",
+            end_user_id="ada",
+        )
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="grace")
+        await dispatcher.run_once()
+        await dispatcher.run_once()
+        assert delivered == ["grace:connection.created"]
+        clock.advance(5)
+        for _ in range(4):
+            await dispatcher.run_once()
+
+    assert delivered == [
+        "grace:connection.created",
+        "ada:connection.created",
+        "ada:connection.reauthorization_required",
+        "ada:connection.recovered",
+    ]
+
+
+async def test_two_dispatchers_deliver_each_event_once(settings: Settings) -> None:
+    """Two replicas' dispatchers over one database, passes interleaved at every await."""
+    settings = hooked(settings)
+    seen: list[str] = []
+
+    async def receiver(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)  # let the other dispatcher run mid-delivery
+        seen.append(request.headers["pinauth-event-id"])
+        return httpx.Response(200)
+
+    clock = Clock()
+    async with (
+        dispatching(settings, receiver, clock) as (one, sessionmaker),  # type: ignore[arg-type]
+        dispatching(settings, receiver, clock) as (two, _),  # type: ignore[arg-type]
+    ):
+        for user in range(30):
+            await add_events(
+                sessionmaker, clock.now, "connection.created", end_user_id=f"user_{user}"
+            )
+        while True:
+            done = await asyncio.gather(one.run_once(), two.run_once(), one.run_once())
+            if not any(done):
+                break
+
+    assert len(seen) == 30
+    assert len(set(seen)) == 30
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+# --- receivers that misbehave -----------------------------------------------------
+
+
+@asynccontextmanager
+async def tcp_receiver(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A loopback TCP server running `handle` for each connection; yields its URL."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_receiver_that_never_answers_does_not_hold_requests(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """The dispatcher started by `pinauth serve`'s lifespan POSTs into a receiver that
+    holds the request; the service answers its own clients meanwhile."""
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        holding.set()
+        await release.wait()
+
+    async with tcp_receiver(hold) as url:
+        settings = hooked(settings, url).model_copy(update={"webhook_timeout_seconds": 60.0})
+        async with run_client(settings, pinterest) as client:
+            await log_in(client, pinterest)  # commits connection.created
+            async with asyncio.timeout(30):
+                await holding.wait()
+            answers = [await client.get("/me") for _ in range(20)]
+            assert not release.is_set()  # all of them while the receiver held on
+            release.set()
+
+    assert [a.status_code for a in answers] == [200] * 20
+
+
+async def test_a_receiver_trickling_its_answer_is_cut_off_and_retried(settings: Settings) -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        while True:  # a header byte now and then: each read is quick, the whole is not
+            writer.write(b"X")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with tcp_receiver(trickle) as url:
+        settings = hooked(settings, url).model_copy(update={"webhook_timeout_seconds": 0.5})
+        clock = Clock()
+        async with dispatching(settings, clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            await dispatcher.run_once()
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.last_error == "no answer within 0.5 s"
+
+
+async def test_a_huge_answer_is_never_read(settings: Settings) -> None:
+    offered = {"bytes": 0}
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+        chunk = b"x" * 65536
+        while offered["bytes"] < 200_000_000:
+            writer.write(chunk)
+            offered["bytes"] += len(chunk)
+            await writer.drain()
+
+    async with tcp_receiver(flood) as url:
+        settings = hooked(settings, url)
+        clock = Clock()
+        async with dispatching(settings, clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            tracemalloc.start()
+            try:
+                await dispatcher.run_once()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+    assert peak < 4_000_000
+    assert offered["bytes"] < 50_000_000  # the connection was closed, not drained
+
+
+# --- listing and redelivery: the CLI and /v1/webhook-events -----------------------
+
+
+async def failed_and_delivered(settings: Settings) -> tuple[str, str]:
+    """Two events of two connections: the first failed (410), the second delivered."""
+    answers = iter([httpx.Response(410), httpx.Response(200)])
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
+        await dispatcher.run_once()
+    failed, delivered = await outbox(settings)
+    assert failed.status is WebhookEventStatus.FAILED
+    assert delivered.status is WebhookEventStatus.DELIVERED
+    return failed.public_id, delivered.public_id
+
+
+async def test_webhooks_cli_lists_and_redelivers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed, delivered = await failed_and_delivered(settings)
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, everything, _ = await asyncio.to_thread(run, "webhooks", "list")
+    assert code == 0
+    assert failed in everything
+    assert delivered in everything
+    assert "HTTP 410" in everything
+    code, only_failed, _ = await asyncio.to_thread(run, "webhooks", "list", "--failed")
+    assert failed in only_failed
+    assert delivered not in only_failed
+    code, said, _ = await asyncio.to_thread(run, "webhooks", "redeliver", failed)
+    assert code == 0
+    assert failed in said
+    code, _, err = await asyncio.to_thread(run, "webhooks", "redeliver", "evt_nope")
+    assert code == 2
+    assert "No webhook event has that id" in err
+    assert "Traceback" not in err
+
+    [redelivered, _] = await outbox(settings)
+    assert redelivered.status is WebhookEventStatus.PENDING
+    assert redelivered.last_error is None
+    assert redelivered.retry_until > datetime.now(UTC) + timedelta(hours=23)
+
+
+async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRouter) -> None:
+    failed, delivered = await failed_and_delivered(settings)
+    key = await create_api_key(settings)
+    async with run_client(settings, pinterest) as client:
+        assert (await client.get("/v1/webhook-events")).status_code == 401
+        client.headers["Authorization"] = f"Bearer {key}"
+        listing = (await client.get("/v1/webhook-events")).json()
+        only_failed = (await client.get("/v1/webhook-events", params={"status": "failed"})).json()
+        first = (await client.get("/v1/webhook-events", params={"limit": 1})).json()
+        rest = (
+            await client.get(
+                "/v1/webhook-events", params={"limit": 1, "cursor": first["next_cursor"]}
+            )
+        ).json()
+        bad_cursor = await client.get("/v1/webhook-events", params={"cursor": "nope"})
+        detail = (await client.get(f"/v1/webhook-events/{failed}")).json()
+        missing = await client.get("/v1/webhook-events/evt_nope")
+        redelivered = await client.post(f"/v1/webhook-events/{failed}/redeliver")
+        missing_redelivery = await client.post("/v1/webhook-events/evt_nope/redeliver")
+
+    assert [e["id"] for e in listing["items"]] == [delivered, failed]  # newest first
+    assert listing["next_cursor"] is None
+    assert [e["id"] for e in only_failed["items"]] == [failed]
+    assert [e["id"] for e in first["items"] + rest["items"]] == [delivered, failed]
+    assert bad_cursor.status_code == 422
+    assert detail["status"] == "failed"
+    assert detail["next_attempt_at"] is None
+    assert detail["payload"]["id"] == failed
+    assert detail["payload"]["data"]["connection"]["end_user_id"] == "ada"
+    assert [(a["response_code"], a["outcome"]) for a in detail["delivery_attempts"]] == [
+        (410, "failed")
+    ]
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "webhook_event_not_found"
+    assert redelivered.status_code == 202
+    assert redelivered.json()["status"] == "pending"
+    assert redelivered.json()["next_attempt_at"] is not None
+    assert missing_redelivery.status_code == 404
+
+
+# --- demo mode --------------------------------------------------------------------
+
+
+async def test_demo_mode_shows_delivered_events(database_url: str) -> None:
+    """`pinauth serve --demo`: events go, signed, to the built-in receiver, which the
+    demo page reads; nothing to set up."""
+    port = free_port()
+    settings, sandbox = demo_settings(make_settings(database_url), "127.0.0.1", port)
+    app = create_app(settings, sandbox=sandbox)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    base = f"http://localhost:{port}"
+    try:
+        while not server.started:
+            assert not serving.done()
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as browser:
+            login = await browser.get("/auth/login")
+            params = parse_qs(urlsplit(login.headers["location"]).query)
+            fields = {k: v[0] for k, v in params.items() if k != "response_type"}
+            decision = await browser.post("/sandbox/oauth/", data=fields | {"decision": "allow"})
+            callback = await browser.get(decision.headers["location"])
+            assert callback.status_code == 303, callback.text
+            dispatcher: WebhookDispatcher = app.state.webhook_dispatcher
+            async with asyncio.timeout(30):
+                while not (await browser.get("/demo/webhook-events")).json()["items"]:
+                    dispatcher.pass_done.clear()
+                    await dispatcher.pass_done.wait()
+            [received] = (await browser.get("/demo/webhook-events")).json()["items"]
+            forged = await browser.post(
+                "/demo/webhooks", content=b"{}", headers={"Pinauth-Signature": "t=1,v1=00"}
+            )
+            page = await browser.get("/")
+    finally:
+        server.should_exit = True
+        await serving
+
+    assert received["type"] == "connection.created"
+    assert received["connection"]["status"] == "active"
+    assert forged.status_code == 400
+    assert 'id="webhook-events"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "<script>" not in page.text  # the page's one script is a file: CSP holds
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.DELIVERED
+
+
+def test_no_receiver_outside_demo_mode(settings: Settings) -> None:
+    paths = {getattr(route, "path", None) for route in create_app(settings).routes}
+    assert "/demo/webhooks" not in paths
+    assert "/demo/webhook-events" not in paths
+
+
+# --- crash safety: every way a connection becomes unusable reports once -----------
+
+
+async def test_a_key_that_no_longer_decrypts_reports_once(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Tokens encrypted under a key that was then removed: the proxy answers 401 and the
+    connection is marked and reported once, however many calls and replicas meet it."""
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        cookies = client.cookies
+    other_key = make_settings(settings.database_url).encryption_keys
+    rotated = settings.model_copy(update={"encryption_keys": other_key})
+    boards = pinterest.get(f"{API}/boards").respond(200, json={"items": [], "bookmark": None})
+    async with run_client(rotated, pinterest) as one, run_client(rotated, pinterest) as two:
+        one.cookies = two.cookies = cookies
+        answers = await asyncio.gather(
+            *(replica.get("/pinterest/boards") for replica in (one, two, one, two))
+        )
+        me = (await one.get("/me")).json()
+
+    assert {a.status_code for a in answers} == {401}
+    assert {a.json()["error"] for a in answers} == {"reauthorization_required"}
+    assert boards.call_count == 0
+    assert me["status"] == "reauthorization_required"
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+    ]
+
+
+async def test_an_expired_refresh_token_reports_once_without_calling_pinterest(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        engine = create_engine(settings)
+        try:
+            async with create_sessionmaker(engine)() as db, db.begin():
+                await db.execute(
+                    update(Connection).values(
+                        refresh_token_expires_at=datetime.now(UTC) - timedelta(seconds=1)
+                    )
+                )
+        finally:
+            await engine.dispose()
+        token = pinterest.post(TOKEN_URL).respond(200, json={})
+        first = await client.post("/auth/refresh")
+        second = await client.post("/auth/refresh")
+
+    assert first.json()["error"] == second.json()["error"] == "reauthorization_required"
+    assert token.call_count == 0
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+    ]
+
+
+async def test_connections_cli_delete_reports_deleted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = create_engine(settings)
+    try:
+        connection = await add_events(create_sessionmaker(engine), NOW)
+    finally:
+        await engine.dispose()
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PINAUTH_ENCRYPTION_KEYS", settings.encryption_keys[0].get_secret_value())
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    deleted = await asyncio.to_thread(run, "connections", "delete", connection.public_id)
+    again = await asyncio.to_thread(run, "connections", "delete", connection.public_id)
+
+    assert deleted[0] == 0
+    assert connection.public_id in deleted[1]
+    assert again[0] == 2
+    assert "No connection has that id" in again[2]
+    [event] = await outbox(settings)
+    assert event.type == "connection.deleted"
+    assert event.connection_id == connection.public_id
+
+
+async def test_a_late_write_over_a_rejection_reports_recovered(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """The scenario of `over_rejection` (test_durable_refresh): B reports the connection
+    unusable; A's late write of the live pair makes it usable again, and says so."""
+    settings_a = make_settings(database_url)
+    settings_b = make_settings(database_url, encryption_keys=settings_a.encryption_keys[0])
+    spent: list[str] = []
+
+    async def token_endpoint(request: httpx.Request) -> httpx.Response:
+        if REFRESH_1 in request.content.decode() and not spent:
+            spent.append(REFRESH_1)
+            await refuse_token_writes(database_url)
+            return httpx.Response(200, json=token_json(ACCESS_2, REFRESH_2))
+        return httpx.Response(400, json={"code": 1, "message": "Invalid refresh token."})
+
+    async with run_client(settings_b, pinterest) as b:
+        async with run_client(settings_a, pinterest) as a:
+            await log_in(a, pinterest)
+            b.cookies.update(a.cookies)
+            pinterest.post(TOKEN_URL).mock(side_effect=token_endpoint)
+            assert (await a.post("/auth/refresh")).status_code == 200
+            await expire_refresh_leases(database_url)
+            assert (await b.post("/auth/refresh")).status_code == 401
+            await allow_token_writes(database_url)
+
+    events = await outbox(settings_a)
+    assert types_of(events) == [
+        "connection.created",
+        "connection.reauthorization_required",
+        "connection.recovered",
+    ]
+    assert json.loads(events[-1].body)["data"]["connection"]["status"] == "active"
+
+
+async def test_events_are_purged_30_days_after_their_last_possible_retry(
+    settings: Settings,
+) -> None:
+    settings = hooked(settings)
+    clock = Clock()
+    async with dispatching(settings, lambda _: httpx.Response(200), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="old")
+        await dispatcher.run_once()
+        await add_events(
+            sessionmaker, clock.now + timedelta(days=2), "connection.created", end_user_id="new"
+        )
+        month_later = clock.now + timedelta(days=31, seconds=1)
+        purged = await ExpiredRowPurger(sessionmaker, 60, clock=lambda: month_later).purge_once()
+
+    assert purged.webhook_events == 1
+    [kept] = await outbox(settings)
+    assert json.loads(kept.body)["data"]["connection"]["end_user_id"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PINAUTH_WEBHOOK_URL": "ftp://app.example/hooks"}, "is not an http(s) URL"),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks", "PINAUTH_WEBHOOK_SECRETS": "x"},
+            "secret #1 is shorter than 32 characters",
+        ),
+        (
+            {"PINAUTH_WEBHOOK_URL": "https://app.example/hooks"},
+            "PINAUTH_WEBHOOK_SECRETS is not",
+        ),
+    ],
+)
+def test_serve_refuses_bad_webhook_settings_in_one_line(
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in {
+        "PINTEREST_CLIENT_ID": "1234567",
+        "PINTEREST_CLIENT_SECRET": "client-secret",
+        "PINAUTH_SECRET_KEY": "s" * 40,
+        "PINAUTH_ENCRYPTION_KEYS": make_settings("sqlite://").encryption_keys[0].get_secret_value(),
+        "PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'never.db'}",
+        **env,
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "never.db").exists()  # refused before anything started
