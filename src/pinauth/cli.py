@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import ipaddress
 import logging
 import logging.config
@@ -11,21 +10,17 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
-from pydantic import ValidationError
-
+from pinauth import preflight
 from pinauth.errors import ConfigurationError, InvalidRequest
 from pinauth.logs import logging_config
 from pinauth.settings import Settings
 
 
-def _load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as e:
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigurationError(f"invalid configuration:\n{problems}") from e
+def _load_settings(command: preflight.Command) -> Settings:
+    """The settings, once nothing in them is wrong for `command` (else every problem)."""
+    settings, found = preflight.load_settings()
+    preflight.require(found + preflight.problems(settings, command))
+    return settings
 
 
 def _is_loopback(host: str) -> bool:
@@ -38,20 +33,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
+    from pinauth.workers import serve_many, serve_one
 
-    from pinauth.app import create_app
-    from pinauth.migrations import upgrade_to_head
-    from pinauth.server import uvicorn_options
-    from pinauth.shutdown import Server, Shutdown
-
-    settings = _load_settings()
+    settings, found = preflight.load_settings()
     sandbox = None
+    if args.workers < 1:
+        found.append("--workers must be at least 1")
     if args.demo:
         from pinauth.demo import demo_settings, public_base_url
 
-        logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+        if args.workers > 1:
+            found.append(
+                "--demo serves with one worker: the sandbox keeps its state in one process"
+            )
+        logging.config.dictConfig(logging_config("info", settings.log_format))
         settings, sandbox = demo_settings(settings, args.host, args.port)
         log = logging.getLogger("pinauth")
         log.warning("=" * 72)
@@ -61,13 +56,9 @@ def _serve(args: argparse.Namespace) -> None:
             public_base_url(args.host, args.port),
         )
         log.warning("=" * 72)
-    elif not settings.client_id or not settings.client_secret.get_secret_value():
-        raise ConfigurationError(
-            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set. Set them to your "
-            "Pinterest app's credentials, or run `pinauth serve --demo` to try pinauth "
-            "against its built-in sandbox."
-        )
-    settings.validate_for_serving()
+    # Every problem at once, and before anything (a database file, a migration) exists.
+    found += preflight.problems(settings, "serve", demo=args.demo, workers=args.workers)
+    preflight.require(found)
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     if not settings.metrics_token.get_secret_value() and not _is_loopback(args.host):
         logging.getLogger("pinauth").warning(
@@ -76,27 +67,13 @@ def _serve(args: argparse.Namespace) -> None:
             "that bearer token.",
             args.host,
         )
-    upgrade_to_head(settings.database_url)
-    shutdown = Shutdown()
-    app = create_app(settings, sandbox=sandbox, shutdown=shutdown)
-    # Everything built so far (modules, routes, models) lives as long as the process;
-    # freezing it keeps the cyclic GC from re-scanning it in every full collection,
-    # which showed up as latency spikes under load (see bench/).
-    gc.collect()
-    gc.freeze()
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=logging_config(settings.log_level, settings.log_format),
-        **uvicorn_options(settings),
-    )
-    # uvicorn.run() with a server that flags the shutdown, so requests it cancels at the
-    # timeout answer 503 (see shutdown.py).
-    server = Server(config, shutdown)
-    server.run()
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
+    preflight.migrate(settings)
+    if args.workers > 1:
+        status = serve_many(settings, args.host, args.port, args.workers)
+    else:
+        status = serve_one(settings, args.host, args.port, sandbox)
+    if status:
+        sys.exit(status)
 
 
 def _sandbox(args: argparse.Namespace) -> None:
@@ -120,11 +97,9 @@ def _sandbox(args: argparse.Namespace) -> None:
 
 
 def _migrate(_args: argparse.Namespace) -> None:
-    from pinauth.migrations import upgrade_to_head
-
-    settings = _load_settings()
+    settings = _load_settings("migrate")
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
-    upgrade_to_head(settings.database_url)
+    preflight.migrate(settings)
     logging.getLogger("pinauth").info("database schema is at head")
 
 
@@ -133,10 +108,9 @@ def _api_keys(args: argparse.Namespace) -> None:
 
     from pinauth.apikeys import ApiKeyService
     from pinauth.db import create_engine, create_sessionmaker
-    from pinauth.migrations import upgrade_to_head
 
-    settings = _load_settings()
-    upgrade_to_head(settings.database_url)
+    settings = _load_settings("api-keys")
+    preflight.migrate(settings)
 
     async def run() -> None:
         engine = create_engine(settings)
@@ -184,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="use the built-in Pinterest sandbox (mounted at /sandbox) instead of Pinterest",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes sharing the port, to use N cores (needs PostgreSQL)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -199,6 +199,12 @@ class Settings(BaseSettings):
 
     def validate_for_serving(self) -> None:
         """Refuse configurations that would run but be unsafe or unable to keep tokens."""
+        problems = self.serving_problems()
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
+    def serving_problems(self) -> list[str]:
+        """What makes these settings unsafe to serve with, one fix per line."""
         problems: list[str] = []
         secret = self.secret_key.get_secret_value()
         if len(secret) < MIN_SECRET_KEY_LENGTH:
@@ -214,5 +220,4 @@ class Settings(BaseSettings):
                 "Generate a key with: python -c "
                 '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
             )
-        if problems:
-            raise ConfigurationError("\n".join(problems))
+        return problems
