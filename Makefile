@@ -5,15 +5,25 @@ BIN := $(VENV)/bin
 # Re-install whenever the project's dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit unit-postgres smoke env bench endpoints clean
+.PHONY: run test lint typecheck unit unit-postgres smoke env bench endpoints clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# Everything from the hashed lock files (scripts/lock.py), then pinauth itself alone.
+LOCKS := requirements-dev.lock requirements.lock requirements-build.lock
+
+$(STAMP): pyproject.toml $(LOCKS) | $(BIN)/python
+	$(BIN)/python scripts/lock.py --check
+	$(BIN)/python -m pip install --quiet --require-hashes \
+		-r requirements-dev.lock -r requirements-build.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve the locks after editing dependencies in pyproject.toml; versions already
+# locked stay. `make lock ARGS=--upgrade` moves every pin to the newest allowed.
+lock: | $(BIN)/python
+	$(BIN)/python scripts/lock.py $(ARGS)
 
 # A first run writes a .env with fresh keys, so nobody has to generate them by hand.
 .env: | $(STAMP)
