@@ -160,7 +160,7 @@ def database_problems(settings: Settings, *, workers: int = 1) -> list[str]:
                 f"PINAUTH_DATABASE_URL {shown!r} names no host; use "
                 f"{POSTGRES_DRIVER}://user:password@host:5432/database"
             ]
-        unreachable = asyncio.run(_postgres_unreachable(raw, settings.database_timeout_seconds))
+        unreachable = asyncio.run(postgres_unreachable(raw, settings.database_timeout_seconds))
         return [unreachable] if unreachable else []
     return [
         f"PINAUTH_DATABASE_URL: pinauth supports SQLite and PostgreSQL, not "
@@ -207,7 +207,7 @@ def _sqlite_problems(url: URL, shown: str) -> list[str]:
     return found
 
 
-async def _postgres_unreachable(database_url: str, timeout: float) -> str | None:
+async def postgres_unreachable(database_url: str, timeout: float) -> str | None:
     """Why the server cannot be used, or None once a connection has said SELECT 1."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
