@@ -283,3 +283,23 @@ def test_a_database_that_does_not_exist_is_named(
     monkeypatch.setenv("PINAUTH_DATABASE_URL", missing.render_as_string(hide_password=False))
     assert main(["migrate"]) == 2
     assert "the database 'pinauth_no_such_database' does not exist at " in capsys.readouterr().err
+
+
+def test_a_migration_that_fails_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    """Guards preflight.migrate: a file at the database's path that is not a SQLite
+    database passes every check and fails in the migration, as one line."""
+    (tmp_path / "pinauth.db").write_bytes(b"not a database, but the operator's notes\n" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "pinauth", "migrate"],
+        env=env_with({}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (
+        "migrating the database at ./pinauth.db failed: DatabaseError: file is not a database"
+        in result.stderr
+    )

@@ -279,8 +279,9 @@ def require(found: list[str]) -> None:
 
 
 def migrate(settings: Settings) -> None:
-    """Bring the schema to head; a database failing under the migration is reported, not
-    dumped as a traceback (the checks above passed, so it changed since)."""
+    """Bring the schema to head; a database failing under the migration (a file that is
+    not a database, a server gone since the checks) is reported, not dumped as a
+    traceback."""
     from pinauth.migrations import upgrade_to_head
 
     try:
@@ -288,4 +289,8 @@ def migrate(settings: Settings) -> None:
     except (SQLAlchemyError, OSError) as e:
         url = make_url(settings.database_url)
         where = f"{url.host}:{url.port or 5432}" if url.host else str(url.database)
-        raise ConfigurationError(f"the migration failed: {_explain(_root(e), where, url)}") from e
+        root = _root(e)
+        explained = _explain(root, where, url)
+        if explained.endswith(f": {root or type(root).__name__}"):  # nothing better known
+            explained = f"{type(root).__name__}: {root}"
+        raise ConfigurationError(f"migrating the database at {where} failed: {explained}") from e
