@@ -7,6 +7,7 @@ standing for the image's volume (its WORKDIR), with only environment configurati
 `pinauth sandbox` as Pinterest. Checks /healthz, /readyz and /docs, logs a user in,
 stops the service with SIGTERM (clean and quick), starts it again on the same data
 directory, and checks the user is still logged in, with the database in the volume.
+Last, the README's demo in Docker: the same command with --demo and no configuration.
 """
 
 from __future__ import annotations
@@ -214,9 +215,24 @@ def main() -> None:
             assert list(home.iterdir()) == [], "state outside the volume"
             service.send_signal(signal.SIGTERM)
             service.wait(timeout=STOP_WITHIN_SECONDS)
+
+            # The README's demo in Docker: the image's command with --demo, nothing else
+            # configured; its database lands in the volume too.
+            demo_env = {k: v for k, v in env.items() if not k.startswith("PINTEREST_")}
+            demo_env = {k: v for k, v in demo_env.items() if not k.startswith("PINAUTH_")}
+            service = subprocess.Popen(
+                [*command, "--demo"], cwd=data, env=demo_env, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=demote,
+            )  # fmt: skip
+            wait_healthy(base, service)
+            status, body = get(f"{base}/readyz")
+            assert status == 200, (status, body)
+            assert (data / "pinauth-demo.db").is_file(), sorted(p.name for p in data.iterdir())
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=STOP_WITHIN_SECONDS)
             print(
                 f"smoke: ok (healthz, readyz, docs; stopped in {took:.1f}s, exit {code}; "
-                "restarted on the same data directory, still logged in)"
+                "restarted on the same data directory, still logged in; demo mode too)"
             )
         except BaseException:
             print((work / "service.log").read_text(errors="replace"), file=sys.stderr)
