@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import multicore
 from cryptography.fernet import Fernet
 
 HERE = Path(__file__).resolve().parent
@@ -161,6 +162,11 @@ def main() -> None:
         metavar="FILE",
         help="sample pinauth with py-spy during its run; write collapsed stacks to FILE",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="also serve with `pinauth serve --workers N` for each N (PostgreSQL); '' skips",
+    )
     args = parser.parse_args()
     require_tools()
 
@@ -257,6 +263,7 @@ def main() -> None:
             )
             if profiler is not None:
                 profiler.wait()
+            by_workers = multicore.compare(args, env, tmp, free_port, log_in, wrk)
             results.append(
                 wrk(
                     "pinauth /pinterest/boards (API key, connection id)",
@@ -275,6 +282,7 @@ def main() -> None:
                     process.kill()
 
     report(results)
+    multicore.report(by_workers)
 
 
 def report(results: list[Result]) -> None:
