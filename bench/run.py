@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import multicore
 from cryptography.fernet import Fernet
 from seed import end_user_of, seed
 from sqlalchemy import text
@@ -91,7 +92,8 @@ function request()
   return wrk.format()
 end
 """
-DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_POSTGRES_URL = multicore.ADMIN_URL
+SECRET_KEY = "bench-secret-key-" + "b" * 32
 PROXY_TOKEN_TTL = 86_400
 # Targets of issue 11.
 SCALE_RPS_RATIO = 0.9
@@ -374,6 +376,24 @@ def postgres_reachable(postgres_url: str) -> str | None:
     return None
 
 
+def pinauth_env(
+    api: str, base: str, database_url: str, encryption_key: str, secret_key: str
+) -> dict[str, str]:
+    """`pinauth serve`'s environment: nginx as Pinterest, nothing from the caller's own."""
+    own = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    return own | {
+        "PINTEREST_CLIENT_ID": "bench",
+        "PINTEREST_CLIENT_SECRET": "bench-secret",
+        "PINTEREST_API_URL": api,
+        "PINTEREST_REDIRECT_URI": f"{base}/auth/callback",
+        "PINAUTH_DATABASE_URL": database_url,
+        "PINAUTH_SECRET_KEY": secret_key,
+        "PINAUTH_ENCRYPTION_KEYS": encryption_key,
+        "PINAUTH_ACCESS_LOG": "false",
+        "PINAUTH_LOG_LEVEL": "warning",
+    }
+
+
 def bench_database(
     kind: str,
     database_url: str,
@@ -386,18 +406,8 @@ def bench_database(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     encryption_key = Fernet.generate_key().decode()
-    secret_key = "bench-secret-key-" + "b" * 32
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))} | {
-        "PINTEREST_CLIENT_ID": "bench",
-        "PINTEREST_CLIENT_SECRET": "bench-secret",
-        "PINTEREST_API_URL": api,
-        "PINTEREST_REDIRECT_URI": f"{base}/auth/callback",
-        "PINAUTH_DATABASE_URL": database_url,
-        "PINAUTH_SECRET_KEY": secret_key,
-        "PINAUTH_ENCRYPTION_KEYS": encryption_key,
-        "PINAUTH_ACCESS_LOG": "false",
-        "PINAUTH_LOG_LEVEL": "warning",
-    }
+    secret_key = SECRET_KEY
+    env = pinauth_env(api, base, database_url, encryption_key, secret_key)
     server = subprocess.Popen(
         [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env, cwd=tmp
     )
@@ -569,6 +579,11 @@ def parse_args() -> argparse.Namespace:
         metavar="FILE",
         help="sample pinauth with py-spy during its first run; write collapsed stacks to FILE",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="also serve with `pinauth serve --workers N` for each N (PostgreSQL); '' skips",
+    )
     args = parser.parse_args()
     if args.end_users is None:
         args.end_users = max(1, args.connections // 2)
@@ -590,6 +605,7 @@ def main() -> None:
     started = time.monotonic()
     processes: list[subprocess.Popen[bytes]] = []
     runs: list[DatabaseRun] = []
+    by_workers: list[multicore.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="pinauth-bench-") as tmp:
         try:
             upstream_port = free_port()
@@ -633,9 +649,23 @@ def main() -> None:
             for kind in kinds:
                 with fresh_database(kind, tmp, args.postgres_url) as database_url:
                     runs.append(bench_database(kind, database_url, api, wrk, args, tmp, processes))
+            # multicore.py serves with --workers N on a database of its own (it sets the
+            # database URL and redirect URI) and drives the cookie path like the rows above.
+            env = pinauth_env(
+                api, "http://127.0.0.1", "", Fernet.generate_key().decode(), SECRET_KEY
+            )
+            by_workers = multicore.compare(
+                args,
+                env,
+                tmp,
+                free_port,
+                log_in,
+                lambda name, url, _args, headers: wrk(name, url, dummy, headers),
+            )
         finally:
             stop(processes)
     report(references, runs, skipped, time.monotonic() - started)
+    multicore.report(by_workers)
 
 
 def report(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import ipaddress
 import logging
 import logging.config
@@ -11,21 +10,17 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
-from pydantic import ValidationError
-
+from pinauth import preflight
 from pinauth.errors import ConfigurationError, InvalidRequest
 from pinauth.logs import logging_config
 from pinauth.settings import Settings
 
 
-def _load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as e:
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigurationError(f"invalid configuration:\n{problems}") from e
+def _load_settings(command: preflight.Command) -> Settings:
+    """The settings, once nothing in them is wrong for `command` (else every problem)."""
+    settings, found = preflight.load_settings()
+    preflight.require(found + preflight.problems(settings, command))
+    return settings
 
 
 def _is_loopback(host: str) -> bool:
@@ -38,21 +33,21 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
+    from pinauth.workers import serve_many, serve_one
 
-    from pinauth.app import create_app
-    from pinauth.migrations import upgrade_to_head
-    from pinauth.server import uvicorn_options
-    from pinauth.shutdown import Server, Shutdown
-
-    settings = _load_settings()
+    settings, found = preflight.load_settings()
     sandbox = None
     demo_backend_url = None
+    if args.workers < 1:
+        found.append("--workers must be at least 1")
     if args.demo:
         from pinauth.demo import demo_settings, public_base_url, self_url
 
-        logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+        if args.workers > 1:
+            found.append(
+                "--demo serves with one worker: the sandbox keeps its state in one process"
+            )
+        logging.config.dictConfig(logging_config("info", settings.log_format))
         settings, sandbox = demo_settings(settings, args.host, args.port)
         demo_backend_url = self_url(args.host, args.port)
         log = logging.getLogger("pinauth")
@@ -63,13 +58,9 @@ def _serve(args: argparse.Namespace) -> None:
             public_base_url(args.host, args.port),
         )
         log.warning("=" * 72)
-    elif not settings.client_id or not settings.client_secret.get_secret_value():
-        raise ConfigurationError(
-            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set. Set them to your "
-            "Pinterest app's credentials, or run `pinauth serve --demo` to try pinauth "
-            "against its built-in sandbox."
-        )
-    settings.validate_for_serving()
+    # Every problem at once, and before anything (a database file, a migration) exists.
+    found += preflight.problems(settings, "serve", demo=args.demo, workers=args.workers)
+    preflight.require(found)
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     if not settings.metrics_token.get_secret_value() and not _is_loopback(args.host):
         logging.getLogger("pinauth").warning(
@@ -78,29 +69,15 @@ def _serve(args: argparse.Namespace) -> None:
             "that bearer token.",
             args.host,
         )
-    upgrade_to_head(settings.database_url)
-    shutdown = Shutdown()
-    app = create_app(
-        settings, sandbox=sandbox, shutdown=shutdown, demo_backend_url=demo_backend_url
-    )
-    # Everything built so far (modules, routes, models) lives as long as the process;
-    # freezing it keeps the cyclic GC from re-scanning it in every full collection,
-    # which showed up as latency spikes under load (see bench/).
-    gc.collect()
-    gc.freeze()
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=logging_config(settings.log_level, settings.log_format),
-        **uvicorn_options(settings),
-    )
-    # uvicorn.run() with a server that flags the shutdown, so requests it cancels at the
-    # timeout answer 503 (see shutdown.py).
-    server = Server(config, shutdown)
-    server.run()
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
+    preflight.migrate(settings)
+    if args.workers > 1:
+        status = serve_many(settings, args.host, args.port, args.workers)
+    else:
+        status = serve_one(
+            settings, args.host, args.port, sandbox, demo_backend_url=demo_backend_url
+        )
+    if status:
+        sys.exit(status)
 
 
 def _sandbox(args: argparse.Namespace) -> None:
@@ -124,11 +101,9 @@ def _sandbox(args: argparse.Namespace) -> None:
 
 
 def _migrate(_args: argparse.Namespace) -> None:
-    from pinauth.migrations import upgrade_to_head
-
-    settings = _load_settings()
+    settings = _load_settings("migrate")
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
-    upgrade_to_head(settings.database_url)
+    preflight.migrate(settings)
     logging.getLogger("pinauth").info("database schema is at head")
 
 
@@ -137,10 +112,9 @@ def _api_keys(args: argparse.Namespace) -> None:
 
     from pinauth.apikeys import ApiKeyService
     from pinauth.db import create_engine, create_sessionmaker
-    from pinauth.migrations import upgrade_to_head
 
-    settings = _load_settings()
-    upgrade_to_head(settings.database_url)
+    settings = _load_settings("api-keys")
+    preflight.migrate(settings)
 
     async def run() -> None:
         engine = create_engine(settings)
@@ -179,21 +153,14 @@ def _keeper(args: argparse.Namespace) -> None:
     from pinauth.crypto import TokenCipher
     from pinauth.db import create_engine, create_sessionmaker
     from pinauth.keeper import Keeper
-    from pinauth.migrations import upgrade_to_head
     from pinauth.observability import Metrics
     from pinauth.pinterest.http import create_http_client, create_transport
     from pinauth.pinterest.oauth import PinterestOAuth
     from pinauth.tokens import TokenManager
 
-    settings = _load_settings()
-    if not settings.client_id or not settings.client_secret.get_secret_value():
-        raise ConfigurationError(
-            "PINTEREST_CLIENT_ID and PINTEREST_CLIENT_SECRET are not set: the keeper refreshes "
-            "tokens with them."
-        )
-    settings.validate_for_serving()
+    settings = _load_settings("keeper")
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
-    upgrade_to_head(settings.database_url)
+    preflight.migrate(settings)
     log = logging.getLogger("pinauth")
 
     async def run() -> None:
@@ -245,13 +212,12 @@ def _rotate_keys(args: argparse.Namespace) -> None:
 
     from pinauth.crypto import TokenCipher
     from pinauth.db import create_engine, create_sessionmaker
-    from pinauth.migrations import upgrade_to_head
     from pinauth.rotation import KeyRotator, fingerprint
 
-    settings = _load_settings()
+    settings = _load_settings("maintenance")
     settings.validate_for_serving()
     logging.config.dictConfig(logging_config("warning", settings.log_format))
-    upgrade_to_head(settings.database_url)
+    preflight.migrate(settings)
     keys = [key.get_secret_value() for key in settings.encryption_keys]
     if args.batch_size < 1:
         raise ConfigurationError("--batch-size must be at least 1")
@@ -303,14 +269,13 @@ def _webhooks(args: argparse.Namespace) -> None:
 
     from pinauth.db import create_engine, create_sessionmaker
     from pinauth.errors import WebhookEventNotFound
-    from pinauth.migrations import upgrade_to_head
     from pinauth.models import WebhookEventStatus
     from pinauth.webhooks import WebhookEvents
 
     if args.action == "list" and not 1 <= args.limit <= 10_000:
         raise ConfigurationError("--limit must be between 1 and 10000")
-    settings = _load_settings()
-    upgrade_to_head(settings.database_url)
+    settings = _load_settings("maintenance")
+    preflight.migrate(settings)
 
     async def run() -> None:
         engine = create_engine(settings)
@@ -351,12 +316,11 @@ def _connections(args: argparse.Namespace) -> None:
     from pinauth.crypto import CursorCodec, TokenCipher
     from pinauth.db import create_engine, create_sessionmaker
     from pinauth.errors import ConnectionNotFound
-    from pinauth.migrations import upgrade_to_head
 
-    settings = _load_settings()
+    settings = _load_settings("maintenance")
     if not settings.encryption_keys:
         raise ConfigurationError("PINAUTH_ENCRYPTION_KEYS is missing")
-    upgrade_to_head(settings.database_url)
+    preflight.migrate(settings)
     cipher = TokenCipher([key.get_secret_value() for key in settings.encryption_keys])
 
     async def run() -> None:
@@ -396,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="use the built-in Pinterest sandbox (mounted at /sandbox) instead of Pinterest",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes sharing the port, to use N cores (needs PostgreSQL)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -261,6 +261,12 @@ class Settings(BaseSettings):
 
     def validate_for_serving(self) -> None:
         """Refuse configurations that would run but be unsafe or unable to keep tokens."""
+        problems = self.serving_problems()
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
+    def serving_problems(self) -> list[str]:
+        """What makes these settings unsafe to serve with, one fix per line."""
         problems: list[str] = []
         secret = self.secret_key.get_secret_value()
         if len(secret) < MIN_SECRET_KEY_LENGTH:
@@ -281,5 +287,4 @@ class Settings(BaseSettings):
                 "PINAUTH_WEBHOOK_URL is set but PINAUTH_WEBHOOK_SECRETS is not: every webhook "
                 f"is signed. Set at least one secret of {MIN_SECRET_KEY_LENGTH}+ characters."
             )
-        if problems:
-            raise ConfigurationError("\n".join(problems))
+        return problems
