@@ -1,6 +1,6 @@
 """Connections listed by end user and status stay an index range scan at any size.
 
-Revision ID: 0006
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-29
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0006"
+revision: str = "0009"
 down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
