@@ -45,8 +45,9 @@ def worker_counts(value: str) -> list[int]:
 
 
 @contextmanager
-def bench_database() -> Iterator[str]:
-    admin = make_url(ADMIN_URL)
+def bench_database(admin_url: str = ADMIN_URL) -> Iterator[str]:
+    """A fresh PostgreSQL database on the server of `admin_url`, dropped afterwards."""
+    admin = make_url(admin_url)
     name = f"pinauth_bench_{uuid.uuid4().hex[:8]}"
 
     async def run(statement: str) -> None:

@@ -37,7 +37,6 @@ import multicore
 from cryptography.fernet import Fernet
 from seed import end_user_of, seed
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 HERE = Path(__file__).resolve().parent
@@ -340,22 +339,8 @@ def fresh_database(kind: str, tmp: str, postgres_url: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp}/bench-{secrets.token_hex(4)}.db"
         return
-    admin = make_url(postgres_url)
-    name = f"pinauth_bench_{secrets.token_hex(4)}"
-
-    async def admin_sql(sql: str) -> None:
-        engine = create_async_engine(admin, isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as db:
-                await db.execute(text(sql))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with multicore.bench_database(postgres_url) as url:
+        yield url
 
 
 def postgres_reachable(postgres_url: str) -> str | None:

@@ -1208,3 +1208,25 @@ async def outbox_types(settings: Settings) -> list[tuple[str, str]]:
             return [(str(row[0]), str(row[1])) for row in rows]
     finally:
         await engine.dispose()
+
+
+# --- real-browser tests (Debian's Chromium; Playwright never downloads a browser) -------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def require_chromium() -> None:
+    """Skip the calling test module without Chromium; CI (PINAUTH_REQUIRE_E2E=1) fails instead."""
+    if Path(CHROMIUM).exists() and shutil.which("chromium") is not None:
+        return
+    if os.environ.get("PINAUTH_REQUIRE_E2E") == "1":
+        pytest.fail(f"PINAUTH_REQUIRE_E2E=1 but {CHROMIUM} is missing", pytrace=False)
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -12,19 +9,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.helpers import live_server
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, live_server, require_chromium
 
 if TYPE_CHECKING:
     from playwright.async_api import ConsoleMessage, Route
 
-CHROMIUM = "/usr/bin/chromium"
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-    if os.environ.get("PINAUTH_REQUIRE_E2E") == "1":
-        pytest.fail(f"PINAUTH_REQUIRE_E2E=1 but {CHROMIUM} is missing", pytrace=False)
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 
 playwright_async = pytest.importorskip("playwright.async_api")
 

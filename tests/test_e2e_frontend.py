@@ -4,7 +4,6 @@ another origin that learns how each login ended and reads pinauth's headers from
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,22 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_until_serving
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, wait_until_serving
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-    if os.environ.get("PINAUTH_REQUIRE_E2E") == "1":
-        pytest.fail(f"PINAUTH_REQUIRE_E2E=1 but {CHROMIUM} is missing", pytrace=False)
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
