@@ -5,18 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
 import respx
-from sqlalchemy import text, update
+from sqlalchemy import event, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.cache import ConnectionCache
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher, digest
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.errors import InvalidProxyToken
+from pinauth.errors import ConnectionNotFound, InvalidProxyToken
 from pinauth.housekeeping import ExpiredRowPurger
 from pinauth.models import ProxyToken
 from pinauth.proxytokens import PROXY_TOKEN_LENGTH, PROXY_TOKEN_PREFIX, ProxyTokenService
@@ -394,3 +395,36 @@ async def test_purge_deletes_expired_proxy_tokens(
         await engine.dispose()
     assert purged.proxy_tokens == 2
     assert await count_proxy_tokens(database_url) == 0
+
+
+async def test_a_connection_deleted_while_its_token_is_minted_is_not_found(
+    database_url: str,
+) -> None:
+    """Guards the mint's read-then-insert: a delete committing between them made the
+    insert fail its foreign key, and the API answered 500. The delete is made to land in
+    exactly that gap, on the mint's own database connection, just before its INSERT."""
+    settings = make_settings(database_url)
+    key = await create_api_key(settings)
+    pinterest = respx.MockRouter(assert_all_mocked=True)
+    async with browsers(settings, pinterest, 2) as [backend, ada]:
+        backend.headers["Authorization"] = f"Bearer {key}"
+        ada_id = await connect_end_user(
+            backend, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
+        )
+    engine = create_engine(settings)
+
+    def delete_first(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO PROXY_TOKENS"):
+            conn.execute(text("DELETE FROM connections WHERE public_id = :id"), {"id": ada_id})
+
+    event.listen(engine.sync_engine, "before_cursor_execute", delete_first)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        cache = ConnectionCache(0)
+        cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
+        connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))
+        service = ProxyTokenService(sessionmaker, cache, connections, 0)
+        with pytest.raises(ConnectionNotFound):
+            await service.mint(ada_id, 60)
+    finally:
+        await engine.dispose()

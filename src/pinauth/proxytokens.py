@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cachetools import TTLCache
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.cache import ConnectionCache
@@ -84,15 +85,22 @@ class ProxyTokenService:
         """A new token for the connection; ConnectionNotFound if there is none."""
         token = new_proxy_token()
         expires_at = self._now() + timedelta(seconds=ttl_seconds)
-        async with self._sessionmaker() as db, db.begin():
-            connection = await ConnectionRepository(db).get(public_id)
-            if connection is None:
-                raise ConnectionNotFound()
-            await ProxyTokenRepository(db).add(
-                ProxyToken(
-                    token_hash=digest(token), connection_id=connection.id, expires_at=expires_at
+        try:
+            async with self._sessionmaker() as db, db.begin():
+                connection = await ConnectionRepository(db).get(public_id)
+                if connection is None:
+                    raise ConnectionNotFound()
+                await ProxyTokenRepository(db).add(
+                    ProxyToken(
+                        token_hash=digest(token),
+                        connection_id=connection.id,
+                        expires_at=expires_at,
+                    )
                 )
-            )
+        except IntegrityError as e:
+            # The connection was deleted between the read and the insert (its foreign key
+            # refused the token): the same answer as if the delete had come first.
+            raise ConnectionNotFound() from e
         return MintedProxyToken(token=token, expires_at=expires_at)
 
     async def connection_for(self, token: str) -> Connection:
