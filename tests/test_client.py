@@ -279,6 +279,26 @@ async def test_ids_stay_one_path_segment(pinauth: PinauthClient) -> None:
         await pinauth.get_connection("")
 
 
+async def test_a_pinterest_path_never_leaves_the_proxy() -> None:
+    """A path built from user input ("/boards/{board_id}") cannot climb out of /pinterest
+    and call /v1 with the API key: httpx would resolve the dots before sending."""
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.raw_path.decode())
+        return httpx.Response(200, json={})
+
+    async with (
+        httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http,
+        PinauthClient("http://pinauth.test", "pinauth_sk_x", http=http) as pinauth,
+    ):
+        for board_id in ["../../v1/connections/conn_other", "..", "%2e%2e/v1", "./x", ".%2E"]:
+            with pytest.raises(ValueError, match="segments"):
+                await pinauth.request("conn_mine", "DELETE", f"/boards/{board_id}")
+        await pinauth.request("conn_mine", "GET", "/boards/..board/pins?q=../x")
+    assert sent == ["/pinterest/boards/..board/pins?q=../x"]
+
+
 def test_bad_arguments_are_refused_up_front() -> None:
     with pytest.raises(ValueError, match="http"):
         PinauthClient("pinauth.example.com", "key")

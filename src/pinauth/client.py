@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
@@ -445,7 +445,7 @@ class PinauthClient:
         extra = {**(headers or {}), CONNECTION_ID_HEADER: connection_id}
         return await self._send(
             method.upper(),
-            "/pinterest/" + path.lstrip("/"),
+            _pinterest_path(path),
             json=json,
             params=params,
             headers=extra,
@@ -509,6 +509,18 @@ class PinauthClient:
         if not isinstance(body, dict):
             raise UnexpectedResponseError("expected a JSON object from pinauth", response)
         return body
+
+
+def _pinterest_path(path: str) -> str:
+    """Pinterest's `path` under pinauth's /pinterest, refusing dot segments.
+
+    httpx resolves `..` before sending, so "/boards/../../v1/connections/…" (a board id
+    taken from user input, say) would leave the proxy and call /v1 with the API key.
+    """
+    for segment in path.split("?", 1)[0].split("/"):
+        if unquote(segment) in (".", ".."):
+            raise ValueError(f"path must not contain '.' or '..' segments: {path!r}")
+    return "/pinterest/" + path.lstrip("/")
 
 
 def _segment(value: str) -> str:
