@@ -380,6 +380,11 @@ async def test_listing_pages_filters_and_404s(
             await backend.get("/v1/connections", params={"status": "reauthorization_required"})
         ).json()
         unknown = await backend.get("/v1/connections/conn_doesnotexist")
+        # Not ids at all: a NUL reached PostgreSQL, which refuses it in text (a 500).
+        not_ids = [
+            await backend.request(method, f"/v1/connections/conn_%00x{suffix}")
+            for method, suffix in [("GET", ""), ("DELETE", ""), ("POST", "/proxy-tokens")]
+        ] + [await backend.get("/v1/webhook-events/evt_%00x")]
         bad_status = await backend.get("/v1/connections", params={"status": "nope"})
         bad_limit = await backend.get("/v1/connections", params={"limit": 0})
         bad_cursor = await backend.get("/v1/connections", params={"cursor": "conn_gone"})
@@ -392,6 +397,7 @@ async def test_listing_pages_filters_and_404s(
     assert stale["items"] == []
     assert unknown.status_code == 404
     assert unknown.json()["error"] == "connection_not_found"
+    assert [(r.status_code, r.json()["error"]) for r in not_ids] == [(422, "invalid_request")] * 4
     assert bad_status.status_code == 422
     assert bad_limit.status_code == 422
     assert bad_cursor.status_code == 422

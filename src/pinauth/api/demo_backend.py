@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pinauth.api.deps import TrustedOrigin
+from pinauth.api.v1 import PUBLIC_ID_PATTERN
 from pinauth.demobackend import DemoBackend, DemoBackendFailed, Exchange
 
 # Long enough for anything pinauth accepts, so that pinauth, not this route, refuses
@@ -30,7 +31,7 @@ class MintRequest(BaseModel):
 
 class PinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    connection_id: Annotated[str, Field(min_length=1, max_length=64)]
+    connection_id: Annotated[str, Field(min_length=1, max_length=64, pattern=PUBLIC_ID_PATTERN)]
     title: Annotated[str, Field(max_length=100)] = "Posted from the demo's backend"
     via: Literal["api_key", "proxy_token"]
 

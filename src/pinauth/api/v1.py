@@ -42,7 +42,13 @@ BACKEND_ERRORS: tuple[type[PinauthError], ...] = (
     DatabaseUnavailable,
 )
 
-ConnectionId = Annotated[str, Path(max_length=64, description="The connection's public id.")]
+# Public ids are URL-safe; anything else (a NUL, which PostgreSQL refuses in text and
+# answered 500) is not an id at all.
+PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+ConnectionId = Annotated[
+    str,
+    Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The connection's public id."),
+]
 
 
 @router.post(

@@ -15,7 +15,7 @@ from pinauth.api.schemas import (
     WebhookEventPage,
     error_responses,
 )
-from pinauth.api.v1 import BACKEND_ERRORS
+from pinauth.api.v1 import BACKEND_ERRORS, PUBLIC_ID_PATTERN
 from pinauth.errors import UnprocessableRequest, WebhookEventNotFound
 from pinauth.models import WebhookEventStatus
 from pinauth.webhooks import EventDetail
@@ -26,7 +26,10 @@ router = APIRouter(
     dependencies=[Depends(require_api_key)],
 )
 
-EventId = Annotated[str, Path(max_length=64, description="The event's id (evt_…).")]
+EventId = Annotated[
+    str,
+    Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The event's id (evt_…)."),
+]
 
 
 def _detail(found: EventDetail) -> WebhookEventDetail:
