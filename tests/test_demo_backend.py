@@ -137,6 +137,21 @@ async def test_another_site_cannot_drive_the_demo_backend(
     assert response.json()["error"] == "forbidden_origin"
 
 
+async def test_a_rebound_host_name_cannot_read_the_demo_backend(served: ServedWithSandbox) -> None:
+    """Guards the Host check: a DNS-rebinding page is same-origin with itself (Origin
+    equals Host), so only the Host header tells it from the demo page."""
+    rebound = "rebind.attacker.example:" + served.base.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(
+        base_url=served.base, headers={"Host": rebound, "Origin": f"http://{rebound}"}
+    ) as attacker:
+        read = await attacker.get("/demo/backend/connections", params={"end_user_id": "x"})
+        write = await attacker.post("/demo/backend/connect-sessions", json={"end_user_id": "x"})
+    for response in (read, write):
+        assert response.status_code == 403
+        assert response.json()["error"] == "forbidden_origin"
+        assert "pinauth_sk_" not in response.text
+
+
 async def test_the_panel_exists_only_in_demo_mode_and_its_key_dies_with_it(
     database_url: str,
 ) -> None:

@@ -170,6 +170,17 @@ async def test_a_proxy_token_never_switches_connection(
                 json={},
             )
         )
+        # Its own id first and another's in a second header: still another connection.
+        answers.append(
+            await caller.get(
+                "/pinterest/user_account",
+                headers=[
+                    ("Authorization", f"Bearer {token}"),
+                    ("Pinauth-Connection-Id", ada_id),
+                    ("Pinauth-Connection-Id", grace_id),
+                ],
+            )
+        )
 
     for answer in answers:
         assert answer.status_code == 403, answer.text

@@ -73,6 +73,11 @@ class PublicOrigin:
             {host, host.removesuffix(default)} if host.endswith(default) else {host, host + default}
         )
 
+    def is_public_host(self, request: Request) -> bool:
+        """Whether the request named pinauth's public host (and port) in its Host header."""
+        host = request.headers.get("host")
+        return host is not None and host.lower() in self._hosts
+
     def redirect(self, request: Request) -> RedirectResponse | None:
         """A redirect to the same path and query on the public origin, if the request
         reached pinauth by another name; None if it is already there.

@@ -171,7 +171,10 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
         # Refused, not ignored: a caller naming another connection believes it acts for
         # that one, and quietly acting for the token's instead would post to the wrong
         # account. Naming the token's own connection is harmless and allowed.
-        if public_id and public_id != connection.public_id:
+        if public_id is not None and any(
+            named and named != connection.public_id
+            for named in request.headers.getlist(CONNECTION_ID_HEADER)
+        ):
             raise ProxyTokenConnectionMismatch()
         CONNECTION_ID.set(connection.public_id)
         return connection, True
