@@ -187,3 +187,34 @@ def test_a_login_through_the_balancer_is_served_by_both_replicas(
         ]
         assert served, f"{name} served no /me"
         assert all(line["status"] == 200 for line in served)
+
+
+def test_pinterest_failing_for_one_call_leaves_the_balancer_up(
+    balanced: dict[str, Any],
+) -> None:
+    """Guards proxy_next_upstream: pinauth's 503 (Pinterest failing) is an answer, not a
+    replica down. Counting it as one made nginx send the call to the other replica too
+    (Pinterest called twice) and could mark both down, so that every route got nginx's
+    own HTML 502 for fail_timeout (seen with stub replicas in the black-box review)."""
+    base = balanced["base"]
+    with httpx.Client(timeout=30) as browser:
+        sandbox_login(browser, base, balanced["sandbox"])
+        httpx.post(
+            f"{balanced['sandbox']}/_sandbox/faults",
+            # Enough for pinauth's own retries on both replicas.
+            json={"path_prefix": "/v5/boards", "status": 503, "times": 20},
+        ).raise_for_status()
+        failed = browser.get(f"{base}/pinterest/boards")
+        after = [browser.get(f"{base}/me") for _ in range(4)]
+        httpx.delete(f"{balanced['sandbox']}/_sandbox/faults").raise_for_status()
+    assert failed.status_code == 503, failed.text
+    assert failed.headers["content-type"].startswith("application/json")
+    for me in after:
+        assert me.status_code == 200, me.text
+    served = [
+        name
+        for name, replica in balanced["replicas"].items()
+        for line in replica.log_lines()
+        if line.get("event") == "request" and line.get("path") == "/pinterest/boards"
+    ]
+    assert len(served) == 1, served  # one replica answered; nginx did not try the other

@@ -308,6 +308,9 @@ async def test_without_demo_mode_slash_is_an_index(browser: httpx.AsyncClient) -
     assert response.headers["content-type"] == "application/json"
     assert response.json()["docs"] == "/docs"
     assert "create-board" not in response.text
+    # Nor is the page (or its script) served by another name.
+    for path in ("/static/index.html", "/static/demo.js"):
+        assert (await browser.get(path)).status_code == 404
 
 
 async def test_in_demo_mode_slash_is_the_demo_page(

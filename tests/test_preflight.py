@@ -60,6 +60,24 @@ MISTAKES: list[tuple[str, list[str], dict[str, str | None], list[str]]] = [
         ["PINAUTH_DATABASE_URL 'pinauth.db' is not a database URL; use sqlite+aiosqlite://"],
     ),
     (
+        "postgres-port-not-a-number",
+        ["migrate"],
+        {"PINAUTH_DATABASE_URL": "postgresql+asyncpg://app:pw@db.example.com:abc/app"},
+        ["is not a database URL; use sqlite+aiosqlite://"],
+    ),
+    (
+        "postgres-port-out-of-range",
+        ["migrate"],
+        {"PINAUTH_DATABASE_URL": "postgresql+asyncpg://app@127.0.0.1:99999/app"},
+        ["PINAUTH_DATABASE_URL: port 99999 is not a TCP port (1 to 65535)"],
+    ),
+    (
+        "postgres-unclosed-ipv6",
+        ["migrate"],
+        {"PINAUTH_DATABASE_URL": "postgresql+asyncpg://app@[::1:5432/app"},
+        ["is not a database URL"],
+    ),
+    (
         "unsupported-database",
         ["migrate"],
         {"PINAUTH_DATABASE_URL": "mysql://app@db/app"},
@@ -100,6 +118,48 @@ MISTAKES: list[tuple[str, list[str], dict[str, str | None], list[str]]] = [
         ["serve"],
         {"PINTEREST_REDIRECT_URI": "https://pinauth.example.com/oauth/done"},
         ["PINTEREST_REDIRECT_URI must be absolute and end in /auth/callback"],
+    ),
+    (
+        "redirect-unclosed-ipv6",
+        ["serve"],
+        {"PINTEREST_REDIRECT_URI": "http://[::1/auth/callback"},
+        ["PINTEREST_REDIRECT_URI must be absolute and end in /auth/callback"],
+    ),
+    (
+        "redirect-port-out-of-range",
+        ["serve"],
+        {"PINTEREST_REDIRECT_URI": "http://localhost:99999/auth/callback"},
+        ["PINTEREST_REDIRECT_URI must be absolute and end in /auth/callback"],
+    ),
+    (
+        "redirect-with-userinfo",
+        ["serve"],
+        {"PINTEREST_REDIRECT_URI": "http://user:pw@localhost:8000/auth/callback"},
+        ["PINTEREST_REDIRECT_URI must be absolute and end in /auth/callback"],
+    ),
+    (
+        "frontend-url-empty",
+        ["serve"],
+        {"PINAUTH_FRONTEND_URL": ""},
+        ["PINAUTH_FRONTEND_URL '' is neither a path on pinauth"],
+    ),
+    (
+        "frontend-url-without-scheme",
+        ["serve"],
+        {"PINAUTH_FRONTEND_URL": "app.example.com:3000"},
+        ["PINAUTH_FRONTEND_URL 'app.example.com:3000' is neither a path on pinauth"],
+    ),
+    (
+        "port-out-of-range",
+        ["serve", "--port", "99999"],
+        {},
+        ["--port 99999 is not a TCP port"],
+    ),
+    (
+        "host-that-does-not-resolve",
+        ["serve", "--host", "nohost.invalid"],
+        {},
+        ["--host 'nohost.invalid' is not an address of this machine"],
     ),
     (
         "no-pinterest-credentials",
@@ -303,3 +363,16 @@ def test_a_migration_that_fails_is_reported_without_a_traceback(tmp_path: Path) 
         "migrating the database at ./pinauth.db failed: DatabaseError: file is not a database"
         in result.stderr
     )
+
+
+def test_a_dotenv_file_that_is_not_utf8_is_named_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith(("PINAUTH_", "PINTEREST_"))]:
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_bytes("PINTEREST_CLIENT_ID=x\r\n".encode("utf-16"))
+
+    assert main(["migrate"]) == 2
+    assert "the .env file is not UTF-8 text" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [".env"]

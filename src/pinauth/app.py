@@ -208,7 +208,9 @@ def create_app(
         docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
     )
     docs_routes.install_openapi(app)
-    app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
+    if settings.demo_page:
+        # The demo page's own files: nothing else serves from here.
+        app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")
     if sandbox is not None:
         app.mount(SANDBOX_PREFIX, create_sandbox_app(sandbox))
         app.state.demo_receiver = DemoReceiver(settings)

@@ -60,6 +60,7 @@ def _serve(args: argparse.Namespace) -> None:
         log.warning("=" * 72)
     # Every problem at once, and before anything (a database file, a migration) exists.
     found += preflight.problems(settings, "serve", demo=args.demo, workers=args.workers)
+    found += preflight.listen_problems(args.host, args.port)
     preflight.require(found)
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     if not settings.metrics_token.get_secret_value() and not _is_loopback(args.host):

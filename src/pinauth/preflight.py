@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import ValidationError
@@ -50,6 +50,11 @@ def load_settings(
     """
     try:
         return settings_factory(), []
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            "the .env file is not UTF-8 text (saved as UTF-16 by an editor?); "
+            "save it as UTF-8"
+        ) from None
     except ValidationError as e:
         problems: list[str] = []
         replaced: dict[str, Any] = {}
@@ -122,9 +127,12 @@ def settings_problems(settings: Settings) -> list[str]:
                 "base64-encoded bytes); generate one with: python -c "
                 '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
             )
-    redirect = urlsplit(settings.redirect_uri)
+    redirect = _split(settings.redirect_uri)
     if (
-        redirect.scheme not in ("http", "https")
+        redirect is None
+        or redirect.scheme not in ("http", "https")
+        or redirect.username is not None
+        or not _port_ok(redirect)
         or not redirect.hostname
         or not redirect.path.endswith(CALLBACK_PATH)
         or redirect.query
@@ -135,7 +143,59 @@ def settings_problems(settings: Settings) -> list[str]:
             f"https://pinauth.example.com{CALLBACK_PATH} (got {settings.redirect_uri!r}); "
             "register the same URI in your Pinterest app"
         )
+    found += frontend_problems(settings)
     return found
+
+
+def frontend_problems(settings: Settings) -> list[str]:
+    """PINAUTH_FRONTEND_URL: where failed logins are sent, so it must be somewhere."""
+    value = settings.frontend_url
+    parts = _split(value)
+    if value.startswith("/") and not value.startswith("//"):
+        return []
+    if parts is not None and parts.scheme in ("http", "https") and parts.hostname:
+        if _port_ok(parts) and parts.username is None:
+            return []
+    return [
+        f"PINAUTH_FRONTEND_URL {value!r} is neither a path on pinauth (starting with /) nor "
+        "an absolute http(s) URL such as https://app.example.com/; a failed login is "
+        "sent there"
+    ]
+
+
+def listen_problems(host: str, port: int) -> list[str]:
+    """`--host` and `--port`: what uvicorn would only find out after the migration."""
+    found: list[str] = []
+    if not 0 <= port < 65536:
+        found.append(f"--port {port} is not a TCP port; use 1 to 65535 (0: any free port)")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        found.append(f"--host {host!r} is not an address of this machine or a name that resolves")
+    return found
+
+
+def _split(value: str) -> SplitResult | None:
+    try:
+        return urlsplit(value)
+    except ValueError:  # an unclosed IPv6 bracket
+        return None
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    try:
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError:  # not a number, or out of range
+        return False
+    return True
+
+
+def _shown_url(raw: str) -> str:
+    # A password in a URL that does not even parse is not shown either.
+    scheme, sep, rest = raw.partition("://")
+    if sep and "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
 
 
 def database_problems(settings: Settings, *, workers: int = 1) -> list[str]:
@@ -143,8 +203,14 @@ def database_problems(settings: Settings, *, workers: int = 1) -> list[str]:
     raw = settings.database_url
     try:
         url = make_url(raw)
-    except ArgumentError:
-        return [f"PINAUTH_DATABASE_URL {raw!r} is not a database URL; use {URL_EXAMPLES}"]
+        port = url.port
+    except (ArgumentError, ValueError):
+        # ValueError: a port that is not a number, or an unclosed IPv6 bracket.
+        return [
+            f"PINAUTH_DATABASE_URL {_shown_url(raw)!r} is not a database URL; use {URL_EXAMPLES}"
+        ]
+    if port is not None and not 0 < port < 65536:
+        return [f"PINAUTH_DATABASE_URL: port {port} is not a TCP port (1 to 65535)"]
     backend = url.get_backend_name()
     shown = url.render_as_string(hide_password=True)
     if backend == "sqlite":

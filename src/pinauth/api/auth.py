@@ -72,6 +72,10 @@ def _clear_cookie(response: Response, settings: Settings, name: str) -> None:
     response_class=RedirectResponse,
     responses={
         302: {"description": "Redirect to Pinterest's consent page."},
+        307: {
+            "description": "Reached on another host name than the redirect URI's: the same "
+            "path and query on pinauth's public origin, where the login has to happen."
+        },
         **error_responses(InvalidConnectSession, NotConfigured, DatabaseUnavailable),
     },
 )
