@@ -218,11 +218,15 @@ async def test_a_401_after_another_login_replaced_the_tokens_still_refreshes(
 ) -> None:
     """Guards refresh on 401 when the row changed for another reason.
 
-    A second login replaced the tokens after this request read them, and Pinterest
-    rejects the new token too: one refresh fixes it, so the caller must not get the 401.
+    A second login, on another replica, replaced the tokens after this replica cached
+    them, and Pinterest rejects the new token too: one refresh fixes it, so the caller
+    must not get the 401. (A login on the same replica replaces its cached row at once.)
     """
     settings = make_settings(database_url)
-    async with browsers(settings, pinterest, 2) as (laptop, phone):
+    async with (
+        browsers(settings, pinterest, 1) as [laptop],
+        browsers(settings, pinterest, 1) as [phone],
+    ):
         await log_in_as(laptop, pinterest, ALICE, "pina_FIRST", "pinr_FIRST")
         assert (await laptop.get("/me")).status_code == 200  # the laptop caches this row
         await log_in_as(phone, pinterest, ALICE, "pina_SECOND", "pinr_SECOND")

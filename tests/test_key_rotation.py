@@ -229,6 +229,12 @@ def test_rotate_keys_command_prints_counts_and_check_tells_when_done(
     done = pinauth("rotate-keys", "--check")
     assert done.returncode == 0
     assert "the others can be removed" in done.stdout
-    for output in (check, rotate, done):
+    # Key B dropped too early (only A configured): the rows are active and unreadable,
+    # so the check must not say all is well.
+    env["PINAUTH_ENCRYPTION_KEYS"] = KEY_A
+    too_early = pinauth("rotate-keys", "--check")
+    assert too_early.returncode == 1, too_early.stdout
+    assert "3 active rows no configured key decrypts" in too_early.stdout
+    for output in (check, rotate, done, too_early):
         assert KEY_A not in output.stdout + output.stderr
         assert KEY_B not in output.stdout + output.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +25,13 @@ class Receiver:
         self.deliveries: list[tuple[str, bytes]] = []
         self.first_held = asyncio.Event()
         self.second = asyncio.Event()
+        self.release = asyncio.Event()
+        self.handlers: set[asyncio.Task[None]] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -38,7 +44,7 @@ class Receiver:
                 self.deliveries.append((headers["pinauth-event-id"], body))
                 if len(self.deliveries) == 1:
                     self.first_held.set()
-                    await asyncio.Event().wait()  # the sender is killed while it waits
+                    await self.release.wait()  # the sender is killed while it waits
                 self.second.set()
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                 await writer.drain()
@@ -46,6 +52,8 @@ class Receiver:
             pass
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 @asynccontextmanager
@@ -56,6 +64,10 @@ async def receiving() -> AsyncIterator[tuple[Receiver, str]]:
         yield receiver, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
     finally:
         server.close()
+        # The held handler answers its (dead) sender and ends, so no task or socket is
+        # left behind for the garbage collector to complain about.
+        receiver.release.set()
+        await asyncio.gather(*receiver.handlers, return_exceptions=True)
 
 
 async def outbox_rows(database_url: str) -> list[tuple[str, str, int]]:

@@ -364,6 +364,12 @@ async def test_a_delivery_is_signed_with_every_secret(settings: Settings) -> Non
     assert not verify(body, header.replace("t=", "t=1"), SECRET_A, now=now)
     assert not verify(body, "", SECRET_A, now=now)
     assert not verify(body, "t=abc,v1=00", SECRET_A, now=now)
+    # An empty secret (what "a,b,".split(",") leaves) signs for anyone: never accepted.
+    forged = hmac.new(b"", f"{int(now)}.".encode() + body, hashlib.sha256).hexdigest()
+    assert not verify(body, f"t={int(now)},v1={forged}", [SECRET_A, ""], now=now)
+    assert not verify(body, f"t={int(now)},v1={forged}", "", now=now)
+    # A timestamp too large for a float is too far off, not an exception.
+    assert not verify(body, "t=1" + "0" * 400 + ",v1=00", SECRET_A, now=now)
     [stored] = await outbox(settings)
     assert stored.status is WebhookEventStatus.DELIVERED
     assert stored.delivered_at == clock.now

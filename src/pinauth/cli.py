@@ -249,6 +249,13 @@ def _rotate_keys(args: argparse.Namespace) -> None:
                 role = " (first: encrypts new tokens)" if index == 0 else ""
                 print(f"  key {index + 1} {fingerprint(key)}{role}: {usage.by_key.get(index, 0)}")
             print(f"  no configured key: {usage.undecryptable}")
+            if usage.undecryptable_active:
+                print(
+                    f"{usage.undecryptable_active} active rows no configured key decrypts: was "
+                    "a key removed too early? Put it back, or run rotate-keys to mark them "
+                    "for a new login."
+                )
+                return 1
             if usage.outdated:
                 print("Some rows still need a key other than the first: keep it configured.")
                 return 1
@@ -275,7 +282,7 @@ def _webhooks(args: argparse.Namespace) -> None:
 
     if args.action == "list" and not 1 <= args.limit <= 10_000:
         raise ConfigurationError("--limit must be between 1 and 10000")
-    settings = _load_settings("maintenance")
+    settings = _load_settings("migrate")  # the outbox holds no secrets: the database is enough
     preflight.migrate(settings)
 
     async def run() -> None:

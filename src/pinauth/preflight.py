@@ -52,8 +52,7 @@ def load_settings(
         return settings_factory(), []
     except UnicodeDecodeError:
         raise ConfigurationError(
-            "the .env file is not UTF-8 text (saved as UTF-16 by an editor?); "
-            "save it as UTF-8"
+            "the .env file is not UTF-8 text (saved as UTF-16 by an editor?); save it as UTF-8"
         ) from None
     except ValidationError as e:
         problems: list[str] = []
@@ -104,8 +103,10 @@ def problems(
                     else " (the keeper refreshes tokens at Pinterest)"
                 )
             )
-    if command in ("serve", "keeper", "maintenance"):
+    if command in ("serve", "keeper"):
         found += settings_problems(settings)
+    elif command == "maintenance":
+        found += encryption_key_problems(settings)
     if settings.log_level.lower() not in LOG_LEVELS:
         found.append(
             f"PINAUTH_LOG_LEVEL {settings.log_level!r} is not a level; "
@@ -118,15 +119,7 @@ def problems(
 def settings_problems(settings: Settings) -> list[str]:
     """The secrets, the redirect URI and the log level: what serving needs right."""
     found = settings.serving_problems()
-    for position, key in enumerate(settings.encryption_keys, start=1):
-        try:
-            Fernet(key.get_secret_value().encode())
-        except (ValueError, TypeError):
-            found.append(
-                f"PINAUTH_ENCRYPTION_KEYS: key {position} is not a Fernet key (32 url-safe "
-                "base64-encoded bytes); generate one with: python -c "
-                '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
-            )
+    found += encryption_key_problems(settings, missing_reported=True)
     redirect = _split(settings.redirect_uri)
     if (
         redirect is None
@@ -144,6 +137,27 @@ def settings_problems(settings: Settings) -> list[str]:
             "register the same URI in your Pinterest app"
         )
     found += frontend_problems(settings)
+    return found
+
+
+def encryption_key_problems(settings: Settings, *, missing_reported: bool = False) -> list[str]:
+    """PINAUTH_ENCRYPTION_KEYS: present, and every key a Fernet key."""
+    found: list[str] = []
+    if not settings.encryption_keys and not missing_reported:
+        found.append(
+            "PINAUTH_ENCRYPTION_KEYS is missing: stored tokens are encrypted with it. "
+            "Generate a key with: python -c "
+            '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+        )
+    for position, key in enumerate(settings.encryption_keys, start=1):
+        try:
+            Fernet(key.get_secret_value().encode())
+        except (ValueError, TypeError):
+            found.append(
+                f"PINAUTH_ENCRYPTION_KEYS: key {position} is not a Fernet key (32 url-safe "
+                "base64-encoded bytes); generate one with: python -c "
+                '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+            )
     return found
 
 

@@ -56,6 +56,8 @@ class KeyUsage:
     rows: int = 0
     by_key: dict[int, int] = field(default_factory=dict)
     undecryptable: int = 0
+    # Of those, the ones still marked active: served as if usable until a call fails.
+    undecryptable_active: int = 0
 
     @property
     def outdated(self) -> int:
@@ -97,6 +99,8 @@ class KeyRotator:
                 }
                 if None in indexes:
                     usage.undecryptable += 1
+                    if row.status == ConnectionStatus.ACTIVE:
+                        usage.undecryptable_active += 1
                 for index in indexes - {None}:
                     assert index is not None
                     usage.by_key[index] = usage.by_key.get(index, 0) + 1

@@ -134,6 +134,11 @@ def verify(
         body = body.encode()
     if isinstance(secrets, str):
         secrets = [secrets]
+    # An empty secret (a trailing comma split off "a,b,") would let anyone sign: an HMAC
+    # key everyone knows. It never verifies anything.
+    secrets = [s for s in secrets if s]
+    if not secrets:
+        return False
     timestamp: int | None = None
     candidates: list[str] = []
     for part in header.split(","):
@@ -147,7 +152,8 @@ def verify(
             candidates.append(value)
     if timestamp is None or not candidates:
         return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+    # In integers: a float of a 400-digit timestamp overflows.
+    if abs(int(time.time() if now is None else now) - timestamp) > tolerance:
         return False
     signed = str(timestamp).encode() + b"." + body
     expected = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in secrets]
