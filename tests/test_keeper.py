@@ -23,10 +23,11 @@ from prometheus_client import generate_latest
 from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.keeper import BACKOFF_MAX, Schedule
+from pinauth.keeper import BACKOFF_MAX
 from pinauth.models import ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository
+from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 from tests.helpers import (
     POSTGRES_ADMIN_URL,

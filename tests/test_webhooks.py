@@ -191,6 +191,14 @@ async def test_login_events_created_then_updated(
     assert {event.connection_id for event in events} == {me["connection_id"]}
     for event in events:
         assert all(token not in event.body for token in ALL_TOKENS)
+    # The body's connection is the API's connection object, next_refresh_at included.
+    key = await create_api_key(settings)
+    shown = await client.get(
+        f"/v1/connections/{me['connection_id']}", headers={"Authorization": f"Bearer {key}"}
+    )
+    sent = json.loads(events[-1].body)["data"]["connection"]
+    assert sent["next_refresh_at"] is not None
+    assert sent == shown.json()
 
 
 async def test_rejected_refresh_reports_once_across_replicas_then_recovered(

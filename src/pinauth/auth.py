@@ -37,6 +37,7 @@ from pinauth.repository import (
     LoginStateRepository,
     SessionRepository,
 )
+from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 from pinauth.tokens import apply_token_set
 from pinauth.webhooks import EventType, record_event
@@ -81,6 +82,7 @@ class AuthService:
         cache: ConnectionCache,
     ) -> None:
         self._settings = settings
+        self._schedule = Schedule.of(settings)
         self._cache = cache
         self._loading_sessions: dict[str, asyncio.Future[Connection | None]] = {}
         self._verified_cookies: LRUCache[str, str] = LRUCache(MAX_ENTRIES)
@@ -319,7 +321,7 @@ class AuthService:
             )
             apply_token_set(connection, tokens, self._cipher)
             await connections.add(connection)
-            await record_event(db, EventType.CREATED, connection)
+            await record_event(db, EventType.CREATED, connection, schedule=self._schedule)
             return connection
         was_usable = connection.status is ConnectionStatus.ACTIVE
         connection.username = account.username
@@ -332,7 +334,12 @@ class AuthService:
         await db.flush()
         # A connection that needed a new login and got one has recovered: the app may
         # have told its user to reconnect, and now can stop.
-        await record_event(db, EventType.UPDATED if was_usable else EventType.RECOVERED, connection)
+        await record_event(
+            db,
+            EventType.UPDATED if was_usable else EventType.RECOVERED,
+            connection,
+            schedule=self._schedule,
+        )
         return connection
 
     # --- sessions --------------------------------------------------------------------

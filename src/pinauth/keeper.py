@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -44,17 +43,16 @@ from pinauth.errors import (
     PinauthError,
     ReauthorizationRequired,
 )
-from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
+from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository, KeeperRepository
+from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
 
-# Connections made together are spread over this long (at most half the window).
-MAX_SPREAD = timedelta(days=1)
 # A claimed batch is the keeper's for this long; if it dies, another keeper takes over then.
 CLAIM_DURATION = timedelta(minutes=15)
 # Back-off after a transient failure: the first pause, doubled per failure up to the cap.
@@ -72,56 +70,6 @@ INTERVAL_JITTER = 0.1
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def jitter_fraction(public_id: str) -> float:
-    """A fixed pseudo-random number in [0, 1) per connection (its id is random)."""
-    digest = hashlib.sha256(public_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """When connections are due, from PINAUTH_KEEPALIVE_DAYS."""
-
-    window: timedelta
-    spread: timedelta
-
-    @classmethod
-    def of(cls, settings: Settings) -> Schedule:
-        window = timedelta(days=settings.keepalive_days)
-        return cls(window=window, spread=min(MAX_SPREAD, window / 2))
-
-    def due_at(self, connection: Connection | ConnectionSummary) -> datetime | None:
-        """When the keeper refreshes the connection (None: never, it cannot be refreshed).
-
-        Always at or before its refresh token enters the window: the jitter only ever
-        makes it earlier.
-        """
-        expires = connection.refresh_token_expires_at
-        if expires is None:
-            return None
-        return expires - self.window - self.spread * jitter_fraction(connection.public_id)
-
-    def next_refresh_at(self, connection: Connection | ConnectionSummary) -> datetime | None:
-        """What the API shows: the due time, or later if the keeper is backing off."""
-        if connection.status is not ConnectionStatus.ACTIVE:
-            return None
-        due = self.due_at(connection)
-        if due is None:
-            return None
-        later = connection.keeper_not_before
-        return later if later is not None and later > due else due
-
-    def horizon(self, now: datetime) -> datetime:
-        """Rows whose refresh token expires by this may be due now."""
-        return now + self.window + self.spread
-
-
-def next_refresh_at(
-    connection: Connection | ConnectionSummary, settings: Settings
-) -> datetime | None:
-    return Schedule.of(settings).next_refresh_at(connection)
 
 
 class KeeperMetrics:
@@ -364,7 +312,7 @@ class Keeper:
                 values["keeper_expiring_for"] = expires
             await repository.schedule(public_id, now + pause, **values)
             if warn:
-                await record_event(db, EventType.EXPIRING, connection)
+                await record_event(db, EventType.EXPIRING, connection, schedule=self._schedule)
         log.warning(
             "keeper could not refresh connection %s (%s, %d in a row); next try in %ds",
             public_id,

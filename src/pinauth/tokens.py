@@ -57,6 +57,7 @@ from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
+from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 from pinauth.webhooks import EventType, record_event
 
@@ -127,6 +128,7 @@ class TokenManager:
         # What times the cooldown after a failed token call (tests move it instead of waiting).
         self._clock = clock
         self._settings = settings
+        self._schedule = Schedule.of(settings)
         self._sessionmaker = sessionmaker
         self._oauth = oauth
         self._cipher = cipher
@@ -510,7 +512,7 @@ class TokenManager:
             # The connection was reported as needing a new login; it works again.
             current = await repository.get(public_id)
             if current is not None:
-                await record_event(db, EventType.RECOVERED, current)
+                await record_event(db, EventType.RECOVERED, current, schedule=self._schedule)
             return True
 
     async def _write_until_stored(

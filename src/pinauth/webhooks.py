@@ -40,6 +40,7 @@ from pinauth.models import (
 )
 from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
+from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ async def record_event(
     event_type: EventType | str,
     connection: Connection,
     *,
+    schedule: Schedule | None = None,
     now: datetime | None = None,
 ) -> WebhookEvent:
     """Add an outbox row reporting `event_type` for `connection`, in the caller's transaction.
@@ -74,7 +76,8 @@ async def record_event(
     Call it after the change is flushed, in the same transaction, and let the caller commit:
     on PostgreSQL the row lock of the change then orders the events of one connection by
     id in commit order. `connection` must be attached to `session` (or deleted in it, or
-    fully loaded). The body is the /v1 connection object: never a token.
+    fully loaded). The body is the /v1 connection object, `next_refresh_at` from
+    `schedule` (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
     """
     event_type = EventType(event_type)
     state = inspect(connection)
@@ -86,7 +89,12 @@ async def record_event(
         "id": public_id,
         "type": event_type.value,
         "created_at": created_at.isoformat().replace("+00:00", "Z"),
-        "data": {"connection": ConnectionObject.of(connection).model_dump(mode="json")},
+        "data": {
+            "connection": ConnectionObject.of(
+                connection,
+                next_refresh_at=None if schedule is None else schedule.next_refresh_at(connection),
+            ).model_dump(mode="json")
+        },
     }
     return await WebhookEventRepository(session).add(
         WebhookEvent(

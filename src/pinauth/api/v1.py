@@ -25,8 +25,8 @@ from pinauth.errors import (
     ProxyTokenNotAllowed,
     UnprocessableRequest,
 )
-from pinauth.keeper import next_refresh_at
 from pinauth.models import ConnectionStatus
+from pinauth.schedule import next_refresh_at
 
 router = APIRouter(
     prefix="/v1",
