@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet
 from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
 from pinauth.cache import ConnectionCache
-from pinauth.crypto import TokenCipher
+from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import ConfigurationError, InvalidRequest, ReauthorizationRequired
 from pinauth.models import Connection, ConnectionStatus
@@ -187,3 +187,26 @@ async def test_a_new_login_without_scopes_from_pinterest_records_the_requested_o
         )
         assert callback.status_code == 303, callback.text
         assert (await client.get("/me")).json()["scopes"] == requested
+
+
+def test_secured_drops_an_inner_request_id_with_no_vary_and_skips_empty_vary_fields() -> None:
+    ours = (b"x-request-id", b"ours")
+
+    only_inner_id = secured([(b"x-request-id", b"inner"), (b"content-type", b"text/plain")], ours)
+    trailing_comma = secured([(b"vary", b"Origin,, Accept,")], ours)
+
+    assert [v for k, v in only_inner_id if k == b"x-request-id"] == [b"ours"]
+    assert not any(k == b"vary" for k, _ in only_inner_id)
+    assert [v for k, v in trailing_comma if k == b"vary"] == [b"Origin, Accept"]
+
+
+def test_rotating_a_token_no_key_decrypts_is_refused() -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    ciphertext = TokenCipher([old]).encrypt("pina_secret")
+
+    assert TokenCipher([new, old]).key_count == 2
+    assert TokenCipher([new]).key_index(ciphertext) is None
+    with pytest.raises(TokenDecryptionError):
+        TokenCipher([new]).rotate(ciphertext)
+    rotated = TokenCipher([new, old]).rotate(ciphertext)
+    assert TokenCipher([new]).decrypt(rotated) == "pina_secret"
