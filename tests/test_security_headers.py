@@ -37,8 +37,9 @@ def _sha256(text: str) -> str:
         ("GET", "/nope", 404),
         ("DELETE", "/healthz", 405),
         ("GET", "/openapi.json", 200),
-        ("GET", "/static/demo.js", 200),
-        ("GET", "/static/index.html", 200),
+        # Served in demo mode only (see below); elsewhere a 404, headers and all.
+        ("GET", "/static/demo.js", 404),
+        ("GET", "/static/index.html", 404),
         ("GET", "/metrics", 200),
         ("POST", "/auth/logout", 204),
         ("GET", "/auth/login", 302),
@@ -75,6 +76,11 @@ async def test_the_demo_page_policy_allows_exactly_what_the_page_uses(
     files, nothing inline anywhere (so the policy needs no 'unsafe-inline'), no framing."""
     async with run_client(make_settings(database_url, demo_page=True), pinterest) as client:
         response = await client.get("/")
+        # Its files, and the page itself fetched as a file, are locked down.
+        for path in ("/static/demo.js", "/static/index.html"):
+            as_file = await client.get(path)
+            assert as_file.status_code == 200
+            assert as_file.headers["content-security-policy"] == LOCKED_DOWN
     policy = csp_directives(response.headers["content-security-policy"])
     html = response.text
 
