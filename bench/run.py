@@ -376,6 +376,11 @@ def pinauth_env(
         "PINAUTH_ENCRYPTION_KEYS": encryption_key,
         "PINAUTH_ACCESS_LOG": "false",
         "PINAUTH_LOG_LEVEL": "warning",
+        # Measured as it runs in production: the keeper (on by default) and the webhook
+        # dispatcher (on with a URL; nginx answers its deliveries) beside the request path.
+        "PINAUTH_KEEPER": "true",
+        "PINAUTH_WEBHOOK_URL": f"{api}/hooks",
+        "PINAUTH_WEBHOOK_SECRETS": "bench-webhook-secret-" + "w" * 32,
     }
 
 
