@@ -362,26 +362,41 @@ def postgres_reachable(postgres_url: str) -> str | None:
 
 
 def pinauth_env(
-    api: str, base: str, database_url: str, encryption_key: str, secret_key: str
+    api: str,
+    base: str,
+    database_url: str,
+    encryption_key: str,
+    secret_key: str,
+    lifecycle: bool = True,
 ) -> dict[str, str]:
     """`pinauth serve`'s environment: nginx as Pinterest, nothing from the caller's own."""
     own = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
-    return own | {
-        "PINTEREST_CLIENT_ID": "bench",
-        "PINTEREST_CLIENT_SECRET": "bench-secret",
-        "PINTEREST_API_URL": api,
-        "PINTEREST_REDIRECT_URI": f"{base}/auth/callback",
-        "PINAUTH_DATABASE_URL": database_url,
-        "PINAUTH_SECRET_KEY": secret_key,
-        "PINAUTH_ENCRYPTION_KEYS": encryption_key,
-        "PINAUTH_ACCESS_LOG": "false",
-        "PINAUTH_LOG_LEVEL": "warning",
-        # Measured as it runs in production: the keeper (on by default) and the webhook
-        # dispatcher (on with a URL; nginx answers its deliveries) beside the request path.
-        "PINAUTH_KEEPER": "true",
-        "PINAUTH_WEBHOOK_URL": f"{api}/hooks",
-        "PINAUTH_WEBHOOK_SECRETS": "bench-webhook-secret-" + "w" * 32,
-    }
+    return (
+        own
+        | {
+            "PINTEREST_CLIENT_ID": "bench",
+            "PINTEREST_CLIENT_SECRET": "bench-secret",
+            "PINTEREST_API_URL": api,
+            "PINTEREST_REDIRECT_URI": f"{base}/auth/callback",
+            "PINAUTH_DATABASE_URL": database_url,
+            "PINAUTH_SECRET_KEY": secret_key,
+            "PINAUTH_ENCRYPTION_KEYS": encryption_key,
+            "PINAUTH_ACCESS_LOG": "false",
+            "PINAUTH_LOG_LEVEL": "warning",
+        }
+        | (
+            # Measured as it runs in production: the keeper (on by default) and the webhook
+            # dispatcher (on with a URL; nginx answers its deliveries) beside the request path.
+            # `--lifecycle off` measures without them, for comparison.
+            {
+                "PINAUTH_KEEPER": "true",
+                "PINAUTH_WEBHOOK_URL": f"{api}/hooks",
+                "PINAUTH_WEBHOOK_SECRETS": "bench-webhook-secret-" + "w" * 32,
+            }
+            if lifecycle
+            else {"PINAUTH_KEEPER": "false"}
+        )
+    )
 
 
 def bench_database(
@@ -397,7 +412,7 @@ def bench_database(
     base = f"http://127.0.0.1:{port}"
     encryption_key = Fernet.generate_key().decode()
     secret_key = SECRET_KEY
-    env = pinauth_env(api, base, database_url, encryption_key, secret_key)
+    env = pinauth_env(api, base, database_url, encryption_key, secret_key, args.lifecycle == "on")
     server = subprocess.Popen(
         [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env, cwd=tmp
     )
@@ -532,6 +547,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--end-users", type=int, metavar="N", help="end users owning them (default N/2)"
+    )
+    parser.add_argument(
+        "--lifecycle",
+        choices=("on", "off"),
+        default="on",
+        help="run pinauth with the keeper and the webhook dispatcher (default) or without",
     )
     parser.add_argument(
         "--spread",
