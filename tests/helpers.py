@@ -1230,3 +1230,30 @@ def require_chromium() -> None:
     if os.environ.get("PINAUTH_REQUIRE_E2E") == "1":
         pytest.fail(f"PINAUTH_REQUIRE_E2E=1 but {CHROMIUM} is missing", pytrace=False)
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@contextmanager
+def demo_process(tmp_path: Path, port: int, **env_values: str) -> Iterator[None]:
+    """`pinauth serve --demo` on `port`, its own SQLite file in `tmp_path`; its output is
+    printed at the end (pytest shows it only when a test failed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
+    env |= {"PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", **env_values}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--demo", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+        yield
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        print(output)

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, wait_until_serving
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    demo_process,
+    free_port,
+    require_chromium,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage
@@ -27,28 +33,8 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 @pytest.fixture
 def demo_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
-    env["PINAUTH_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pinauth", "serve", "--demo", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+    with demo_process(tmp_path, port):
         yield f"http://localhost:{port}"
-    finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        # Shown by pytest only when the test failed.
-        print(output)
 
 
 def sandbox(base: str, method: str, control: str) -> httpx.Response:

@@ -3,9 +3,6 @@ another origin that learns how each login ended and reads pinauth's headers from
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,37 +14,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, wait_until_serving
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    demo_process,
+    free_port,
+    require_chromium,
+)
 
 require_chromium()
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-
-
-@contextmanager
-def demo(tmp_path: Path, port: int, **env_values: str) -> Iterator[None]:
-    """`pinauth serve --demo` on `port`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
-    env |= {"PINAUTH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", **env_values}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pinauth", "serve", "--demo", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
-        yield
-    finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        print(output)  # shown by pytest only when a test failed
 
 
 # The app's frontend: one page for every path, as a single-page app's server does. It
@@ -109,7 +86,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     pinauth, frontend = f"http://localhost:{port}", f"http://localhost:{frontend_port}"
     with (
         frontend_server(frontend_port, pinauth),
-        demo(
+        demo_process(
             tmp_path_factory.mktemp("frontend"),
             port,
             PINAUTH_FRONTEND_URL=frontend,
@@ -150,7 +127,7 @@ def test_the_demo_at_127_0_0_1_moves_to_the_public_origin_and_logs_in(
     so the login cookie and the callback share an origin and the login completes."""
     port = free_port()
     expect = playwright_sync.expect
-    with demo(tmp_path, port):
+    with demo_process(tmp_path, port):
         page = new_page(chromium)
         page.goto(f"http://127.0.0.1:{port}/")
         expect(page).to_have_url(f"http://localhost:{port}/")
