@@ -3,8 +3,10 @@
 # --- build: the project as a wheel, by the pinned build backend -------------------------
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY requirements-build.lock ./
-RUN pip install --no-cache-dir --require-hashes -r requirements-build.lock
+COPY requirements-pip.lock requirements-build.lock ./
+# pip itself first, pinned: an older pip mis-resolves extras in --require-hashes mode.
+RUN pip install --no-cache-dir --require-hashes -r requirements-pip.lock \
+    && pip install --no-cache-dir --require-hashes -r requirements-build.lock
 COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY src ./src
@@ -18,9 +20,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /app pinauth \
     && mkdir /data && chown 10001:10001 /data
 # Exactly the versions the tests ran (make lock), each checked against its hash.
-COPY requirements.lock /tmp/requirements.lock
-RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
-    && rm /tmp/requirements.lock
+COPY requirements-pip.lock requirements.lock /tmp/
+RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements-pip.lock \
+    && pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
+    && rm /tmp/requirements-pip.lock /tmp/requirements.lock
 COPY --from=build /dist/ /tmp/dist/
 RUN pip install --no-cache-dir --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist
 # The default database (sqlite+aiosqlite:///./pinauth.db) and the demo's live in the

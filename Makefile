@@ -10,10 +10,17 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Everything from the hashed lock files (scripts/lock.py), then pinauth itself alone.
-LOCKS := requirements-dev.lock requirements.lock requirements-build.lock
+# pip first, from its own lock: the pip a venv bundles can fail on today's index
+# (scripts/lock.py says why).
+PIP_STAMP := $(VENV)/.pip
+$(PIP_STAMP): requirements-pip.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-pip.lock
+	touch $@
 
-$(STAMP): pyproject.toml $(LOCKS) | $(BIN)/python
+# Everything from the hashed lock files (scripts/lock.py), then pinauth itself alone.
+LOCKS := requirements-dev.lock requirements.lock requirements-build.lock requirements-pip.lock
+
+$(STAMP): pyproject.toml $(LOCKS) $(PIP_STAMP)
 	$(BIN)/python scripts/lock.py --check
 	$(BIN)/python -m pip install --quiet --require-hashes \
 		-r requirements-dev.lock -r requirements-build.lock
@@ -22,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCKS) | $(BIN)/python
 
 # Re-resolve the locks after editing dependencies in pyproject.toml; versions already
 # locked stay. `make lock ARGS=--upgrade` moves every pin to the newest allowed.
-lock: | $(BIN)/python
+lock: | $(PIP_STAMP)
 	$(BIN)/python scripts/lock.py $(ARGS)
 
 # A first run writes a .env with fresh keys, so nobody has to generate them by hand.

@@ -135,6 +135,7 @@ def main() -> None:
         # Its runtime stage: the locked dependencies, hash-checked, then the wheel alone.
         run(runtime_python(), "-m", "venv", str(work / "venv"))
         pip = [str(work / "venv/bin/pip"), "install", "-q", "--disable-pip-version-check"]
+        run(*pip, "--require-hashes", "-r", str(ROOT / "requirements-pip.lock"))
         run(*pip, "--require-hashes", "-r", str(ROOT / "requirements.lock"))
         run(*pip, "--no-deps", str(wheel))
 

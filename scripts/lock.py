@@ -6,7 +6,12 @@ everywhere:
 - requirements-dev.lock: the service and its dev extra (`make`, CI);
 - requirements.lock: the service alone, within the dev lock's versions (the image);
 - requirements-build.lock: the build backend (installs use --no-build-isolation, so
-  even the backend comes from a pinned, hashed file).
+  even the backend comes from a pinned, hashed file);
+- requirements-pip.lock: pip itself, installed into a new venv before anything else.
+  The pip that `python -m venv` bundles (23.2 on Python 3.11.7) mis-resolves an extra
+  (pytest-cov's `coverage[toml]`) in --require-hashes mode as soon as a newer release
+  of the package exists than the one locked, so a lock that installed yesterday fails
+  today; pip 23.3 and newer resolve it against the pin.
 
 Each install is `pip install --require-hashes -r <lock>`, then pinauth itself with
 --no-deps. `--check` says whether the locks were made from this pyproject.toml (the
@@ -32,6 +37,8 @@ DEV, RUNTIME, BUILD = (
     ROOT / "requirements.lock",
     ROOT / "requirements-build.lock",
 )
+PIP = ROOT / "requirements-pip.lock"
+INSTALLER = "pip>=25"
 # hatchling builds an editable install with `editables`.
 EDITABLE_BACKEND = "editables>=0.5"
 MARK = "# pyproject fingerprint: "
@@ -48,6 +55,7 @@ def fingerprint() -> str:
         "dependencies": project["project"].get("dependencies", []),
         "optional-dependencies": project["project"].get("optional-dependencies", {}),
         "build-system": project["build-system"].get("requires", []),
+        "installer": INSTALLER,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -95,7 +103,8 @@ def lock() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     backend = "\n".join([*project["build-system"]["requires"], EDITABLE_BACKEND]) + "\n"
     compile_lock(BUILD, ["-"], "-c", DEV.name, stdin=backend)
-    for path in (DEV, RUNTIME, BUILD):
+    compile_lock(PIP, ["-"], stdin=INSTALLER + "\n")
+    for path in (DEV, RUNTIME, BUILD, PIP):
         pins = sum(1 for line in path.read_text().splitlines() if "==" in line)
         print(f"{path.name}: {pins} packages pinned with hashes")
 
@@ -104,7 +113,7 @@ def check() -> int:
     expected = fingerprint()
     stale = [
         path.name
-        for path in (DEV, RUNTIME, BUILD)
+        for path in (DEV, RUNTIME, BUILD, PIP)
         if not path.is_file() or not path.read_text().startswith(f"{MARK}{expected}\n")
     ]
     if stale:
