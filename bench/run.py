@@ -97,6 +97,11 @@ PROXY_TOKEN_TTL = 86_400
 # Targets of issue 11.
 SCALE_RPS_RATIO = 0.9
 LIST_P99_MS = 20.0
+# Issue 13: the request path's numbers unchanged with the keeper and dispatcher running.
+# "Unchanged" within what two identical builds differ by on this machine: medians of
+# LIFECYCLE_ROUNDS interleaved runs each.
+LIFECYCLE_RATIO = 0.95
+LIFECYCLE_ROUNDS = 3
 
 
 @dataclass
@@ -149,9 +154,33 @@ class Phase:
 
 
 @dataclass
+class Lifecycle:
+    """The same load on two servers over one database: keeper and dispatcher on, and off."""
+
+    connections: int
+    on: list[Result] = field(default_factory=list)
+    off: list[Result] = field(default_factory=list)
+    # The on server's keeper passes over the comparison: evidence it was running.
+    keeper_passes: float = 0.0
+
+    @staticmethod
+    def median(results: list[Result]) -> Result:
+        return Result(
+            results[0].name,
+            statistics.median(r.rps for r in results),
+            statistics.median(r.p50_ms for r in results),
+            statistics.median(r.p99_ms for r in results),
+            None
+            if any(r.cpu_us is None for r in results)
+            else statistics.median(r.cpu_us for r in results if r.cpu_us is not None),
+        )
+
+
+@dataclass
 class DatabaseRun:
     database: str
     phases: list[Phase] = field(default_factory=list)
+    lifecycle: Lifecycle | None = None
     note: str = ""
 
 
@@ -390,6 +419,10 @@ def pinauth_env(
             # `--lifecycle off` measures without them, for comparison.
             {
                 "PINAUTH_KEEPER": "true",
+                # The shortest interval allowed: the keeper's pass (claim due rows, the
+                # next-due gauge) runs every second over the whole table, not once in ten
+                # minutes, so its cost cannot hide between measurements.
+                "PINAUTH_KEEPER_INTERVAL": "1",
                 "PINAUTH_WEBHOOK_URL": f"{api}/hooks",
                 "PINAUTH_WEBHOOK_SECRETS": "bench-webhook-secret-" + "w" * 32,
             }
@@ -490,10 +523,69 @@ def bench_database(
             many.proxy[-1].target = False
         many.lists = time_lists(base, api_key, args.list_samples, args.end_users, server.pid)
         run.phases.append(many)
+        if args.lifecycle == "on":
+            run.lifecycle = compare_lifecycle(
+                server, base, cookies, url, wrk, args, tmp, processes, many.connections,
+                pinauth_env(api, base, database_url, encryption_key, secret_key, False),
+            )  # fmt: skip
         return run
     finally:
         stop([server])
         processes.remove(server)
+
+
+def compare_lifecycle(
+    server: subprocess.Popen[bytes],
+    base: str,
+    cookies: list[str],
+    url: str,
+    wrk: Wrk,
+    args: argparse.Namespace,
+    tmp: str,
+    processes: list[subprocess.Popen[bytes]],
+    connections: int,
+    env_off: dict[str, str],
+) -> Lifecycle:
+    """The cookie path over the spread, on the server running the keeper and dispatcher and
+    on a second one over the same database without them, in alternating order.
+
+    Both serve the same sessions (same database, same secret key), so the only difference
+    is the two background tasks. Each wrk run is short and machines drift; alternating
+    the order and taking medians keeps a drift from reading as a difference.
+    """
+    port = free_port()
+    off_base = f"http://127.0.0.1:{port}"
+    env_off = env_off | {"PINTEREST_REDIRECT_URI": f"{off_base}/auth/callback"}
+    off = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env_off, cwd=tmp
+    )
+    processes.append(off)
+    result = Lifecycle(connections)
+    try:
+        wait_http(f"{off_base}/openapi.json")
+        passes_before = keeper_passes(base)
+        print(f"keeper and dispatcher on ({base}) vs off ({off_base}):", flush=True)
+        for round_ in range(LIFECYCLE_ROUNDS):
+            order = [("on", server, base), ("off", off, off_base)]
+            for label, process, where in order if round_ % 2 == 0 else order[::-1]:
+                measured = wrk(
+                    f"cookie, {connections:,} conn., keeper and dispatcher {label}",
+                    url.replace(base, where),
+                    ("Cookie", cookies),
+                    pid=process.pid,
+                )
+                (result.on if label == "on" else result.off).append(measured)
+        result.keeper_passes = keeper_passes(base) - passes_before
+    finally:
+        stop([off])
+        processes.remove(off)
+    return result
+
+
+def keeper_passes(base: str) -> float:
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.search(r"^pinauth_keeper_passes_total (\S+)$", metrics, re.M)
+    return 0.0 if found is None else float(found.group(1))
 
 
 def start_profiler(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
@@ -741,6 +833,31 @@ def report(
                 (
                     f"{db}: {r.name} within 10% of the 1-connection cookie path",
                     r.rps >= SCALE_RPS_RATIO * baseline.rps,
+                )
+            )
+        if run.lifecycle is not None and run.lifecycle.on:
+            on, off = Lifecycle.median(run.lifecycle.on), Lifecycle.median(run.lifecycle.off)
+            print(
+                f"| {f'median of {len(run.lifecycle.on)} alternating runs':<50} | {'req/s':>7} "
+                f"| {'p50 ms':>7} | {'p99 ms':>7} | {'CPU us/req':>12} | {'vs off':>7} |"
+            )
+            print(f"|{'-' * 52}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 14}|{'-' * 9}|")
+            for r in (off, on):
+                cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
+                print(
+                    f"| {r.name:<50} | {r.rps:>7.0f} | {r.p50_ms:>7.1f} | {r.p99_ms:>7.1f} | "
+                    f"{cpu:>12} | {r.rps / off.rps:>7.2f} |"
+                )
+            print(
+                f"\n(the keeper, waking every second, made {run.lifecycle.keeper_passes:.0f} "
+                "passes over the table meanwhile; the dispatcher polls every second)\n"
+            )
+            checks.append(
+                (
+                    f"{db}: keeper and dispatcher on: cookie path within "
+                    f"{1 - LIFECYCLE_RATIO:.0%} of off at {run.lifecycle.connections:,} "
+                    "connections",
+                    on.rps >= LIFECYCLE_RATIO * off.rps,
                 )
             )
         for latency in run.phases[-1].lists:
