@@ -96,6 +96,27 @@ def token_json(
     return body
 
 
+# Lifetimes no datetime can hold, both ways, in each field that carries one: the token
+# answer's tokens are still real (Pinterest has rotated the refresh token), so pinauth
+# stores them with the lifetime clamped. `None` drops the field.
+ABSURD = 999999999999999999999
+ABSURD_LIFETIMES: list[dict[str, int | None]] = [
+    {"expires_in": ABSURD},
+    {"expires_in": -ABSURD},
+    {"refresh_token_expires_in": ABSURD, "refresh_token_expires_at": None},
+    {"refresh_token_expires_in": -ABSURD, "refresh_token_expires_at": None},
+    {"refresh_token_expires_at": ABSURD},
+    {"refresh_token_expires_at": -ABSURD},
+]
+TEN_YEARS = 3650 * 86400
+
+
+def with_fields(body: dict[str, Any], fields: dict[str, int | None]) -> dict[str, Any]:
+    """`body` with `fields` set, or dropped where `None`."""
+    changed = body | {k: v for k, v in fields.items() if v is not None}
+    return {k: v for k, v in changed.items() if fields.get(k, 0) is not None}
+
+
 USER_ACCOUNT = {"id": "549755885175", "username": "ada_pins", "account_type": "PINNER"}
 
 

@@ -13,10 +13,12 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from pinauth.settings import Settings
 from tests.helpers import (
+    ABSURD_LIFETIMES,
     API,
     BASIC,
     CLIENT_ID,
     CLIENT_SECRET,
+    TEN_YEARS,
     TOKEN_URL,
     log_in,
     make_settings,
@@ -24,6 +26,7 @@ from tests.helpers import (
     run_client,
     start_login,
     token_json,
+    with_fields,
 )
 
 # An API client's callback: failures answer as JSON (a browser's are redirected to the
@@ -120,6 +123,24 @@ async def test_expires_in_sent_as_string_is_understood(
 
     expires = httpx_datetime((await client.get("/me")).json()["access_token_expires_at"])
     assert 3500 < expires - time.time() <= 3600
+
+
+@pytest.mark.parametrize("fields", ABSURD_LIFETIMES)
+async def test_absurd_lifetimes_are_clamped_and_the_tokens_kept(
+    client: httpx.AsyncClient, pinterest: respx.MockRouter, fields: dict[str, int | None]
+) -> None:
+    mock_login_upstream(pinterest, with_fields(token_json(), fields))
+    state = await start_login(client)
+
+    response = await client.get(
+        "/auth/callback", params={"code": "c", "state": state}, headers=JSON
+    )
+
+    assert response.status_code == 303, response.text
+    me = (await client.get("/me")).json()
+    for field in ("access_token_expires_at", "refresh_token_expires_at"):
+        remaining = httpx_datetime(me[field]) - time.time()
+        assert -60 < remaining <= TEN_YEARS, (field, me[field])
 
 
 @pytest.mark.parametrize(

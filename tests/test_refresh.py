@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime
 from urllib.parse import parse_qs
 
 import httpx
@@ -15,11 +17,13 @@ from pinauth.db import create_engine, create_sessionmaker
 from pinauth.models import Connection
 from pinauth.settings import Settings
 from tests.helpers import (
+    ABSURD_LIFETIMES,
     ACCESS_2,
     BASIC,
     REFRESH_1,
     REFRESH_2,
     SERVICE,
+    TEN_YEARS,
     TOKEN_URL,
     counted_client,
     log_in,
@@ -27,6 +31,7 @@ from tests.helpers import (
     run_client,
     token_json,
     warm_up,
+    with_fields,
 )
 
 
@@ -85,6 +90,30 @@ async def test_refresh_keeps_the_old_refresh_token_if_none_comes_back(
     assert cipher(settings).decrypt(after.access_token_encrypted) == ACCESS_2
     assert after.refresh_token_encrypted is not None
     assert cipher(settings).decrypt(after.refresh_token_encrypted) == REFRESH_1
+
+
+@pytest.mark.parametrize("fields", ABSURD_LIFETIMES)
+async def test_absurd_lifetimes_still_store_the_rotated_tokens(
+    client: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    fields: dict[str, int | None],
+) -> None:
+    await log_in(client, pinterest)
+    pinterest.post(TOKEN_URL).respond(
+        200, json=with_fields(token_json(ACCESS_2, REFRESH_2), fields)
+    )
+
+    response = await client.post("/auth/refresh")
+
+    assert response.status_code == 200, response.text
+    after = await stored_connection(settings)
+    assert cipher(settings).decrypt(after.access_token_encrypted) == ACCESS_2
+    assert after.refresh_token_encrypted is not None
+    assert cipher(settings).decrypt(after.refresh_token_encrypted) == REFRESH_2
+    for field, value in response.json().items():
+        remaining = datetime.fromisoformat(value).timestamp() - time.time()
+        assert -60 < remaining <= TEN_YEARS, (field, value)
 
 
 async def test_concurrent_refreshes_make_one_token_request(

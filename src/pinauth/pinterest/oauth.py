@@ -130,15 +130,37 @@ class PinterestOAuth:
         return _token_set(payload, now)
 
 
+# Pinterest documents lifetimes of days to a year; a larger one is a broken answer, but its
+# tokens are real and the refresh token it replaces is already dead, so the answer is kept
+# and the lifetime clamped rather than rejected (an unbounded one overflows datetime). A
+# negative lifetime, or an expiry already past, is taken as expiring now: the next use
+# refreshes (or, for the refresh token, asks the user to reconnect) instead of trusting it.
+MAX_TOKEN_LIFETIME = timedelta(days=3650)
+
+
+def _expiry_in(now: datetime, seconds: int) -> datetime:
+    max_seconds = int(MAX_TOKEN_LIFETIME.total_seconds())
+    return now + timedelta(seconds=min(max(seconds, 0), max_seconds))
+
+
+def _expiry_at(now: datetime, timestamp: int) -> datetime:
+    latest = now + MAX_TOKEN_LIFETIME
+    if timestamp >= latest.timestamp():
+        return latest
+    if timestamp <= now.timestamp():
+        return now
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
 def _token_set(payload: _TokenPayload, now: datetime) -> TokenSet:
     refresh_expires_at: datetime | None = None
     if payload.refresh_token_expires_at is not None:
-        refresh_expires_at = datetime.fromtimestamp(payload.refresh_token_expires_at, UTC)
+        refresh_expires_at = _expiry_at(now, payload.refresh_token_expires_at)
     elif payload.refresh_token_expires_in is not None:
-        refresh_expires_at = now + timedelta(seconds=payload.refresh_token_expires_in)
+        refresh_expires_at = _expiry_in(now, payload.refresh_token_expires_in)
     return TokenSet(
         access_token=payload.access_token,
-        access_token_expires_at=now + timedelta(seconds=payload.expires_in),
+        access_token_expires_at=_expiry_in(now, payload.expires_in),
         refresh_token=payload.refresh_token,
         refresh_token_expires_at=refresh_expires_at,
         scopes=split_scopes(payload.scope) if payload.scope else None,
