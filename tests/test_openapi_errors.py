@@ -22,6 +22,7 @@ from openapi_spec_validator import validate
 from pinauth.api.deps import SESSION_COOKIE, get_acting_connection, get_current_connection
 from pinauth.errors import (
     ForbiddenOrigin,
+    PayloadTooLarge,
     PinauthError,
     ReauthorizationRequired,
     ShuttingDown,
@@ -37,8 +38,9 @@ from tests.raised_errors import RaiseAnalysis
 UNREACHABLE: dict[tuple[str, type[PinauthError]], str] = {
     ("GET", ForbiddenOrigin): "the Origin check runs only for methods that change state",
 }
-# Every route: the shutdown middleware (shutdown.py) answers for any request it cuts short.
-EVERY_ROUTE: tuple[type[PinauthError], ...] = (ShuttingDown,)
+# Every route: the shutdown middleware (shutdown.py) answers for any request it cuts short,
+# and a body over the limit is refused (api/body_limit.py, or the proxy's own limit).
+EVERY_ROUTE: tuple[type[PinauthError], ...] = (ShuttingDown, PayloadTooLarge)
 
 
 def api_routes(routes: list[Any]) -> Iterator[APIRoute]:

@@ -26,6 +26,7 @@ from pinauth.api import ops as ops_routes
 from pinauth.api import pinterest as pinterest_routes
 from pinauth.api import v1 as v1_routes
 from pinauth.api import webhook_events as webhook_event_routes
+from pinauth.api.body_limit import BodyLimit
 from pinauth.api.demo_backend import demo_backend_router
 from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath
@@ -179,7 +180,12 @@ def create_app(
             "logs": settings.opentelemetry,
         },
     )
-    # Innermost of the middlewares, so CORS and request context still wrap it.
+    # Inside the proxy's fast path, so /pinterest pays nothing for it and keeps its own
+    # PINAUTH_MAX_BODY_BYTES; everything else gets a small limit before its body is read,
+    # but the sandbox, which the demo's proxy forwards those larger bodies to.
+    app.add_middleware(BodyLimit, exempt=(SANDBOX_PREFIX + "/",))
+    # Innermost of the middlewares but the body limit, so CORS and request context still
+    # wrap it.
     app.add_middleware(ProxyFastPath, route=pinterest_routes.proxy_route("GET"), outage=outage)
     # Outside every route, the fast path included, and inside CORS and request context, so
     # a request cut short by the shutdown is still logged, counted and CORS-readable.
@@ -243,7 +249,8 @@ def _install_error_handlers(app: FastAPI, outage: OutageTracker) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        # 413: the body limit (api/body_limit.py) stopping a body as it arrives.
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return JSONResponse(
             {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},
             status_code=exc.status_code,

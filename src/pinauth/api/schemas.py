@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pinauth.errors import (
+    PayloadTooLarge,
     PinauthError,
     ReauthorizationRequired,
     ShuttingDown,
@@ -102,11 +103,12 @@ def error_responses(
     """OpenAPI `responses` entries for the pinauth errors a route can raise.
 
     One entry per status, with an example per error code (tests/test_openapi_errors.py
-    checks the list against the code). Every route can also be cut short by a shutdown.
+    checks the list against the code). Every route can also be cut short by a shutdown,
+    and refuse a body over its limit (api/body_limit.py; the proxy's own limit otherwise).
     `pinterest`: statuses where Pinterest's own error body may come instead.
     """
     by_status: dict[int, list[type[PinauthError]]] = {}
-    every: tuple[type[PinauthError], ...] = (*errors, ShuttingDown)
+    every: dict[type[PinauthError], None] = dict.fromkeys((*errors, PayloadTooLarge, ShuttingDown))
     for error in every:
         by_status.setdefault(error.status_code, []).append(error)
     relayed = set(pinterest)
