@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from pinauth.client import (
+    CONNECTION_ID_HEADER,
     APIError,
     AuthenticationError,
     ConnectionNotFoundError,
@@ -297,6 +298,114 @@ async def test_a_pinterest_path_never_leaves_the_proxy() -> None:
                 await pinauth.request("conn_mine", "DELETE", f"/boards/{board_id}")
         await pinauth.request("conn_mine", "GET", "/boards/..board/pins?q=../x")
     assert sent == ["/pinterest/boards/..board/pins?q=../x"]
+
+
+def recording(sent: list[httpx.Request]) -> httpx.AsyncClient:
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pinauth-connection-id", "PINAUTH-CONNECTION-ID", CONNECTION_ID_HEADER, "authorization"],
+)
+async def test_caller_headers_cannot_choose_whom_a_call_acts_for(name: str) -> None:
+    sent: list[httpx.Request] = []
+    async with (
+        recording(sent) as http,
+        PinauthClient("http://pinauth.test", "pinauth_sk_x", http=http) as pinauth,
+    ):
+        with pytest.raises(ValueError, match="must not set"):
+            await pinauth.request("conn_mine", "GET", "/boards", headers={name: "conn_other"})
+        await pinauth.request("conn_mine", "GET", "/boards", headers={"X-Trace": "1"})
+    [request] = sent
+    assert request.headers.get_list(CONNECTION_ID_HEADER) == ["conn_mine"]
+    assert request.headers.get_list("authorization") == ["Bearer pinauth_sk_x"]
+    assert request.headers["x-trace"] == "1"
+
+
+@pytest.mark.parametrize(
+    "connection_id", [".", "..", "./conn_x", "conn_x/..", "conn_x/x", "conn_a b", "CONN_X", "x"]
+)
+async def test_ids_that_cannot_be_pinauths_are_not_found_without_a_request(
+    connection_id: str,
+) -> None:
+    sent: list[httpx.Request] = []
+    async with (
+        recording(sent) as http,
+        PinauthClient("http://pinauth.test", "pinauth_sk_x", http=http) as pinauth,
+    ):
+        calls = [
+            pinauth.get_connection(connection_id),
+            pinauth.delete_connection(connection_id),
+            pinauth.create_proxy_token(connection_id),
+            pinauth.request(connection_id, "GET", "/boards"),
+        ]
+        for call in calls:
+            with pytest.raises(ConnectionNotFoundError) as missing:
+                await call
+            assert (missing.value.status_code, missing.value.error) == (404, "connection_not_found")
+            assert missing.value.request_id is None
+            assert "conn_" in str(missing.value)
+    assert sent == []
+
+
+async def test_arguments_no_request_can_carry_say_what_is_wrong(pinauth: PinauthClient) -> None:
+    """Before these reached httpx: InvalidURL, or 'could not reach pinauth'."""
+    with pytest.raises(ValueError, match="path"):
+        await pinauth.request("conn_x", "GET", "/boards\t1")
+    for method in ("GE T", "HEAD", ""):
+        with pytest.raises(ValueError, match="method must be one of"):
+            await pinauth.request("conn_x", method, "/boards")
+    for headers in ({"X-Note": "a\nb"}, {"X-Note": "caf\u00e9"}, {"X Note": "a"}, {"": "a"}):
+        with pytest.raises(ValueError, match="header") as refused:
+            await pinauth.request("conn_x", "GET", "/boards", headers=headers)
+        assert "could not reach" not in str(refused.value)
+    with pytest.raises(ValueError, match="api_key"):
+        PinauthClient(pinauth.base_url, "pinauth_sk_\x00")
+    # Still a call pinauth answers: the connection does not exist.
+    with pytest.raises(ConnectionNotFoundError):
+        await pinauth.request("conn_x", "GET", "/boards", headers={"X-Note": "a\tb c"})
+
+
+async def test_a_redirect_from_pinterest_is_not_a_success(
+    pinauth: PinauthClient, served: ServedWithSandbox
+) -> None:
+    await connect(pinauth, served, "user_1")
+    [connection_id] = await all_connections(pinauth)
+    async with httpx.AsyncClient(base_url=served.sandbox) as sandbox:
+        fault = {
+            "path_prefix": "/v5/boards",
+            "status": 302,
+            "headers": {"Location": "https://elsewhere.example/boards"},
+        }
+        assert (await sandbox.post("/_sandbox/faults", json=fault)).status_code == 201
+
+    with pytest.raises(PinterestAPIError) as redirected:
+        await pinauth.request(connection_id, "GET", "/boards")
+
+    assert (redirected.value.status_code, redirected.value.code) == (302, None)
+    assert "redirect" in str(redirected.value)
+    assert (await pinauth.request(connection_id, "GET", "/boards")).status_code == 200
+
+
+async def test_a_redirect_instead_of_pinauth_is_reported_as_such() -> None:
+    """An http:// base_url whose server redirects to https, say: not a deletion done."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"Location": "https://pinauth.test/"})
+
+    async with (
+        httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http,
+        PinauthClient("http://pinauth.test", "pinauth_sk_x", http=http) as pinauth,
+    ):
+        with pytest.raises(
+            UnexpectedResponseError, match=r"redirect .*301.* to https://pinauth\.test/"
+        ):
+            await pinauth.delete_connection("conn_x")
 
 
 def test_bad_arguments_are_refused_up_front() -> None:

@@ -10,8 +10,12 @@ Every call authenticates with the API key; calls to Pinterest go through pinauth
 (`/pinterest/{path}` with `Pinauth-Connection-Id`), so no Pinterest token ever reaches
 the backend. Failures are exceptions: `PinauthAPIError` for pinauth's own errors (its
 `error` code), `PinterestAPIError` for Pinterest's, passed through unchanged (its `code`),
-`RateLimitError` for a 429 (with `retry_after`), `PinauthTransportError` when pinauth
-could not be reached. All derive from `PinauthClientError`.
+a redirect included (this client follows none), `RateLimitError` for a 429 (with
+`retry_after`), `PinauthTransportError` when pinauth could not be reached. All derive from
+`PinauthClientError`. Arguments that cannot make a valid call (a method the proxy does not
+serve, a control character in a path or header, a header the client sets itself) raise
+ValueError before anything is sent; an id that cannot be a connection's raises
+ConnectionNotFoundError, as pinauth would, without a request.
 
 `sdk_client()` needs the optional extra `pinauth[sdk]` (the official pinterest-api-sdk).
 """
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import httpx
 
@@ -53,6 +58,17 @@ __all__ = [
 ]
 
 CONNECTION_ID_HEADER = "Pinauth-Connection-Id"
+# Headers the client sets for every call and a caller may not replace or add beside
+# its own (HTTP header names are case-insensitive): they choose whom a call acts as.
+_RESERVED_HEADERS = frozenset({"authorization", CONNECTION_ID_HEADER.lower()})
+# The methods pinauth's proxy serves.
+PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# pinauth's connection ids: "conn_" and 26 base32 characters (models.new_public_id);
+# looser in length so an id pinauth may mint differently later still reaches it.
+_CONNECTION_ID = re.compile(r"conn_[a-z0-9]{1,35}")
+# RFC 9110: a header name is a token; a value visible ASCII, spaces and tabs.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 DEFAULT_TIMEOUT_SECONDS = 30.0
 # The most /v1/connections returns per page.
 MAX_PAGE_SIZE = 100
@@ -121,7 +137,11 @@ class AuthenticationError(PinauthAPIError):
 
 
 class ConnectionNotFoundError(PinauthAPIError):
-    """No connection has this id (or it was deleted): `connection_not_found`."""
+    """No connection has this id (or it was deleted): `connection_not_found`.
+
+    Also raised, without a request (so `request_id` is None), for an id that cannot be
+    one of pinauth's (they look like `conn_…`).
+    """
 
 
 class ReauthorizationRequiredError(PinauthAPIError):
@@ -138,13 +158,20 @@ class PinterestAPIError(APIError):
     """Pinterest's own error, passed through unchanged: `{"code": int, "message": str}`.
 
     `code` is Pinterest's error code (see its API reference), `status_code` the HTTP status.
+    A redirect (3xx) Pinterest answers is one too, with `code` None: pinauth passes it
+    through without its `Location`, and this client follows none.
     """
 
-    def __init__(self, response: httpx.Response, body: Mapping[str, Any]) -> None:
-        self.code: int = int(body["code"])
-        super().__init__(str(body.get("message") or ""), response, body)
+    def __init__(
+        self, response: httpx.Response, body: Mapping[str, Any] | None, message: str = ""
+    ) -> None:
+        code = (body or {}).get("code")
+        self.code: int | None = code if isinstance(code, int) else None
+        super().__init__(message or str((body or {}).get("message") or ""), response, body)
 
     def __str__(self) -> str:
+        if self.code is None:
+            return f"HTTP {self.status_code}: {self.message}"
         return f"HTTP {self.status_code}, Pinterest code {self.code}: {self.message}"
 
 
@@ -320,6 +347,8 @@ class PinauthClient:
             raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
         if not api_key or not api_key.strip():
             raise ValueError("api_key is empty: create one with `pinauth api-keys create`")
+        if not _HEADER_VALUE.fullmatch(api_key.strip()):
+            raise ValueError("api_key has characters no HTTP header can carry")
         self.base_url = str(url).rstrip("/")
         self._api_key = api_key.strip()
         self._owns_http = http is None
@@ -396,18 +425,18 @@ class PinauthClient:
 
     async def get_connection(self, connection_id: str) -> Connection:
         """One connection; ConnectionNotFoundError if there is none with this id."""
-        response = await self._send("GET", f"/v1/connections/{_segment(connection_id)}")
+        response = await self._send("GET", f"/v1/connections/{_checked_id(connection_id)}")
         return Connection.from_json(self._json(response))
 
     async def delete_connection(self, connection_id: str) -> None:
         """Delete the connection's tokens and end its browser sessions."""
-        await self._send("DELETE", f"/v1/connections/{_segment(connection_id)}")
+        await self._send("DELETE", f"/v1/connections/{_checked_id(connection_id)}")
 
     async def create_proxy_token(self, connection_id: str, ttl_seconds: int = 3600) -> ProxyToken:
         """A proxy token for `connection_id`, valid for `ttl_seconds` (at most 86400)."""
         response = await self._send(
             "POST",
-            f"/v1/connections/{_segment(connection_id)}/proxy-tokens",
+            f"/v1/connections/{_checked_id(connection_id)}/proxy-tokens",
             json={"ttl_seconds": ttl_seconds},
         )
         body = self._json(response)
@@ -438,11 +467,16 @@ class PinauthClient:
 
         `path` is Pinterest's, after /v5 (e.g. "/boards", "/pins/123"). Returns the
         successful response (`.json()` is Pinterest's body); raises PinterestAPIError
-        (or RateLimitError) for Pinterest's errors and PinauthAPIError for pinauth's.
+        (or RateLimitError) for Pinterest's errors, a redirect included, and
+        PinauthAPIError for pinauth's. `headers` may not set `Authorization` or
+        `Pinauth-Connection-Id`: the client sends its own.
         """
-        if not connection_id:
-            raise ValueError("connection_id is empty")
-        extra = {**(headers or {}), CONNECTION_ID_HEADER: connection_id}
+        extra = {
+            **_checked_headers(headers or {}),
+            CONNECTION_ID_HEADER: _checked_id(connection_id),
+        }
+        if method.upper() not in PROXY_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PROXY_METHODS)}, not {method!r}")
         return await self._send(
             method.upper(),
             _pinterest_path(path),
@@ -483,6 +517,8 @@ class PinauthClient:
             if self._timeout is not None:
                 request.extensions["timeout"] = self._timeout.as_dict()
             response = await self._http.send(request)
+        except httpx.InvalidURL as e:
+            raise ValueError(f"cannot make a URL of path {path!r}: {e}") from e
         except httpx.TimeoutException as e:
             raise PinauthTimeoutError(
                 f"pinauth at {self.base_url} did not answer {method} {path} in time"
@@ -494,6 +530,8 @@ class PinauthClient:
             ) from e
         if response.status_code >= 400:
             raise error_for(response)
+        if response.status_code >= 300:
+            raise _redirect_error(response, pinterest=path.startswith("/pinterest/"))
         return response
 
     @staticmethod
@@ -523,11 +561,50 @@ def _pinterest_path(path: str) -> str:
     return "/pinterest/" + path.lstrip("/")
 
 
-def _segment(value: str) -> str:
-    """`value` as one path segment: an id with `/` or `..` cannot reach another route."""
-    if not value:
+def _checked_id(connection_id: str) -> str:
+    """`connection_id` if it can be one of pinauth's, which also keeps it one path segment
+    (`/`, `.` or `..` would reach another route) and a valid header value."""
+    if not connection_id:
         raise ValueError("connection_id is empty")
-    return quote(value, safe="")
+    if not _CONNECTION_ID.fullmatch(connection_id):
+        message = f"No connection has the id {connection_id[:60]!r}: ids look like 'conn_…'."
+        body = {"error": "connection_not_found", "message": message}
+        raise ConnectionNotFoundError(httpx.Response(404, json=body), body)
+    return connection_id
+
+
+def _checked_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    for name, value in headers.items():
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(
+                f"headers must not set {name!r}: the client sends its own API key and "
+                "connection id, and a call acts only for the connection_id it is given"
+            )
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            # The value itself stays out of the message: it may be a secret.
+            raise ValueError(
+                f"header {name!r} has an invalid value: use visible ASCII, spaces and tabs"
+            )
+    return headers
+
+
+def _redirect_error(response: httpx.Response, *, pinterest: bool) -> PinauthClientError:
+    status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    if pinterest:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        message = f"Pinterest answered a redirect ({status}); the client follows none"
+        return PinterestAPIError(response, body if isinstance(body, dict) else None, message)
+    location = response.headers.get("location")
+    to = f" to {location}" if location else ""
+    return UnexpectedResponseError(
+        f"expected pinauth's answer, got a redirect ({status}){to}: is base_url right?",
+        response,
+    )
 
 
 class _Sdk:
