@@ -231,7 +231,8 @@ class DemoBackend:
         except PinauthAPIError as e:
             raise DemoBackendFailed(e.status_code, e.error, e.message, transcript) from e
         except PinterestAPIError as e:
-            message = f"Pinterest says: {e.message} (code {e.code})"
+            code = "" if e.code is None else f" (code {e.code})"  # None: a redirect
+            message = f"Pinterest says: {e.message}{code}"
             raise DemoBackendFailed(e.status_code, "pinterest_error", message, transcript) from e
         except APIError as e:
             raise DemoBackendFailed(502, "upstream_error", str(e), transcript) from e
