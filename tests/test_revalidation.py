@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy import delete, event, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pinauth.app import create_app
@@ -252,6 +252,50 @@ async def test_only_the_version_confirmed_is_renewed(settings: Settings) -> None
         assert (await s.revalidator.run_once()).confirmed == 1
         s.clock.advance(TTL - 0.5)  # past the newer entry's own TTL
         assert s.cache.cached_connection(public_id) is None
+
+
+async def test_a_session_whose_connection_changed_here_is_not_renewed(
+    settings: Settings,
+) -> None:
+    """The session path of the same rule, and entries that ran out before the pass."""
+    ids = await seeded(settings, 2)
+    async with stage(settings) as s:
+        session_hash = await s.session_for(ids[0])
+        assert s.cache.connection_for_session(session_hash) is not None
+        newer = await s.connection(ids[0])
+        newer.version += 1
+        on_query(s.engine, lambda: s.cache.remember_connection(newer) and None)
+        assert (await s.revalidator.run_once()).confirmed == 1
+        s.clock.advance(TTL + 0.1)  # nothing renewed: both entries ran out
+        assert s.cache.connection_for_session(session_hash) is None
+        expired = await s.session_for(ids[1])
+        assert s.cache.connection_for_session(expired) is not None
+        assert s.cache.remember_connection(await s.connection(ids[1]))
+        assert s.cache.cached_connection(ids[1]) is not None
+        s.clock.advance(TTL + 0.1)
+        s.queries.clear()
+        assert (await s.revalidator.run_once()).confirmed == 0
+        assert s.queries == []  # what ran out is not asked about
+
+
+async def test_a_failing_pass_does_not_end_revalidation(settings: Settings) -> None:
+    """A database that fails (here: no sessions table) costs a log line a pass, not the
+    task: entries then simply run out, as without revalidation."""
+    [public_id] = await seeded(settings, 1)
+    async with stage(settings) as s:
+        session_hash = await s.session_for(public_id)
+        revalidator = CacheRevalidator(s.sessionmaker, s.cache, TTL, interval=0.01)
+        await s.run(text("DROP TABLE sessions"))
+        revalidator.start()
+        try:
+            for _ in range(2):
+                assert s.cache.connection_for_session(session_hash) is not None
+                revalidator.pass_done.clear()
+                await revalidator.pass_done.wait()
+            assert revalidator.running
+        finally:
+            await revalidator.stop()
+        assert not revalidator.running
 
 
 async def test_an_answer_later_than_half_a_ttl_renews_nothing(settings: Settings) -> None:

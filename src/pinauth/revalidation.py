@@ -66,16 +66,19 @@ class CacheRevalidator:
         *,
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        interval: float | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._cache = cache
         self._ttl = ttl
-        self.interval = max(ttl / 2, MIN_INTERVAL_SECONDS)
+        self.interval = max(ttl / 2, MIN_INTERVAL_SECONDS) if interval is None else interval
         self._clock = clock
         self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.passes = 0
+        # Set after every pass, done or failed: what tests wait on instead of sleeping.
+        self.pass_done = asyncio.Event()
 
     async def run_once(self) -> Revalidated:
         """Confirm every entry served since the last pass."""
@@ -161,3 +164,4 @@ class CacheRevalidator:
             except Exception:
                 log.warning("cache revalidation failed; entries run out as usual", exc_info=True)
             self.passes += 1
+            self.pass_done.set()
