@@ -117,7 +117,7 @@ async def seeded(settings: Settings, count: int) -> list[str]:
     )
 
 
-def on_query(engine: AsyncEngine, action: Callable[[], None]) -> None:
+def on_query(engine: AsyncEngine, action: Callable[[], object]) -> None:
     """Run `action` once, right after the next query: a change that lands mid-pass."""
     done = False
 
@@ -264,7 +264,7 @@ async def test_a_session_whose_connection_changed_here_is_not_renewed(
         assert s.cache.connection_for_session(session_hash) is not None
         newer = await s.connection(ids[0])
         newer.version += 1
-        on_query(s.engine, lambda: s.cache.remember_connection(newer) and None)
+        on_query(s.engine, lambda: s.cache.remember_connection(newer))
         assert (await s.revalidator.run_once()).confirmed == 1
         s.clock.advance(TTL + 0.1)  # nothing renewed: both entries ran out
         assert s.cache.connection_for_session(session_hash) is None
