@@ -627,3 +627,54 @@ async def test_a_reconnect_during_a_refresh_hands_callers_the_new_login(
     assert callback.status_code == 303
     assert response.status_code == 200, response.text
     assert bearers(boards)[-1] == "Bearer pina_LOGIN"  # the stored pair, not the dropped one
+
+
+async def test_the_backend_must_name_one_connection_and_send_one_credential(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards against the order of headers deciding who is acted for: two different
+    Pinauth-Connection-Id values (any case, any order) are refused, as are two
+    Authorization headers (an API key beside a proxy token, in either order); the same
+    id twice is harmless. Pinterest is never called."""
+    async with backend_and_browsers(settings, pinterest, 2) as [backend, ada_b, grace_b]:
+        ada = await connect_end_user(backend, ada_b, pinterest, "u1", ADA, "pina_A", "pinr_A")
+        grace = await connect_end_user(backend, grace_b, pinterest, "u2", GRACE, "pina_G", "pinr_G")
+        token = (await backend.post(f"/v1/connections/{grace}/proxy-tokens", json={})).json()[
+            "token"
+        ]
+        key = backend.headers["authorization"]
+        upstream = pinterest.route(host="api.pinterest.com").respond(200, json={})
+        answers = []
+        for first, second in ((ada, grace), (grace, ada)):
+            answers.append(
+                await backend.get(
+                    "/pinterest/user_account",
+                    headers=[("Pinauth-Connection-Id", first), ("pinauth-connection-id", second)],
+                )
+            )
+        same_twice = await backend.get(
+            "/pinterest/user_account",
+            headers=[("Pinauth-Connection-Id", ada), ("Pinauth-Connection-Id", ada)],
+        )
+        two_credentials = []
+        for credentials in ((key, f"Bearer {token}"), (f"Bearer {token}", key)):
+            request = backend.build_request(
+                "GET",
+                "/pinterest/user_account",
+                headers=[("Pinauth-Connection-Id", grace)]
+                + [("Authorization", value) for value in credentials],
+            )
+            two_credentials.append(await backend.send(request))
+            request = backend.build_request(
+                "GET", "/v1/connections", headers=[("Authorization", v) for v in credentials]
+            )
+            two_credentials.append(await backend.send(request))
+
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "ambiguous_connection_id"
+    assert same_twice.status_code == 200
+    for answer in two_credentials:
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"] == "invalid_api_key"
+    assert upstream.call_count == 1  # same_twice only

@@ -54,6 +54,7 @@ from pinauth.pinterest.http import create_http_client, create_transport
 from pinauth.pinterest.oauth import PinterestOAuth
 from pinauth.proxy import ProxyService
 from pinauth.proxytokens import ProxyTokenService
+from pinauth.revalidation import CacheRevalidator
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.shutdown import Shutdown, ShutdownMiddleware
@@ -132,6 +133,11 @@ def create_app(
         purger = ExpiredRowPurger(sessionmaker, settings.purge_interval_seconds)
         served.state.purger = purger  # for tests and anyone inspecting the running app
         purger.start()
+        revalidator = None
+        if settings.cache_ttl_seconds > 0:
+            revalidator = CacheRevalidator(sessionmaker, cache, settings.cache_ttl_seconds)
+            served.state.cache_revalidator = revalidator
+            revalidator.start()
         keeper = None
         if settings.keeper:
             keeper = Keeper(settings, sessionmaker, tokens, metrics)
@@ -152,6 +158,8 @@ def create_app(
                 await demo_backend.aclose()
             if keeper is not None:
                 await keeper.stop()
+            if revalidator is not None:
+                await revalidator.stop()
             await purger.stop()
             if dispatcher is not None:
                 await dispatcher.stop()

@@ -4,9 +4,16 @@ Every entry is keyed by a connection's public id, which is random and never reus
 entry can ever answer for another connection's row. Entries are dropped on logout,
 disconnect and delete, and a load that was already running when that happened cannot put
 them back.
+
+Entries in use are kept alive by revalidation (revalidation.py): one query per batch of
+them confirms each is still what the database holds, instead of one query per entry as
+each expires.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from cachetools import LRUCache, TTLCache
 
@@ -28,22 +35,30 @@ class ConnectionCache:
     ciphertext, so a refresh anywhere makes the old entry unusable.
     """
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, *, timer: Callable[[], float] = time.monotonic) -> None:
         self._enabled = ttl > 0
         ttl = max(ttl, 0.001)
-        self._sessions: TTLCache[str, str] = TTLCache(MAX_ENTRIES, ttl)
-        self._connections: TTLCache[str, Connection] = TTLCache(MAX_ENTRIES, ttl)
+        self._sessions: TTLCache[str, str] = TTLCache(MAX_ENTRIES, ttl, timer)
+        self._connections: TTLCache[str, Connection] = TTLCache(MAX_ENTRIES, ttl, timer)
         self._tokens: LRUCache[str, tuple[str, str]] = LRUCache(MAX_ENTRIES)
-        self._deleted: TTLCache[str, bool] = TTLCache(MAX_ENTRIES, TOMBSTONE_SECONDS)
+        self._deleted: TTLCache[str, bool] = TTLCache(MAX_ENTRIES, TOMBSTONE_SECONDS, timer)
         # Bumped by every logout and disconnect. A session load remembers its result only
         # if nothing was forgotten while it ran: it may have read a row just deleted.
         self._generation = 0
+        # Entries served since the last revalidation: only these are worth confirming.
+        self._used_sessions: set[str] = set()
+        self._used_connections: set[str] = set()
 
     # --- sessions ----------------------------------------------------------------------
 
     def connection_for_session(self, session_hash: str) -> Connection | None:
         public_id = self._sessions.get(session_hash)
-        return None if public_id is None else self._connections.get(public_id)
+        if public_id is None:
+            return None
+        connection = self._connections.get(public_id)
+        if connection is not None:
+            self._used_sessions.add(session_hash)
+        return connection
 
     def generation(self) -> int:
         """Take before a session load; pass to `remember_session` after it."""
@@ -75,7 +90,10 @@ class ConnectionCache:
         return True
 
     def cached_connection(self, public_id: str) -> Connection | None:
-        return self._connections.get(public_id)
+        connection = self._connections.get(public_id)
+        if connection is not None:
+            self._used_connections.add(public_id)
+        return connection
 
     def forget_connection(self, public_id: str) -> None:
         """The connection is gone: drop its row and token, and refuse to cache it again.
@@ -89,6 +107,54 @@ class ConnectionCache:
 
     def is_deleted(self, public_id: str) -> bool:
         return public_id in self._deleted
+
+    # --- revalidation --------------------------------------------------------------------
+
+    def take_used(self) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+        """The entries served since the last call, to confirm against the database.
+
+        Sessions as hash -> (public id, row version), connections as public id -> row
+        version; entries that expired or were dropped meanwhile are left out.
+        """
+        sessions: dict[str, tuple[str, int]] = {}
+        for session_hash in self._used_sessions:
+            public_id = self._sessions.get(session_hash)
+            connection = None if public_id is None else self._connections.get(public_id)
+            if connection is not None:
+                sessions[session_hash] = (connection.public_id, connection.version)
+        connections = {
+            public_id: connection.version
+            for public_id in self._used_connections
+            if (connection := self._connections.get(public_id)) is not None
+        }
+        self._used_sessions.clear()
+        self._used_connections.clear()
+        return sessions, connections
+
+    def confirm_session(self, session_hash: str, public_id: str, version: int) -> None:
+        """The database still holds this session, for this connection at this version:
+        keep both entries another TTL.
+
+        Only entries still here are renewed, never re-added: one dropped while the
+        confirming query ran (a logout, a delete) stays dropped. A different version
+        means a refresh happened somewhere; the entries then run out and are re-read.
+        """
+        if self._sessions.get(session_hash) != public_id:
+            return
+        if self.confirm_connection(public_id, version):
+            self._sessions[session_hash] = public_id
+
+    def confirm_connection(self, public_id: str, version: int) -> bool:
+        """Keep the connection's entry another TTL if it still holds this version."""
+        connection = self._connections.get(public_id)
+        if connection is None or connection.version != version:
+            return False
+        self._connections[public_id] = connection
+        return True
+
+    def drop_session(self, session_hash: str) -> None:
+        """The database no longer holds this session (a logout elsewhere, or expiry)."""
+        self._sessions.pop(session_hash, None)
 
     # --- tokens ------------------------------------------------------------------------
 

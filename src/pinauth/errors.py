@@ -197,6 +197,15 @@ class ConnectionIdRequired(PinauthError):
     )
 
 
+class ConnectionIdAmbiguous(PinauthError):
+    status_code = 400
+    code = "ambiguous_connection_id"
+    default_message = (
+        "The request names more than one connection in Pinauth-Connection-Id headers; "
+        "send exactly one."
+    )
+
+
 class DatabaseUnavailable(PinauthError):
     """The database cannot be reached or refuses work; nothing about the request is wrong."""
 

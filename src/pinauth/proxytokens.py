@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cachetools import TTLCache
+from cachetools import LRUCache
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -72,10 +72,11 @@ class ProxyTokenService:
         # 256-bit token and pointing at a public id, neither ever reused, so an entry can
         # only ever answer for its own connection. The connection itself is not kept here:
         # each use looks it up through the connection cache, which a delete empties and
-        # tombstones, so a token does not outlive its connection in this process.
-        self._resolved: TTLCache[str, tuple[str, float]] = TTLCache(
-            MAX_CACHED_TOKENS, max(cache_ttl, 0.001)
-        )
+        # tombstones (and revalidation or its TTL catches a delete elsewhere), so a token
+        # does not outlive its connection. Nothing else ends a token before its expiry
+        # (no route revokes one, and its row never changes), so an entry needs no TTL of
+        # its own: it is kept until the token expires or is crowded out.
+        self._resolved: LRUCache[str, tuple[str, float]] = LRUCache(MAX_CACHED_TOKENS)
         self._cache_enabled = cache_ttl > 0
 
     def _now(self) -> datetime:
@@ -104,7 +105,7 @@ class ProxyTokenService:
         return MintedProxyToken(token=token, expires_at=expires_at)
 
     async def connection_for(self, token: str) -> Connection:
-        """The token's connection, or InvalidProxyToken (401). Cached for the cache TTL."""
+        """The token's connection, or InvalidProxyToken (401)."""
         # Cheap checks first: anything not shaped like a token never costs a hash or a query.
         if len(token) != PROXY_TOKEN_LENGTH or not looks_like_proxy_token(token):
             raise InvalidProxyToken()

@@ -40,6 +40,13 @@ class ConnectionRepository:
         stmt = select(Connection).where(Connection.public_id == public_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
 
+    async def versions(self, public_ids: list[str]) -> dict[str, int]:
+        """Public id -> row version of those of `public_ids` that exist."""
+        stmt = select(Connection.public_id, Connection.version).where(
+            Connection.public_id.in_(public_ids)
+        )
+        return {public_id: version for public_id, version in await self._db.execute(stmt)}
+
     async def claim_refresh_lease(
         self,
         public_id: str,
@@ -217,6 +224,19 @@ class SessionRepository:
             .where(AuthSession.id_hash == id_hash, AuthSession.expires_at > now)
         )
         return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def versions(self, id_hashes: list[str], now: datetime) -> dict[str, tuple[str, int]]:
+        """Id hash -> (its connection's public id, row version) of those of `id_hashes`
+        that are live sessions."""
+        stmt = (
+            select(AuthSession.id_hash, Connection.public_id, Connection.version)
+            .join(AuthSession.connection)
+            .where(AuthSession.id_hash.in_(id_hashes), AuthSession.expires_at > now)
+        )
+        return {
+            id_hash: (public_id, version)
+            for id_hash, public_id, version in await self._db.execute(stmt)
+        }
 
     async def delete(self, id_hash: str) -> bool:
         result = await self._db.execute(delete(AuthSession).where(AuthSession.id_hash == id_hash))

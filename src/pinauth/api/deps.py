@@ -14,6 +14,7 @@ from pinauth.auth import AuthService
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.errors import (
+    ConnectionIdAmbiguous,
     ConnectionIdRequired,
     ForbiddenOrigin,
     InvalidApiKey,
@@ -138,6 +139,10 @@ def bearer_token(request: Request) -> str | None:
     authorization = request.headers.get("authorization")
     if authorization is None:
         return None
+    # Two credentials (an API key and a proxy token, say) would let the order of headers
+    # decide who is acting; which one a proxy on the way keeps is anyone's guess.
+    if len(request.headers.getlist("authorization")) > 1:
+        raise InvalidApiKey("Send one Authorization header, not several.")
     scheme, _, credential = authorization.partition(" ")
     if scheme.lower() != "bearer" or not credential:
         raise InvalidApiKey("The Authorization header must be `Bearer <key>`.")
@@ -181,6 +186,10 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
     await services.api_keys.authenticate(credential)
     if not public_id:
         raise ConnectionIdRequired()
+    # The first of two different ids would win silently, and the caller (or a client
+    # library adding its own header beside the caller's) may have meant the other.
+    if any(named != public_id for named in request.headers.getlist(CONNECTION_ID_HEADER)):
+        raise ConnectionIdAmbiguous()
     connection = await services.connections.get(public_id)
     CONNECTION_ID.set(connection.public_id)
     return connection, True

@@ -17,6 +17,7 @@ from pinauth.api.deps import Services, ServicesDep, get_acting_connection
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import API_KEY_OR_COOKIE, BoardsPage, error_responses
 from pinauth.errors import (
+    ConnectionIdAmbiguous,
     ConnectionIdRequired,
     ConnectionNotFound,
     DatabaseUnavailable,
@@ -151,6 +152,7 @@ _CALL_ERRORS: tuple[type[PinauthError], ...] = (
     InvalidProxyToken,
     ProxyTokenConnectionMismatch,
     ConnectionIdRequired,
+    ConnectionIdAmbiguous,
     NotAuthenticated,
     ReauthorizationRequired,
     ConnectionNotFound,
