@@ -524,8 +524,10 @@ def bench_database(
         many.lists = time_lists(base, api_key, args.list_samples, args.end_users, server.pid)
         run.phases.append(many)
         if args.lifecycle == "on":
+            # The server above idles meanwhile: its keeper and dispatcher cost both alike.
             run.lifecycle = compare_lifecycle(
-                server, base, cookies, url, wrk, args, tmp, processes, many.connections,
+                cookies, url, wrk, tmp, processes, many.connections,
+                pinauth_env(api, base, database_url, encryption_key, secret_key, True),
                 pinauth_env(api, base, database_url, encryption_key, secret_key, False),
             )  # fmt: skip
         return run
@@ -535,50 +537,58 @@ def bench_database(
 
 
 def compare_lifecycle(
-    server: subprocess.Popen[bytes],
-    base: str,
     cookies: list[str],
     url: str,
     wrk: Wrk,
-    args: argparse.Namespace,
     tmp: str,
     processes: list[subprocess.Popen[bytes]],
     connections: int,
+    env_on: dict[str, str],
     env_off: dict[str, str],
 ) -> Lifecycle:
-    """The cookie path over the spread, on the server running the keeper and dispatcher and
-    on a second one over the same database without them, in alternating order.
+    """The cookie path over the spread on two fresh servers over the same database, one
+    running the keeper and dispatcher and one without them, in alternating order.
 
-    Both serve the same sessions (same database, same secret key), so the only difference
-    is the two background tasks. Each wrk run is short and machines drift; alternating
-    the order and taking medians keeps a drift from reading as a difference.
+    Both serve the same sessions (same database, same secret key) and both start fresh
+    (the server that ran the rounds above has a fuller heap and warmer caches), so the
+    only difference is the two background tasks. Each wrk run is short and machines
+    drift; alternating the order and taking medians keeps a drift from reading as a
+    difference.
     """
-    port = free_port()
-    off_base = f"http://127.0.0.1:{port}"
-    env_off = env_off | {"PINTEREST_REDIRECT_URI": f"{off_base}/auth/callback"}
-    off = subprocess.Popen(
-        [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env_off, cwd=tmp
-    )
-    processes.append(off)
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    for label, env in (("on", env_on), ("off", env_off)):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = env | {"PINTEREST_REDIRECT_URI": f"{base}/auth/callback"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pinauth", "serve", "--port", str(port)], env=env, cwd=tmp
+        )
+        processes.append(process)
+        servers[label] = (process, base)
     result = Lifecycle(connections)
     try:
-        wait_http(f"{off_base}/openapi.json")
-        passes_before = keeper_passes(base)
-        print(f"keeper and dispatcher on ({base}) vs off ({off_base}):", flush=True)
+        for _, base in servers.values():
+            wait_http(f"{base}/openapi.json")
+        on_base = servers["on"][1]
+        passes_before = keeper_passes(on_base)
+        print(f"keeper and dispatcher on ({on_base}) vs off ({servers['off'][1]}):", flush=True)
+        path = urlsplit(url).path
         for round_ in range(LIFECYCLE_ROUNDS):
-            order = [("on", server, base), ("off", off, off_base)]
-            for label, process, where in order if round_ % 2 == 0 else order[::-1]:
+            order = ["on", "off"] if round_ % 2 == 0 else ["off", "on"]
+            for label in order:
+                process, base = servers[label]
                 measured = wrk(
                     f"cookie, {connections:,} conn., keeper and dispatcher {label}",
-                    url.replace(base, where),
+                    f"{base}{path}",
                     ("Cookie", cookies),
                     pid=process.pid,
                 )
                 (result.on if label == "on" else result.off).append(measured)
-        result.keeper_passes = keeper_passes(base) - passes_before
+        result.keeper_passes = keeper_passes(on_base) - passes_before
     finally:
-        stop([off])
-        processes.remove(off)
+        for process, _ in servers.values():
+            stop([process])
+            processes.remove(process)
     return result
 
 
