@@ -8,7 +8,6 @@ the DELETEs are idempotent, so replicas overlapping cost nothing but a query.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
@@ -16,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.background import BackgroundLoop
 from pinauth.errors import DatabaseUnavailable
 from pinauth.repository import (
     LoginStateRepository,
@@ -41,8 +41,10 @@ class Purged:
     webhook_events: int = 0
 
 
-class ExpiredRowPurger:
+class ExpiredRowPurger(BackgroundLoop):
     """Purges once at start-up, then every `interval` seconds, until stopped."""
+
+    task_name = "pinauth-purge-expired"
 
     def __init__(
         self,
@@ -51,11 +53,10 @@ class ExpiredRowPurger:
         *,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        super().__init__()
         self._sessionmaker = sessionmaker
         self._interval = interval
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self.passes = 0
         # Set after the first pass, done or failed: what a test waits on instead of sleeping.
         self.first_pass_done = asyncio.Event()
@@ -76,23 +77,6 @@ class ExpiredRowPurger:
             proxy_tokens=proxy_tokens,
             webhook_events=events,
         )
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if not self.running:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name="pinauth-purge-expired")
-
-    async def stop(self) -> None:
-        """Stop between passes. A pass under way finishes first: cancelling a database
-        call midway leaves its driver thread calling back into a loop that is closing."""
-        task, self._task = self._task, None
-        if task is not None:
-            self._stopping.set()
-            await task
 
     async def _run(self) -> None:
         while True:
@@ -119,8 +103,6 @@ class ExpiredRowPurger:
                     )
             self.passes += 1
             self.first_pass_done.set()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._stopping.wait()
+            await self._pause(self._interval)
             if self._stopping.is_set():
                 return

@@ -26,7 +26,6 @@ every active connection whose refresh token expires within PINAUTH_KEEPALIVE_DAY
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.background import BackgroundLoop
 from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
@@ -104,8 +104,10 @@ class KeeperPass:
     seen: set[str] = field(default_factory=set)
 
 
-class Keeper:
+class Keeper(BackgroundLoop):
     """Refreshes due connections every `interval` seconds, until stopped."""
+
+    task_name = "pinauth-keeper"
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class Keeper:
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
     ) -> None:
+        super().__init__()
         self._sessionmaker = sessionmaker
         self._tokens = tokens
         self._metrics = KeeperMetrics(metrics)
@@ -126,34 +129,14 @@ class Keeper:
         self._batch = settings.keeper_concurrency * BATCH_PER_WORKER
         self._clock = clock
         self._random = rng or random.Random()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self.passes = 0
         # Set after each pass: what a test waits on instead of sleeping.
         self.pass_done = asyncio.Event()
 
     # --- running ---------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if not self.running:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name="pinauth-keeper")
-
-    async def stop(self) -> None:
-        """Stop after the refreshes under way: cancelling one would not cancel its token
-        call (the TokenManager owns it), only the keeper's bookkeeping of it."""
-        task, self._task = self._task, None
-        if task is not None:
-            self.request_stop()
-            await task
-
-    def request_stop(self) -> None:
-        """Start no more refreshes; `stop` then waits for those under way."""
-        self._stopping.set()
+    # start, stop and request_stop come from BackgroundLoop. `stop` waits for the refreshes
+    # under way: cancelling one would not cancel its token call (the TokenManager owns it),
+    # only the keeper's bookkeeping of it.
 
     async def run_forever(self) -> None:
         """`pinauth keeper`: run until cancelled."""
@@ -184,10 +167,7 @@ class Keeper:
                     )
             self.passes += 1
             self.pass_done.set()
-            pause = self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stopping.wait()
+            await self._pause(self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER))
 
     # --- one pass --------------------------------------------------------------------
 

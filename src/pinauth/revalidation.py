@@ -18,15 +18,16 @@ not undone (cache.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pinauth.background import BackgroundLoop
 from pinauth.cache import ConnectionCache
 from pinauth.errors import DatabaseUnavailable
 from pinauth.repository import ConnectionRepository, SessionRepository
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # Keys per query: far under every backend's bound-parameter limit, and one round trip
 # covers the hot set of a busy process.
 BATCH_SIZE = 500
+# What the cache holds about an entry: a session's (public id, row version), or a
+# connection's row version.
+_State = TypeVar("_State", tuple[str, int], int)
 # Passes never come closer than this, whatever the TTL: a tiny TTL (tests) gets no
 # revalidation, only its entries running out, as before.
 MIN_INTERVAL_SECONDS = 0.5
@@ -55,8 +59,10 @@ class Revalidated:
     stale: int = 0  # answers that came too late to renew anything
 
 
-class CacheRevalidator:
+class CacheRevalidator(BackgroundLoop):
     """Confirms the cache's entries in use every half TTL, until stopped."""
+
+    task_name = "pinauth-cache-revalidation"
 
     def __init__(
         self,
@@ -68,14 +74,13 @@ class CacheRevalidator:
         monotonic: Callable[[], float] = time.monotonic,
         interval: float | None = None,
     ) -> None:
+        super().__init__()
         self._sessionmaker = sessionmaker
         self._cache = cache
         self._ttl = ttl
         self.interval = max(ttl / 2, MIN_INTERVAL_SECONDS) if interval is None else interval
         self._clock = clock
         self._monotonic = monotonic
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self.passes = 0
         # Set after every pass, done or failed: what tests wait on instead of sleeping.
         self.pass_done = asyncio.Event()
@@ -84,45 +89,59 @@ class CacheRevalidator:
         """Confirm every entry served since the last pass."""
         done = Revalidated()
         sessions, connections = self._cache.take_used()
-        hashes = list(sessions)
-        for start in range(0, len(hashes), BATCH_SIZE):
-            chunk = hashes[start : start + BATCH_SIZE]
-            asked = self._monotonic()
-            async with self._sessionmaker() as db:
-                found = await SessionRepository(db).versions(chunk, self._clock())
-            if self._too_late(asked, len(chunk), done):
-                continue
-            for session_hash in chunk:
-                current = found.get(session_hash)
-                if current is None:
-                    self._cache.drop_session(session_hash)
-                    done.dropped += 1
-                elif current == sessions[session_hash]:
-                    self._cache.confirm_session(session_hash, *current)
-                    done.confirmed += 1
-                else:
-                    done.changed += 1
-        ids = list(connections)
-        for start in range(0, len(ids), BATCH_SIZE):
-            chunk = ids[start : start + BATCH_SIZE]
-            asked = self._monotonic()
-            async with self._sessionmaker() as db:
-                versions = await ConnectionRepository(db).versions(chunk)
-            if self._too_late(asked, len(chunk), done):
-                continue
-            for public_id in chunk:
-                version = versions.get(public_id)
-                if version is None:
-                    # Deleted on another replica: its id is never reused, so nothing may
-                    # cache it again.
-                    self._cache.forget_connection(public_id)
-                    done.dropped += 1
-                elif version == connections[public_id]:
-                    self._cache.confirm_connection(public_id, version)
-                    done.confirmed += 1
-                else:
-                    done.changed += 1
+        await self._confirm(
+            sessions,
+            self._sessions,
+            lambda session_hash, state: self._cache.confirm_session(session_hash, *state),
+            self._cache.drop_session,
+            done,
+        )
+        # A connection gone from the database was deleted (on another replica): its id is
+        # never reused, so it is forgotten for good, not just dropped.
+        await self._confirm(
+            connections,
+            self._connections,
+            self._cache.confirm_connection,
+            self._cache.forget_connection,
+            done,
+        )
         return done
+
+    async def _sessions(self, hashes: list[str]) -> dict[str, tuple[str, int]]:
+        async with self._sessionmaker() as db:
+            return await SessionRepository(db).versions(hashes, self._clock())
+
+    async def _connections(self, public_ids: list[str]) -> dict[str, int]:
+        async with self._sessionmaker() as db:
+            return await ConnectionRepository(db).versions(public_ids)
+
+    async def _confirm(
+        self,
+        taken: dict[str, _State],
+        read: Callable[[list[str]], Awaitable[dict[str, _State]]],
+        renew: Callable[[str, _State], object],
+        drop: Callable[[str], None],
+        done: Revalidated,
+    ) -> None:
+        """Ask the database about `taken` (key -> state cached) in batches: renew what it
+        still holds in that state, drop what it no longer holds, leave what changed."""
+        keys = list(taken)
+        for start in range(0, len(keys), BATCH_SIZE):
+            chunk = keys[start : start + BATCH_SIZE]
+            asked = self._monotonic()
+            found = await read(chunk)
+            if self._too_late(asked, len(chunk), done):
+                continue
+            for key in chunk:
+                current = found.get(key)
+                if current is None:
+                    drop(key)
+                    done.dropped += 1
+                elif current == taken[key]:
+                    renew(key, current)
+                    done.confirmed += 1
+                else:
+                    done.changed += 1
 
     def _too_late(self, asked: float, keys: int, done: Revalidated) -> bool:
         """An answer older than half a TTL would stretch the TTL's promise: renew nothing."""
@@ -131,28 +150,9 @@ class CacheRevalidator:
         done.stale += keys
         return True
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if not self.running:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name="pinauth-cache-revalidation")
-
-    async def stop(self) -> None:
-        """Stop between passes: a query cut off midway leaves its driver thread calling
-        back into a loop that is closing."""
-        task, self._task = self._task, None
-        if task is not None:
-            self._stopping.set()
-            await task
-
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._stopping.wait()
+            await self._pause(self.interval)
             if self._stopping.is_set():
                 return
             try:
