@@ -28,7 +28,9 @@ from tests.helpers import (
     SERVICE,
     TOKEN_URL,
     browsers,
+    captured_logs,
     counted_client,
+    events,
     live_server,
     log_in,
     make_settings,
@@ -796,3 +798,38 @@ async def test_other_methods_reach_the_documented_routes(
     await log_in(client, pinterest)
     response = await client.request("HEAD", "/pinterest/boards")
     assert response.status_code == 405
+
+
+# --- the proxy's own stack ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("opentelemetry", [False, True])
+async def test_a_bug_on_the_proxy_path_is_a_json_500_with_or_without_its_own_stack(
+    database_url: str, pinterest: respx.MockRouter, opentelemetry: bool
+) -> None:
+    """Guards the proxy's stack (served ahead of FastAPI's outer layers when OpenTelemetry
+    is off): an unexpected error still answers pinauth's JSON 500 and logs one traceback,
+    and a normal call still carries the edge's request id and security headers. With
+    OpenTelemetry on, FastAPI serves the proxy itself, so its hooks see every call."""
+    settings = make_settings(database_url, opentelemetry=opentelemetry)
+    app = create_app(settings, transport=httpx.MockTransport(pinterest.async_handler))
+    assert (getattr(app, "proxy_stack", None) is None) is opentelemetry
+    with captured_logs() as logs:
+        # A real server: in-process transports re-raise the error instead of answering 500.
+        async with live_server(app) as base, httpx.AsyncClient(base_url=base) as client:
+            await log_in(client, pinterest)
+            pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+            fine = await client.get("/pinterest/boards")
+            pinterest.get(f"{API}/pins").mock(side_effect=RuntimeError("a bug"))
+            broken = await client.get("/pinterest/pins")
+
+    assert fine.status_code == 200
+    assert len(fine.headers["x-request-id"]) == 32
+    assert fine.headers["x-content-type-options"] == "nosniff"
+    assert broken.status_code == 500
+    assert broken.json() == {
+        "error": "internal_error",
+        "message": "Something went wrong inside pinauth.",
+    }
+    [unhandled] = events(logs, "unhandled error")
+    assert "a bug" in unhandled["exception"]

@@ -15,7 +15,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pinauth import __version__
 from pinauth.api import auth as auth_routes
@@ -29,7 +32,7 @@ from pinauth.api import webhook_events as webhook_event_routes
 from pinauth.api.body_limit import BodyLimit
 from pinauth.api.demo_backend import demo_backend_router
 from pinauth.api.deps import Services
-from pinauth.api.pinterest import ProxyFastPath
+from pinauth.api.pinterest import PROXY_METHODS, PROXY_PREFIX, ProxyFastPath
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService
@@ -171,7 +174,7 @@ def create_app(
             await http.aclose()
             await engine.dispose()
 
-    app = FastAPI(
+    app = PinauthApp(
         title="pinauth",
         version=__version__,
         summary="Connect users' Pinterest accounts and call Pinterest API v5 on their behalf.",
@@ -194,21 +197,20 @@ def create_app(
     app.add_middleware(BodyLimit, exempt=(SANDBOX_PREFIX + "/",))
     # Innermost of the middlewares but the body limit, so CORS and request context still
     # wrap it.
-    app.add_middleware(ProxyFastPath, route=pinterest_routes.proxy_route("GET"), outage=outage)
-    # Outside every route, the fast path included, and inside CORS and request context, so
-    # a request cut short by the shutdown is still logged, counted and CORS-readable.
-    app.add_middleware(ShutdownMiddleware, shutdown=shutdown or Shutdown())
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_credentials=True,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=CORS_ALLOWED_HEADERS,
-            expose_headers=CORS_EXPOSED_HEADERS,
-        )
-    # Outermost: every response gets a request id, is counted, and is logged once.
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    proxy_route = pinterest_routes.proxy_route("GET")
+    app.add_middleware(ProxyFastPath, route=proxy_route, outage=outage)
+    edge = _edge_layers(settings, metrics, shutdown or Shutdown())
+    for layer in edge:
+        app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
+    if not settings.opentelemetry:
+        # The same fast path and the same edge layers, without FastAPI's own outer ones:
+        # with telemetry off they do nothing for the proxy but cost each of its suspensions
+        # a pass through their frames (make bench, 1 connection, medians of 3 alternating
+        # runs: 4,534 -> 4,750 req/s, 219 -> 210 us of CPU a request).
+        stack: ASGIApp = ProxyFastPath(_never, route=proxy_route, outage=outage)
+        for layer in edge:
+            stack = layer.cls(stack, *layer.args, **layer.kwargs)
+        app.proxy_stack = ServerErrorMiddleware(stack, handler=unexpected_error)
     _install_error_handlers(app, outage)
     app.include_router(auth_routes.router)
     app.include_router(me_routes.router)
@@ -233,6 +235,64 @@ def create_app(
     # same endpoint ahead of the router, and they would answer if it stepped aside.
     app.router.routes[0:0] = pinterest_routes.router.routes
     return app
+
+
+class PinauthApp(FastAPI):
+    """FastAPI, with the proxy's requests handed to `proxy_stack` when it is set."""
+
+    proxy_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self.proxy_stack
+        if (
+            stack is not None
+            and scope["type"] == "http"
+            and scope["method"] in PROXY_METHODS
+            and scope["path"].startswith(PROXY_PREFIX)
+        ):
+            scope["app"] = self
+            await stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _edge_layers(settings: Settings, metrics: Metrics, shutdown: Shutdown) -> list[Middleware]:
+    """What every response passes through, innermost first."""
+    layers = [
+        # Outside every route, the fast path included, and inside CORS and request
+        # context, so a request cut short by the shutdown is still logged, counted and
+        # CORS-readable.
+        Middleware(ShutdownMiddleware, shutdown=shutdown),
+    ]
+    if settings.cors_origins:
+        layers.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_credentials=True,
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=CORS_ALLOWED_HEADERS,
+                expose_headers=CORS_EXPOSED_HEADERS,
+            )
+        )
+    # Outermost: every response gets a request id, is counted, and is logged once.
+    layers.append(
+        Middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    )
+    return layers
+
+
+async def _never(scope: Scope, receive: Receive, send: Send) -> None:
+    """Behind the proxy stack's fast path, which serves every request routed to it."""
+    raise RuntimeError(f"not a proxy request: {scope['method']} {scope['path']}")
+
+
+async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse(
+        {"error": "internal_error", "message": "Something went wrong inside pinauth."},
+        status_code=500,
+    )
 
 
 def _install_error_handlers(app: FastAPI, outage: OutageTracker) -> None:
@@ -269,10 +329,4 @@ def _install_error_handlers(app: FastAPI, outage: OutageTracker) -> None:
     async def client_disconnected(_request: Request, _exc: ClientDisconnect) -> Response:
         return client_disconnected_response()
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=exc)
-        return JSONResponse(
-            {"error": "internal_error", "message": "Something went wrong inside pinauth."},
-            status_code=500,
-        )
+    app.add_exception_handler(Exception, unexpected_error)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from contextvars import ContextVar
+from secrets import token_hex
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -122,7 +122,9 @@ class RequestContextMiddleware:
             return
         incoming = _header(scope, b"x-request-id")
         request_id = (
-            incoming if incoming and _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+            # token_hex: the same 128 random bits as uuid4().hex, without building a UUID
+            # (a quarter of the time, on every request).
+            incoming if incoming and _VALID_REQUEST_ID.fullmatch(incoming) else token_hex(16)
         )
         request_token = REQUEST_ID.set(request_id)
         connection_token = CONNECTION_ID.set(None)
