@@ -93,9 +93,28 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        # Each request's series, looked up once: `labels()` builds and locks a lookup
+        # that costs more than counting. Bounded like the labels themselves (fixed sets).
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._upstream_series: dict[str, Histogram] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.request_duration.labels(route),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_upstream(self, path: str, seconds: float) -> None:
-        self.upstream_duration.labels(resource(path)).observe(seconds)
+        endpoint = resource(path)
+        series = self._upstream_series.get(endpoint)
+        if series is None:
+            series = self._upstream_series[endpoint] = self.upstream_duration.labels(endpoint)
+        series.observe(seconds)
 
 
 def _route_template(scope: Scope) -> str:
@@ -146,10 +165,9 @@ class RequestContextMiddleware:
             duration = time.perf_counter() - started
             route = _route_template(scope)
             method = scope["method"]
-            self.metrics.requests.labels(
-                route, method if method in _METHODS else OTHER, str(status)
-            ).inc()
-            self.metrics.request_duration.labels(route).observe(duration)
+            self.metrics.observe_request(
+                route, method if method in _METHODS else OTHER, status, duration
+            )
             if self.log_requests:
                 # The path only: query strings carry OAuth codes, states and user data.
                 access_log.info(
