@@ -37,6 +37,7 @@ from pinauth.webhooks import (
     WebhookDispatcher,
     create_webhook_client,
     record_event,
+    retry_after_seconds,
     verify,
 )
 from tests.helpers import (
@@ -279,6 +280,7 @@ async def dispatching(
     receiver: Callable[[httpx.Request], httpx.Response] | None = None,
     clock: Clock | None = None,
     metrics: Metrics | None = None,
+    jitter: Callable[[], float] = lambda: 0.0,
 ) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
     """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
     engine = create_engine(settings)
@@ -296,7 +298,7 @@ async def dispatching(
                 sessionmaker,
                 http,
                 clock=clock or Clock(),
-                jitter=lambda: 0.0,
+                jitter=jitter,
                 metrics=metrics,
             ),
             sessionmaker,
@@ -658,6 +660,71 @@ async def test_a_huge_answer_is_never_read(settings: Settings) -> None:
     assert event.status is WebhookEventStatus.DELIVERED
     assert peak < 4_000_000
     assert offered["bytes"] < 50_000_000  # the connection was closed, not drained
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xb2",  # "²" in Latin-1: str.isdigit() says yes, float() says no
+        b"1" * 5000,  # beyond int()'s digit limit
+        b"Mon, 01 Jan 99999999999999999999999 00:00:00 GMT",  # overflows
+    ],
+)
+async def test_an_unusable_retry_after_is_ignored_and_the_attempt_recorded(
+    settings: Settings, value: bytes
+) -> None:
+    """A real receiver answers 503 with a Retry-After no one can read: the attempt is
+    recorded and the event backs off as usual, instead of going again unrecorded."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: "
+            + value
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+
+    async with tcp_receiver(answer) as url:
+        clock = Clock()
+        async with dispatching(hooked(settings, url), clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            assert await dispatcher.run_once() == 1
+            assert await dispatcher.run_once() == 0  # backing off, not looping
+            async with sessionmaker() as db:
+                [event] = (await db.execute(select(WebhookEvent))).scalars()
+                [attempt] = await WebhookEventRepository(db).attempts(event.id)
+
+    assert retry_after_seconds(value.decode("latin-1"), clock.now) is None
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.attempts == 1
+    assert event.last_error == "HTTP 503"
+    assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
+    assert (attempt.response_code, attempt.outcome) == (503, "retry")
+
+
+async def test_an_attempt_is_recorded_whatever_goes_wrong_deciding_its_outcome(
+    settings: Settings,
+) -> None:
+    """Deciding the outcome fails (here the jitter source): the attempt is still
+    recorded, and the event waits the longest backoff rather than going again at once."""
+
+    def broken_jitter() -> float:
+        raise RuntimeError("no randomness today")
+
+    clock = Clock()
+    async with dispatching(
+        hooked(settings), lambda _: httpx.Response(503), clock, jitter=broken_jitter
+    ) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        assert await dispatcher.run_once() == 0
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.attempts == 1
+    assert event.last_error == "HTTP 503"
+    assert event.next_attempt_at == clock.now + timedelta(hours=1)
 
 
 # --- listing and redelivery: the CLI and /v1/webhook-events -----------------------
