@@ -38,6 +38,7 @@ from pinauth.webhooks import (
     create_webhook_client,
     record_event,
     retry_after_seconds,
+    sign,
     verify,
 )
 from tests.helpers import (
@@ -383,6 +384,24 @@ async def test_a_delivery_is_signed_with_every_secret(settings: Settings) -> Non
     [stored] = await outbox(settings)
     assert stored.status is WebhookEventStatus.DELIVERED
     assert stored.delivered_at == clock.now
+
+
+def test_verify_is_false_for_non_ascii_signatures_and_takes_bytes_secrets() -> None:
+    """A v1 holding non-ASCII characters is no match, not a TypeError from
+    hmac.compare_digest; a valid v1 beside it still verifies. Secrets may be bytes."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    good = sign(body, [SECRET_A], now)  # "t=<now>,v1=<mac>"
+    mac = good.split("v1=")[1]
+    for bad in ("\u00e9", "\u00b2" * 64, mac[:-1] + "\u00e9", "\udc80"):
+        assert not verify(body, f"t={now},v1={bad}", SECRET_A, now=now)
+        assert verify(body, f"t={now},v1={bad},v1={mac}", SECRET_A, now=now)
+    assert verify(body, good, SECRET_A.encode(), now=now)
+    assert verify(body, good, [SECRET_B.encode(), SECRET_A.encode()], now=now)
+    assert not verify(body, good, SECRET_B.encode(), now=now)
+    assert not verify(body, good, b"", now=now)  # an empty secret signs for anyone
+    with pytest.raises(TypeError, match=r"a webhook secret is a str \(or bytes\), not int"):
+        verify(body, good, [SECRET_A, 42], now=now)  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(

@@ -125,13 +125,14 @@ def sign(body: bytes, secrets: Sequence[str], timestamp: int) -> str:
 def verify(
     body: bytes | str,
     header: str | None,
-    secrets: Sequence[str] | str,
+    secrets: Sequence[str | bytes] | str | bytes,
     tolerance: int = 300,
     *,
     now: float | None = None,
 ) -> bool:
     """For receivers: True if `header` (Pinauth-Signature) signs `body` (the raw request
     body, exactly as received) with one of `secrets`, within `tolerance` seconds of now.
+    A secret is a str, or its UTF-8 bytes.
 
     Any v1 may match any secret, so both sides can rotate secrets one at a time. The
     timestamp check bounds how long a captured request can be replayed; receivers that
@@ -141,12 +142,17 @@ def verify(
         return False
     if isinstance(body, str):
         body = body.encode()
-    if isinstance(secrets, str):
+    if isinstance(secrets, str | bytes):
         secrets = [secrets]
-    # An empty secret (a trailing comma split off "a,b,") would let anyone sign: an HMAC
-    # key everyone knows. It never verifies anything.
-    secrets = [s for s in secrets if s]
-    if not secrets:
+    keys: list[bytes] = []
+    for s in secrets:
+        if not isinstance(s, str | bytes):
+            raise TypeError(f"a webhook secret is a str (or bytes), not {type(s).__name__}")
+        # An empty secret (a trailing comma split off "a,b,") would let anyone sign: an
+        # HMAC key everyone knows. It never verifies anything.
+        if s:
+            keys.append(s.encode() if isinstance(s, str) else s)
+    if not keys:
         return False
     timestamp: int | None = None
     candidates: list[str] = []
@@ -165,12 +171,15 @@ def verify(
     if abs(int(time.time() if now is None else now) - timestamp) > tolerance:
         return False
     signed = str(timestamp).encode() + b"." + body
-    expected = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in secrets]
-    # Every comparison runs, so the time taken does not say which secret matched.
+    expected = [hmac.new(key, signed, hashlib.sha256).hexdigest().encode() for key in keys]
+    # Every comparison runs, so the time taken does not say which secret matched. In
+    # bytes: compare_digest refuses str with non-ASCII characters (a TypeError), and a
+    # header may hold anything.
     matched = False
     for candidate in candidates:
+        given = candidate.encode("utf-8", "surrogatepass")
         for mac in expected:
-            matched |= hmac.compare_digest(candidate, mac)
+            matched |= hmac.compare_digest(given, mac)
     return matched
 
 
