@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -448,6 +449,16 @@ class WebhookDispatcher:
 
 
 # --- the events, for the CLI and the API -------------------------------------------
+
+# "evt_" and 26 base32 characters (models.new_event_id); looser in length, as the client
+# is for connection ids, and within the column's 40.
+_EVENT_ID = re.compile(r"evt_[a-z0-9]{1,36}")
+
+
+def looks_like_event_id(value: str) -> bool:
+    """Whether `value` can be an event's id: checked before a query, so that bytes no
+    database column can hold are refused in words, not with a driver's error."""
+    return _EVENT_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
