@@ -196,12 +196,27 @@ class Settings(BaseSettings):
         url = url.strip()
         if not url:
             return url
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed [IPv6 address
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
                 f"{url!r} is not an http(s) URL; webhooks are POSTed to an absolute "
                 "http:// or https:// address"
             )
+        # What no request can ever reach: refused now rather than failing every delivery.
+        if any(not c.isprintable() for c in url):
+            raise ValueError(f"{url!r} holds a control character")
+        host = parts.hostname or ""
+        if not host or any(c.isspace() or c in "%<>" for c in host):
+            raise ValueError(f"{url!r} has no usable host name; check the address for typos")
+        try:
+            port = parts.port
+        except ValueError:  # beyond 65535, or not a number
+            port = 0
+        if port == 0:
+            raise ValueError(f"{url!r} has no usable port; a port is a number from 1 to 65535")
         return url
 
     @field_validator("webhook_secrets")
@@ -232,7 +247,10 @@ class Settings(BaseSettings):
     @field_validator("api_url", "authorize_url")
     @classmethod
     def _absolute_url(cls, url: str) -> str:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed [IPv6 address
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{url!r} must be an absolute http(s) URL")
         return url
