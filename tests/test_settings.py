@@ -101,6 +101,15 @@ def test_keeper_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, "1")
 
 
+@pytest.mark.parametrize("name", ["PINAUTH_KEEPER_INTERVAL", "PINAUTH_CACHE_TTL"])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "1e309"])
+def test_intervals_must_be_finite(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """An interval of inf made the keeper never wake (and cached entries never expire)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=rf"(?s){name}.*finite number"):
+        Settings(_env_file=None)
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
