@@ -799,6 +799,42 @@ async def test_webhooks_cli_lists_and_redelivers(
     assert redelivered.retry_until > datetime.now(UTC) + timedelta(hours=23)
 
 
+async def test_webhooks_cli_list_shows_no_stale_error_for_a_delivered_event(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failed once (503), then delivered: LAST ERROR is empty; a pending event's shows."""
+    answers = iter([httpx.Response(503), httpx.Response(200), httpx.Response(502)])
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        await dispatcher.run_once()
+        clock.advance(5)
+        await dispatcher.run_once()
+        await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
+        await dispatcher.run_once()
+    delivered, pending = await outbox(settings)
+    assert delivered.status is WebhookEventStatus.DELIVERED
+    assert delivered.last_error == "HTTP 503"  # kept in the row; the listing hides it
+    assert pending.status is WebhookEventStatus.PENDING
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+    def run() -> tuple[int, str]:
+        code = main(["webhooks", "list"])
+        return code, capsys.readouterr().out
+
+    code, out = await asyncio.to_thread(run)
+
+    assert code == 0
+    [line] = [line for line in out.splitlines() if delivered.public_id in line]
+    assert line.rstrip().endswith(" 2 " + delivered.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    assert "HTTP 503" not in out
+    [line] = [line for line in out.splitlines() if pending.public_id in line]
+    assert line.rstrip().endswith("HTTP 502")
+
+
 async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRouter) -> None:
     failed, delivered = await failed_and_delivered(settings)
     key = await create_api_key(settings)

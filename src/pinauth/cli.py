@@ -303,9 +303,12 @@ def _webhooks(args: argparse.Namespace) -> None:
                     f"{'TRIES':>5} {'CREATED':<20} LAST ERROR"
                 )
                 for e in rows:
+                    # A delivered event's last error is history: shown, it reads as a fault.
+                    delivered = e.status is WebhookEventStatus.DELIVERED
+                    error = "" if delivered else e.last_error or ""
                     print(
                         f"{e.public_id:<34} {e.type:<38} {e.connection_id:<34} {e.status:<10} "
-                        f"{e.attempts:>5} {_when(e.created_at):<20} {e.last_error or ''}"
+                        f"{e.attempts:>5} {_when(e.created_at):<20} {error}"
                     )
             else:
                 found = await events.redeliver(args.event_id)
