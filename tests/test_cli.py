@@ -144,6 +144,45 @@ def test_migrate_only_migrates(tmp_path: Path) -> None:
     assert version.fetchone() == (schema_head(),)
 
 
+def redeliver(tmp_path: Path, event_id: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable.encode(), b"-m", b"pinauth", b"webhooks", b"redeliver", event_id],
+        cwd=tmp_path,
+        env=service_env(tmp_path),
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [b"evt_\xff\xfe", b"evt_\xc3\xa9", b"evt_", b"conn_abc", b"evt_a b", b"evt_" + b"a" * 37],
+)
+def test_webhooks_redeliver_refuses_what_cannot_be_an_event_id(
+    tmp_path: Path, event_id: bytes
+) -> None:
+    """Bytes that are not UTF-8 made a UnicodeEncodeError traceback on SQLite (a DBAPIError
+    on PostgreSQL): the id's shape is checked first, in one line, before any query."""
+    result = redeliver(tmp_path, event_id)
+
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.count("\n") == 1, err
+    assert err.startswith("pinauth: "), err
+    assert "is not a webhook event id" in err
+    assert "cannot start" not in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "cli.db").exists()  # refused before the database was touched
+
+
+def test_webhooks_redeliver_says_an_unknown_id_is_unknown(tmp_path: Path) -> None:
+    result = redeliver(tmp_path, b"evt_aaaaaaaaaaaaaaaaaaaaaaaaaa")
+
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err == "pinauth: No webhook event has that id: 'evt_aaaaaaaaaaaaaaaaaaaaaaaaaa'.\n"
+
+
 def test_make_run_writes_a_fresh_env_once(tmp_path: Path) -> None:
     from pinauth.dotenv import write_env
 

@@ -423,6 +423,11 @@ def test_retry_after_reads_both_of_its_forms() -> None:
     assert retry_after_seconds(format_datetime(now - timedelta(seconds=5)), now=now) == 0
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+    # Digits to str.isdigit() that float() refuses or HTTP never writes; too long; too far.
+    assert retry_after_seconds("²") is None
+    assert retry_after_seconds("\u0663") is None
+    assert retry_after_seconds("1" * 5000) is None
+    assert retry_after_seconds("Mon, 01 Jan 99999999999999999999999 00:00:00 GMT") is None
 
 
 async def test_sdk_client_explains_a_missing_extra(

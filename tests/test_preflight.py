@@ -180,6 +180,30 @@ MISTAKES: list[tuple[str, list[str], dict[str, str | None], list[str]]] = [
         ["PINAUTH_SESSION_MAX_AGE: Input should be a valid integer"],
     ),
     (
+        "webhook-url-with-a-space-in-its-host",
+        ["serve"],
+        {"PINAUTH_WEBHOOK_URL": "http://exa mple.com/"},
+        ["PINAUTH_WEBHOOK_URL: 'http://exa mple.com/' has no usable host name"],
+    ),
+    (
+        "webhook-url-port-out-of-range",
+        ["serve"],
+        {"PINAUTH_WEBHOOK_URL": "http://127.0.0.1:99999/hook"},
+        ["PINAUTH_WEBHOOK_URL: 'http://127.0.0.1:99999/hook' has no usable port"],
+    ),
+    (
+        "keeper-interval-infinite",
+        ["migrate"],  # not serve: without the check, that would serve for good
+        {"PINAUTH_KEEPER_INTERVAL": "inf"},
+        ["PINAUTH_KEEPER_INTERVAL: Input should be a finite number"],
+    ),
+    (
+        "cache-ttl-not-a-number",
+        ["migrate"],  # not serve: without the check, that would serve for good
+        {"PINAUTH_CACHE_TTL": "nan"},
+        ["PINAUTH_CACHE_TTL: Input should be a finite number"],
+    ),
+    (
         "log-level",
         ["migrate"],
         {"PINAUTH_LOG_LEVEL": "verbose"},

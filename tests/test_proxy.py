@@ -337,12 +337,23 @@ async def test_body_size_is_capped(database_url: str, pinterest: respx.MockRoute
 
         streamed = await client.post("/pinterest/pins", content=chunked())  # type: ignore[arg-type]
         fits = await client.post("/pinterest/pins", content=b"x" * 1024)
+        # "²" (Latin-1 0xB2) is a digit to str.isdigit() but not to int(): a declared
+        # length that says nothing, so the cap applies while reading.
+        superscript = [(b"Content-Length", b"\xb2")]
+        declared_big = await client.post(
+            "/pinterest/pins", content=b"x" * 1025, headers=superscript
+        )
+        declared_small = await client.post(
+            "/pinterest/pins", content=b"x" * 10, headers=superscript
+        )
 
     assert too_big.status_code == 413
     assert too_big.json()["error"] == "payload_too_large"
     assert streamed.status_code == 413
+    assert declared_big.status_code == 413, declared_big.text
     assert fits.status_code == 201
-    assert route.call_count == 1
+    assert declared_small.status_code == 201, declared_small.text
+    assert route.call_count == 2
 
 
 # --- refresh -----------------------------------------------------------------------

@@ -202,6 +202,35 @@ async def test_a_past_retry_after_date_holds_briefly_not_zero(
     assert route.call_count == 2
 
 
+@pytest.mark.parametrize(
+    "value",
+    [b"\xb2", b"1" * 5000, b"Mon, 01 Jan 99999999999999999999999 00:00:00 GMT"],
+    ids=["superscript-two", "5000-digits", "overflowing-date"],
+)
+async def test_an_unreadable_retry_after_holds_for_the_default_not_a_500(
+    client: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    clock: ManualClock,
+    value: bytes,
+) -> None:
+    """Guards the parser against what str.isdigit() lets through ("²", the Latin-1 byte
+    0xB2, is a digit to it but not to float()): Pinterest's 429 is relayed, and the hold
+    is the default one, as for a 429 without Retry-After."""
+    await connect_as(client, pinterest, ADA)
+    route = pinterest.get(api(settings, "boards")).respond(
+        429, json=PINTEREST_429, headers=[(b"Retry-After", value)]
+    )
+
+    first = await client.get("/pinterest/boards")
+    held = await client.get("/pinterest/boards")
+
+    assert first.status_code == 429, first.text
+    assert first.json() == PINTEREST_429
+    assert assert_pinterest_429(held) == DEFAULT_WAIT_SECONDS
+    assert route.call_count == 1
+
+
 def test_retry_after_in_the_past_is_a_short_jittered_delay() -> None:
     """Guards the parser every Retry-After goes through: a past date is 1 to 3 s, jittered."""
     past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)

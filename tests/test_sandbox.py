@@ -247,12 +247,24 @@ async def test_bookmark_pagination_walks_every_board(sandbox: httpx.AsyncClient)
     assert len(set(seen)) == 8
 
 
-@pytest.mark.parametrize("page_size", ["0", "251", "ten"])
+# "²" and "٣" are digits to str.isdigit(), and int() refuses the first.
+@pytest.mark.parametrize("page_size", ["0", "251", "ten", "²", "\u0663", "1" * 5000])
 async def test_page_size_bounds(sandbox: httpx.AsyncClient, page_size: str) -> None:
     auth = {"Authorization": f"Bearer {(await tokens_for(sandbox))['access_token']}"}
     response = await sandbox.get("/v5/boards", params={"page_size": page_size}, headers=auth)
     assert response.status_code == 400
     assert set(response.json()) == {"code", "message"}
+
+
+@pytest.mark.parametrize("number", ["²", "\u0663", "1" * 5000])
+async def test_a_bookmark_without_an_ascii_offset_is_refused(
+    sandbox: httpx.AsyncClient, number: str
+) -> None:
+    auth = {"Authorization": f"Bearer {(await tokens_for(sandbox))['access_token']}"}
+    bookmark = base64.urlsafe_b64encode(f"offset:{number}".encode()).decode()
+    response = await sandbox.get("/v5/boards", params={"bookmark": bookmark}, headers=auth)
+    assert response.status_code == 400
+    assert response.json() == {"code": 1, "message": "Invalid bookmark."}
 
 
 async def test_missing_scope_is_401_code_3(sandbox: httpx.AsyncClient) -> None:

@@ -99,3 +99,41 @@ def test_keeper_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ValidationError, match="PINAUTH_KEEP"):
             Settings(_env_file=None)
         monkeypatch.setenv(name, "1")
+
+
+@pytest.mark.parametrize("name", ["PINAUTH_KEEPER_INTERVAL", "PINAUTH_CACHE_TTL"])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "1e309"])
+def test_intervals_must_be_finite(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """An interval of inf made the keeper never wake (and cached entries never expire)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=rf"(?s){name}.*finite number"):
+        Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://exa mple.com/", "has no usable host name"),
+        ("http://:8080/hook", "has no usable host name"),
+        ("http://user@/hook", "has no usable host name"),
+        ("http://127.0.0.1:99999/hook", "has no usable port"),
+        ("http://127.0.0.1:0/hook", "has no usable port"),
+        ("http://app.example:http/hook", "has no usable port"),
+        ("http://app\texample/hook", "holds a control character"),
+        ("http://[::1/hook", r"is not an http\(s\) URL"),
+    ],
+)
+def test_a_webhook_url_that_can_never_work_is_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str, message: str
+) -> None:
+    monkeypatch.setenv("PINAUTH_WEBHOOK_URL", url)
+    with pytest.raises(ValidationError, match=rf"(?s)PINAUTH_WEBHOOK_URL.*{message}"):
+        Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:65535/hook", "https://[::1]:8443/hook", "https://app.example/a b"]
+)
+def test_webhook_urls_that_can_work_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("PINAUTH_WEBHOOK_URL", url)
+    assert Settings(_env_file=None).webhook_url == url

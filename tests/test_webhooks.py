@@ -37,6 +37,8 @@ from pinauth.webhooks import (
     WebhookDispatcher,
     create_webhook_client,
     record_event,
+    retry_after_seconds,
+    sign,
     verify,
 )
 from tests.helpers import (
@@ -279,6 +281,7 @@ async def dispatching(
     receiver: Callable[[httpx.Request], httpx.Response] | None = None,
     clock: Clock | None = None,
     metrics: Metrics | None = None,
+    jitter: Callable[[], float] = lambda: 0.0,
 ) -> AsyncIterator[tuple[WebhookDispatcher, async_sessionmaker[AsyncSession]]]:
     """A dispatcher over the test database; `receiver` answers its POSTs in-process."""
     engine = create_engine(settings)
@@ -296,7 +299,7 @@ async def dispatching(
                 sessionmaker,
                 http,
                 clock=clock or Clock(),
-                jitter=lambda: 0.0,
+                jitter=jitter,
                 metrics=metrics,
             ),
             sessionmaker,
@@ -381,6 +384,24 @@ async def test_a_delivery_is_signed_with_every_secret(settings: Settings) -> Non
     [stored] = await outbox(settings)
     assert stored.status is WebhookEventStatus.DELIVERED
     assert stored.delivered_at == clock.now
+
+
+def test_verify_is_false_for_non_ascii_signatures_and_takes_bytes_secrets() -> None:
+    """A v1 holding non-ASCII characters is no match, not a TypeError from
+    hmac.compare_digest; a valid v1 beside it still verifies. Secrets may be bytes."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    good = sign(body, [SECRET_A], now)  # "t=<now>,v1=<mac>"
+    mac = good.split("v1=")[1]
+    for bad in ("\u00e9", "\u00b2" * 64, mac[:-1] + "\u00e9", "\udc80"):
+        assert not verify(body, f"t={now},v1={bad}", SECRET_A, now=now)
+        assert verify(body, f"t={now},v1={bad},v1={mac}", SECRET_A, now=now)
+    assert verify(body, good, SECRET_A.encode(), now=now)
+    assert verify(body, good, [SECRET_B.encode(), SECRET_A.encode()], now=now)
+    assert not verify(body, good, SECRET_B.encode(), now=now)
+    assert not verify(body, good, b"", now=now)  # an empty secret signs for anyone
+    with pytest.raises(TypeError, match=r"a webhook secret is a str \(or bytes\), not int"):
+        verify(body, good, [SECRET_A, 42], now=now)  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(
@@ -660,6 +681,71 @@ async def test_a_huge_answer_is_never_read(settings: Settings) -> None:
     assert offered["bytes"] < 50_000_000  # the connection was closed, not drained
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xb2",  # "²" in Latin-1: str.isdigit() says yes, float() says no
+        b"1" * 5000,  # beyond int()'s digit limit
+        b"Mon, 01 Jan 99999999999999999999999 00:00:00 GMT",  # overflows
+    ],
+)
+async def test_an_unusable_retry_after_is_ignored_and_the_attempt_recorded(
+    settings: Settings, value: bytes
+) -> None:
+    """A real receiver answers 503 with a Retry-After no one can read: the attempt is
+    recorded and the event backs off as usual, instead of going again unrecorded."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: "
+            + value
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+
+    async with tcp_receiver(answer) as url:
+        clock = Clock()
+        async with dispatching(hooked(settings, url), clock=clock) as (dispatcher, sessionmaker):
+            await add_events(sessionmaker, clock.now, "connection.created")
+            assert await dispatcher.run_once() == 1
+            assert await dispatcher.run_once() == 0  # backing off, not looping
+            async with sessionmaker() as db:
+                [event] = (await db.execute(select(WebhookEvent))).scalars()
+                [attempt] = await WebhookEventRepository(db).attempts(event.id)
+
+    assert retry_after_seconds(value.decode("latin-1"), clock.now) is None
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.attempts == 1
+    assert event.last_error == "HTTP 503"
+    assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
+    assert (attempt.response_code, attempt.outcome) == (503, "retry")
+
+
+async def test_an_attempt_is_recorded_whatever_goes_wrong_deciding_its_outcome(
+    settings: Settings,
+) -> None:
+    """Deciding the outcome fails (here the jitter source): the attempt is still
+    recorded, and the event waits the longest backoff rather than going again at once."""
+
+    def broken_jitter() -> float:
+        raise RuntimeError("no randomness today")
+
+    clock = Clock()
+    async with dispatching(
+        hooked(settings), lambda _: httpx.Response(503), clock, jitter=broken_jitter
+    ) as (dispatcher, sessionmaker):
+        await add_events(sessionmaker, clock.now, "connection.created")
+        assert await dispatcher.run_once() == 1
+        assert await dispatcher.run_once() == 0
+
+    [event] = await outbox(settings)
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.attempts == 1
+    assert event.last_error == "HTTP 503"
+    assert event.next_attempt_at == clock.now + timedelta(hours=1)
+
+
 # --- listing and redelivery: the CLI and /v1/webhook-events -----------------------
 
 
@@ -711,6 +797,42 @@ async def test_webhooks_cli_lists_and_redelivers(
     assert redelivered.status is WebhookEventStatus.PENDING
     assert redelivered.last_error is None
     assert redelivered.retry_until > datetime.now(UTC) + timedelta(hours=23)
+
+
+async def test_webhooks_cli_list_shows_no_stale_error_for_a_delivered_event(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failed once (503), then delivered: LAST ERROR is empty; a pending event's shows."""
+    answers = iter([httpx.Response(503), httpx.Response(200), httpx.Response(502)])
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        await dispatcher.run_once()
+        clock.advance(5)
+        await dispatcher.run_once()
+        await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
+        await dispatcher.run_once()
+    delivered, pending = await outbox(settings)
+    assert delivered.status is WebhookEventStatus.DELIVERED
+    assert delivered.last_error == "HTTP 503"  # kept in the row; the listing hides it
+    assert pending.status is WebhookEventStatus.PENDING
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+    def run() -> tuple[int, str]:
+        code = main(["webhooks", "list"])
+        return code, capsys.readouterr().out
+
+    code, out = await asyncio.to_thread(run)
+
+    assert code == 0
+    [line] = [line for line in out.splitlines() if delivered.public_id in line]
+    assert line.rstrip().endswith(" 2 " + delivered.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    assert "HTTP 503" not in out
+    [line] = [line for line in out.splitlines() if pending.public_id in line]
+    assert line.rstrip().endswith("HTTP 502")
 
 
 async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRouter) -> None:

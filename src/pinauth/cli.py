@@ -278,10 +278,16 @@ def _webhooks(args: argparse.Namespace) -> None:
     from pinauth.db import create_engine, create_sessionmaker
     from pinauth.errors import WebhookEventNotFound
     from pinauth.models import WebhookEventStatus
-    from pinauth.webhooks import WebhookEvents
+    from pinauth.webhooks import WebhookEvents, looks_like_event_id
 
     if args.action == "list" and not 1 <= args.limit <= 10_000:
         raise ConfigurationError("--limit must be between 1 and 10000")
+    if args.action == "redeliver" and not looks_like_event_id(args.event_id):
+        # ascii(): the argument may hold bytes that are not UTF-8 (surrogate escapes).
+        raise CommandFailed(
+            f"{args.event_id!a} is not a webhook event id; ids look like evt_ followed by "
+            "26 lowercase letters and digits (see `pinauth webhooks list`)."
+        )
     settings = _load_settings("migrate")  # the outbox holds no secrets: the database is enough
     preflight.migrate(settings)
 
@@ -297,9 +303,12 @@ def _webhooks(args: argparse.Namespace) -> None:
                     f"{'TRIES':>5} {'CREATED':<20} LAST ERROR"
                 )
                 for e in rows:
+                    # A delivered event's last error is history: shown, it reads as a fault.
+                    delivered = e.status is WebhookEventStatus.DELIVERED
+                    error = "" if delivered else e.last_error or ""
                     print(
                         f"{e.public_id:<34} {e.type:<38} {e.connection_id:<34} {e.status:<10} "
-                        f"{e.attempts:>5} {_when(e.created_at):<20} {e.last_error or ''}"
+                        f"{e.attempts:>5} {_when(e.created_at):<20} {error}"
                     )
             else:
                 found = await events.redeliver(args.event_id)
@@ -313,7 +322,7 @@ def _webhooks(args: argparse.Namespace) -> None:
     try:
         asyncio.run(run())
     except WebhookEventNotFound as e:
-        raise ConfigurationError(f"{e.message} ({args.event_id!r})") from e
+        raise CommandFailed(f"{e.message.rstrip('.')}: {args.event_id!r}.") from e
 
 
 def _connections(args: argparse.Namespace) -> None:
@@ -353,6 +362,11 @@ def _connections(args: argparse.Namespace) -> None:
 
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
+
+
+class CommandFailed(Exception):
+    """A command that started but cannot do what it was asked (not a configuration
+    problem): one line on stderr, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,5 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except ConfigurationError as e:
         print(f"pinauth: cannot start: {e}", file=sys.stderr)
+        return 2
+    except CommandFailed as e:
+        print(f"pinauth: {e}", file=sys.stderr)
         return 2
     return 0

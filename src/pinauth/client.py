@@ -35,6 +35,7 @@ from urllib.parse import unquote
 import httpx
 
 from pinauth import __version__
+from pinauth.numbers import ascii_int
 
 if TYPE_CHECKING:
     from pinterest.client import PinterestSDKClient  # type: ignore[import-untyped]
@@ -196,11 +197,11 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if (seconds := ascii_int(value)) is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year of 30 digits overflows
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -113,7 +113,9 @@ class Settings(BaseSettings):
     retry_budget_seconds: float = Field(10.0, ge=0, validation_alias="PINAUTH_RETRY_BUDGET")
     # How long a process trusts its cached session and connection before re-reading the
     # database: bounds how late another replica's logout or disconnect is noticed here.
-    cache_ttl_seconds: float = Field(5.0, ge=0, validation_alias="PINAUTH_CACHE_TTL")
+    cache_ttl_seconds: float = Field(
+        5.0, ge=0, allow_inf_nan=False, validation_alias="PINAUTH_CACHE_TTL"
+    )
     # Rows anyone can make are bounded, the oldest evicted (see the README's security notes):
     # a browser's sessions per Pinterest connection, and logins started but not finished.
     max_sessions_per_connection: int = Field(
@@ -127,7 +129,10 @@ class Settings(BaseSettings):
     # waking every PINAUTH_KEEPER_INTERVAL seconds, at most PINAUTH_KEEPER_CONCURRENCY
     # refreshes at a time per process. Refresh tokens live 60 days.
     keeper: bool = Field(True, validation_alias="PINAUTH_KEEPER")
-    keeper_interval_seconds: float = Field(600.0, ge=1, validation_alias="PINAUTH_KEEPER_INTERVAL")
+    # Finite: an interval of inf would make the keeper never wake.
+    keeper_interval_seconds: float = Field(
+        600.0, ge=1, allow_inf_nan=False, validation_alias="PINAUTH_KEEPER_INTERVAL"
+    )
     keepalive_days: int = Field(14, validation_alias="PINAUTH_KEEPALIVE_DAYS")
     keeper_concurrency: int = Field(4, ge=1, le=100, validation_alias="PINAUTH_KEEPER_CONCURRENCY")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
@@ -196,12 +201,27 @@ class Settings(BaseSettings):
         url = url.strip()
         if not url:
             return url
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed [IPv6 address
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
                 f"{url!r} is not an http(s) URL; webhooks are POSTed to an absolute "
                 "http:// or https:// address"
             )
+        # What no request can ever reach: refused now rather than failing every delivery.
+        if any(not c.isprintable() for c in url):
+            raise ValueError(f"{url!r} holds a control character")
+        host = parts.hostname or ""
+        if not host or any(c.isspace() or c in "%<>" for c in host):
+            raise ValueError(f"{url!r} has no usable host name; check the address for typos")
+        try:
+            port = parts.port
+        except ValueError:  # beyond 65535, or not a number
+            port = 0
+        if port == 0:
+            raise ValueError(f"{url!r} has no usable port; a port is a number from 1 to 65535")
         return url
 
     @field_validator("webhook_secrets")
@@ -232,7 +252,10 @@ class Settings(BaseSettings):
     @field_validator("api_url", "authorize_url")
     @classmethod
     def _absolute_url(cls, url: str) -> str:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed [IPv6 address
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{url!r} must be an absolute http(s) URL")
         return url

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from pinauth.models import (
     WebhookEventStatus,
     new_event_id,
 )
+from pinauth.numbers import ascii_int
 from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.schedule import Schedule
@@ -124,13 +126,14 @@ def sign(body: bytes, secrets: Sequence[str], timestamp: int) -> str:
 def verify(
     body: bytes | str,
     header: str | None,
-    secrets: Sequence[str] | str,
+    secrets: Sequence[str | bytes] | str | bytes,
     tolerance: int = 300,
     *,
     now: float | None = None,
 ) -> bool:
     """For receivers: True if `header` (Pinauth-Signature) signs `body` (the raw request
     body, exactly as received) with one of `secrets`, within `tolerance` seconds of now.
+    A secret is a str, or its UTF-8 bytes.
 
     Any v1 may match any secret, so both sides can rotate secrets one at a time. The
     timestamp check bounds how long a captured request can be replayed; receivers that
@@ -140,12 +143,17 @@ def verify(
         return False
     if isinstance(body, str):
         body = body.encode()
-    if isinstance(secrets, str):
+    if isinstance(secrets, str | bytes):
         secrets = [secrets]
-    # An empty secret (a trailing comma split off "a,b,") would let anyone sign: an HMAC
-    # key everyone knows. It never verifies anything.
-    secrets = [s for s in secrets if s]
-    if not secrets:
+    keys: list[bytes] = []
+    for s in secrets:
+        if not isinstance(s, str | bytes):
+            raise TypeError(f"a webhook secret is a str (or bytes), not {type(s).__name__}")
+        # An empty secret (a trailing comma split off "a,b,") would let anyone sign: an
+        # HMAC key everyone knows. It never verifies anything.
+        if s:
+            keys.append(s.encode() if isinstance(s, str) else s)
+    if not keys:
         return False
     timestamp: int | None = None
     candidates: list[str] = []
@@ -164,12 +172,15 @@ def verify(
     if abs(int(time.time() if now is None else now) - timestamp) > tolerance:
         return False
     signed = str(timestamp).encode() + b"." + body
-    expected = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in secrets]
-    # Every comparison runs, so the time taken does not say which secret matched.
+    expected = [hmac.new(key, signed, hashlib.sha256).hexdigest().encode() for key in keys]
+    # Every comparison runs, so the time taken does not say which secret matched. In
+    # bytes: compare_digest refuses str with non-ASCII characters (a TypeError), and a
+    # header may hold anything.
     matched = False
     for candidate in candidates:
+        given = candidate.encode("utf-8", "surrogatepass")
         for mac in expected:
-            matched |= hmac.compare_digest(candidate, mac)
+            matched |= hmac.compare_digest(given, mac)
     return matched
 
 
@@ -187,6 +198,7 @@ POLL_INTERVAL_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 6 * 3600
 _ERROR_LENGTH = 255
 LEASE_MARGIN_SECONDS = 5.0
+BACKOFF_MAX = timedelta(seconds=BACKOFF_MAX_SECONDS)
 
 
 def utc_now() -> datetime:
@@ -205,11 +217,11 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_SECONDS)
+    if (seconds := ascii_int(value)) is not None:
+        return float(min(seconds, MAX_RETRY_AFTER_SECONDS))
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year of 30 digits overflows
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -344,21 +356,15 @@ class WebhookDispatcher:
         outcome = await self._post(event, attempted_at)
         duration_ms = int((time.monotonic() - started) * 1000)
         attempt_number = event.attempts + 1
-        values: dict[str, Any]
-        if outcome.delivered:
-            values = {"status": WebhookEventStatus.DELIVERED, "delivered_at": attempted_at}
-            verdict = "delivered"
-        else:
-            delay = backoff(attempt_number, self._jitter())
-            if outcome.retry_after is not None:
-                delay = max(delay, outcome.retry_after)
-            next_at = attempted_at + timedelta(seconds=delay)
-            if outcome.retryable and next_at <= event.retry_until:
-                values = {"next_attempt_at": next_at}
-                verdict = "retry"
-            else:
-                values = {"status": WebhookEventStatus.FAILED}
-                verdict = "failed"
+        try:
+            verdict, values = self._verdict(event, outcome, attempted_at, attempt_number)
+        except Exception as e:
+            # Unrecorded, the event would be leased again at once, for ever, with no
+            # backoff and no cut-off, and its connection's later events behind it.
+            log.exception("deciding a webhook delivery's outcome failed: %s", type(e).__name__)
+            verdict, values = "retry", {"next_attempt_at": attempted_at + BACKOFF_MAX}
+            if values["next_attempt_at"] > event.retry_until:
+                verdict, values = "failed", {"status": WebhookEventStatus.FAILED}
             values["last_error"] = outcome.error
         if self._metrics is not None:
             self._metrics.webhook_deliveries.labels(verdict).inc()
@@ -386,6 +392,27 @@ class WebhookDispatcher:
                 ),
             )
 
+    def _verdict(
+        self, event: WebhookEvent, outcome: Outcome, attempted_at: datetime, attempt_number: int
+    ) -> tuple[str, dict[str, Any]]:
+        """What the attempt came to, and the event's columns that record it."""
+        values: dict[str, Any]
+        if outcome.delivered:
+            return "delivered", {
+                "status": WebhookEventStatus.DELIVERED,
+                "delivered_at": attempted_at,
+            }
+        delay = backoff(attempt_number, self._jitter())
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        next_at = attempted_at + timedelta(seconds=delay)
+        if outcome.retryable and next_at <= event.retry_until:
+            verdict, values = "retry", {"next_attempt_at": next_at}
+        else:
+            verdict, values = "failed", {"status": WebhookEventStatus.FAILED}
+        values["last_error"] = outcome.error
+        return verdict, values
+
     async def _post(self, event: WebhookEvent, now: datetime) -> Outcome:
         body = event.body.encode()
         headers = {
@@ -401,7 +428,7 @@ class WebhookDispatcher:
                 # so a receiver answering with a huge body costs no memory.
                 async with self._http.stream("POST", self._url, content=body, headers=headers) as r:
                     code = r.status_code
-                    retry_after = retry_after_seconds(r.headers.get("retry-after"), now)
+                    retry_after_header = r.headers.get("retry-after")
         except TimeoutError:
             return Outcome(None, f"no answer within {self._timeout:g} s")
         except httpx.TimeoutException:
@@ -410,10 +437,28 @@ class WebhookDispatcher:
             return Outcome(None, f"{type(e).__name__}: {e}"[:_ERROR_LENGTH])
         if 200 <= code < 300:
             return Outcome(code, None)
-        return Outcome(code, f"HTTP {code}", retry_after if code in (429, 503) else None)
+        retry_after = None
+        if code in (429, 503):
+            try:
+                retry_after = retry_after_seconds(retry_after_header, now)
+            except Exception as e:
+                # The receiver's Retry-After, whatever it holds, is a hint: without it the
+                # attempt is still recorded and backs off as usual.
+                log.warning("unusable Retry-After from the webhook receiver: %r", e)
+        return Outcome(code, f"HTTP {code}", retry_after)
 
 
 # --- the events, for the CLI and the API -------------------------------------------
+
+# "evt_" and 26 base32 characters (models.new_event_id); looser in length, as the client
+# is for connection ids, and within the column's 40.
+_EVENT_ID = re.compile(r"evt_[a-z0-9]{1,36}")
+
+
+def looks_like_event_id(value: str) -> bool:
+    """Whether `value` can be an event's id: checked before a query, so that bytes no
+    database column can hold are refused in words, not with a driver's error."""
+    return _EVENT_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

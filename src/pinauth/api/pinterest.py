@@ -35,6 +35,7 @@ from pinauth.errors import (
     UpstreamUnavailable,
 )
 from pinauth.models import Connection
+from pinauth.numbers import ascii_int
 from pinauth.outage import OutageTracker
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
@@ -68,7 +69,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is None and "transfer-encoding" not in request.headers:
         return b""  # HTTP/1.1: a request without either header has no body
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = None if declared is None else ascii_int(declared)
+    if size is not None and size > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     chunks: list[bytes] = []
     size = 0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import httpx
 
 from pinauth.errors import UpstreamError, UpstreamTimeout
+from pinauth.numbers import ascii_int
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import USER_AGENT, http_timeout
 from pinauth.settings import Settings
@@ -57,11 +58,11 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if (delta := ascii_int(value)) is not None:
+        return float(delta)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year of 30 digits overflows
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -47,7 +47,7 @@ def _retry_after(value: bytes) -> bool:
         return True
     try:
         return parsedate_to_datetime(value.decode("ascii")) is not None
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a 30-digit year overflows
         return False
 
 

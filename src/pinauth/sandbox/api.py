@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from pinauth.numbers import ascii_int
 from pinauth.sandbox.errors import AUTHENTICATION_FAILED, INSUFFICIENT_SCOPE, PinterestError, error
 from pinauth.sandbox.state import (
     Board,
@@ -51,8 +52,8 @@ def api_router(holder: StateHolder) -> APIRouter:
         return pin
 
     def page(request: Request, items: list[dict[str, Any]]) -> Response:
-        raw_size = request.query_params.get("page_size", "25")
-        if not raw_size.isdigit() or not 1 <= int(raw_size) <= 250:
+        size = ascii_int(request.query_params.get("page_size", "25"))
+        if size is None or not 1 <= size <= 250:
             return error(400, 1, "page_size must be an integer from 1 to 250.")
         offset = 0
         if bookmark := request.query_params.get("bookmark"):
@@ -60,7 +61,6 @@ def api_router(holder: StateHolder) -> APIRouter:
             if decoded is None:
                 return error(400, 1, "Invalid bookmark.")
             offset = decoded
-        size = int(raw_size)
         end = offset + size
         return JSONResponse(
             {

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pinauth.numbers import ascii_int
+
 # Pinterest v5's OAuth scopes (components.securitySchemes.pinterest_oauth2 in the spec).
 V5_SCOPES = frozenset(
     {
@@ -274,7 +276,7 @@ def decode_bookmark(bookmark: str) -> int | None:
     except (ValueError, UnicodeDecodeError):
         return None
     prefix, _, number = raw.partition(":")
-    return int(number) if prefix == "offset" and number.isdigit() else None
+    return ascii_int(number) if prefix == "offset" else None
 
 
 class StateHolder:
