@@ -101,10 +101,24 @@ def test_keeper_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, "1")
 
 
-@pytest.mark.parametrize("name", ["PINAUTH_KEEPER_INTERVAL", "PINAUTH_CACHE_TTL"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PINAUTH_KEEPER_INTERVAL",
+        "PINAUTH_CACHE_TTL",
+        "PINAUTH_DATABASE_TIMEOUT",
+        "PINAUTH_HTTP_READ_TIMEOUT",
+        "PINAUTH_RETRY_BUDGET",
+        "PINAUTH_PURGE_INTERVAL",
+        "PINAUTH_REFRESH_LOCK_TIMEOUT",
+        "PINAUTH_REQUEST_READ_TIMEOUT",
+        "PINAUTH_WEBHOOK_TIMEOUT",
+    ],
+)
 @pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "1e309"])
 def test_intervals_must_be_finite(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
-    """An interval of inf made the keeper never wake (and cached entries never expire)."""
+    """An interval of inf made the keeper never wake (and cached entries never expire);
+    no timeout, interval or budget means "forever" by infinity."""
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=rf"(?s){name}.*finite number"):
         Settings(_env_file=None)

@@ -1008,7 +1008,7 @@ async def test_connections_cli_delete_reports_deleted(
     assert deleted[0] == 0
     assert connection.public_id in deleted[1]
     assert again[0] == 2
-    assert "No connection has that id" in again[2]
+    assert again[2] == f"pinauth: No connection has that id: '{connection.public_id}'.\n"
     [event] = await outbox(settings)
     assert event.type == "connection.deleted"
     assert event.connection_id == connection.public_id

@@ -353,7 +353,8 @@ def _connections(args: argparse.Namespace) -> None:
     try:
         asyncio.run(run())
     except ConnectionNotFound as e:
-        raise ConfigurationError(f"{e.message} ({args.connection_id!r})") from e
+        # Not a reason the command "cannot start": it ran, and found nothing to delete.
+        raise CommandFailed(f"{e.message.rstrip('.')}: {args.connection_id!a}.") from e
     print(
         f"Deleted connection {args.connection_id}: its tokens are gone and its sessions ended "
         "(other replicas notice within PINAUTH_CACHE_TTL)."

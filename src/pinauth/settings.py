@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+        # No setting means "forever" by infinity: an infinite timeout or interval is a
+        # typo or a misunderstanding, and one (PINAUTH_KEEPER_INTERVAL=inf) silently
+        # stopped the keeper.
+        allow_inf_nan=False,
     )
 
     # Each field's validation_alias is its environment variable; populate_by_name lets
@@ -113,9 +117,7 @@ class Settings(BaseSettings):
     retry_budget_seconds: float = Field(10.0, ge=0, validation_alias="PINAUTH_RETRY_BUDGET")
     # How long a process trusts its cached session and connection before re-reading the
     # database: bounds how late another replica's logout or disconnect is noticed here.
-    cache_ttl_seconds: float = Field(
-        5.0, ge=0, allow_inf_nan=False, validation_alias="PINAUTH_CACHE_TTL"
-    )
+    cache_ttl_seconds: float = Field(5.0, ge=0, validation_alias="PINAUTH_CACHE_TTL")
     # Rows anyone can make are bounded, the oldest evicted (see the README's security notes):
     # a browser's sessions per Pinterest connection, and logins started but not finished.
     max_sessions_per_connection: int = Field(
@@ -130,9 +132,7 @@ class Settings(BaseSettings):
     # refreshes at a time per process. Refresh tokens live 60 days.
     keeper: bool = Field(True, validation_alias="PINAUTH_KEEPER")
     # Finite: an interval of inf would make the keeper never wake.
-    keeper_interval_seconds: float = Field(
-        600.0, ge=1, allow_inf_nan=False, validation_alias="PINAUTH_KEEPER_INTERVAL"
-    )
+    keeper_interval_seconds: float = Field(600.0, ge=1, validation_alias="PINAUTH_KEEPER_INTERVAL")
     keepalive_days: int = Field(14, validation_alias="PINAUTH_KEEPALIVE_DAYS")
     keeper_concurrency: int = Field(4, ge=1, le=100, validation_alias="PINAUTH_KEEPER_CONCURRENCY")
     # /boards?all=true stops after this many pages (and returns the bookmark to go on).
