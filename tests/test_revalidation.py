@@ -4,17 +4,19 @@ one, and confirmation never keeps alive what the database or this process droppe
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
-from sqlalchemy import delete, event, insert, select, text, update
+from sqlalchemy import delete, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pinauth.app import create_app
@@ -31,6 +33,8 @@ from pinauth.settings import Settings
 from tests.helpers import (
     ManualClock,
     RotatingTokenEndpoint,
+    captured_logs,
+    events,
     make_settings,
     seed_connections,
     serve_app,
@@ -278,24 +282,28 @@ async def test_a_session_whose_connection_changed_here_is_not_renewed(
         assert s.queries == []  # what ran out is not asked about
 
 
-async def test_a_failing_pass_does_not_end_revalidation(settings: Settings) -> None:
-    """A database that fails (here: no sessions table) costs a log line a pass, not the
-    task: entries then simply run out, as without revalidation."""
+async def test_a_failing_pass_does_not_end_revalidation(settings: Settings, tmp_path: Path) -> None:
+    """A database that fails (here: one that cannot be opened) costs a log line a pass,
+    not the task: entries then simply run out, as without revalidation."""
     [public_id] = await seeded(settings, 1)
+    unreachable = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'pinauth.db'}")
+    broken = create_engine(unreachable)
     async with stage(settings) as s:
         session_hash = await s.session_for(public_id)
-        revalidator = CacheRevalidator(s.sessionmaker, s.cache, TTL, interval=0.01)
-        await s.run(text("DROP TABLE sessions"))
+        revalidator = CacheRevalidator(create_sessionmaker(broken), s.cache, TTL, interval=0.01)
         revalidator.start()
         try:
-            for _ in range(2):
-                assert s.cache.connection_for_session(session_hash) is not None
-                revalidator.pass_done.clear()
-                await revalidator.pass_done.wait()
+            with captured_logs(logging.WARNING) as logs:
+                for _ in range(2):
+                    assert s.cache.connection_for_session(session_hash) is not None
+                    revalidator.pass_done.clear()
+                    await revalidator.pass_done.wait()
             assert revalidator.running
         finally:
             await revalidator.stop()
+            await broken.dispose()
         assert not revalidator.running
+    assert len(events(logs, "cache revalidation failed; entries run out as usual")) >= 2
 
 
 async def test_an_answer_later_than_half_a_ttl_renews_nothing(settings: Settings) -> None:
