@@ -24,6 +24,7 @@ from pinauth.proxytokens import PROXY_TOKEN_LENGTH, PROXY_TOKEN_PREFIX, ProxyTok
 from pinauth.settings import Settings
 from tests.helpers import (
     API,
+    TOKEN_URL,
     ManualClock,
     bearers,
     browsers,
@@ -439,3 +440,48 @@ async def test_a_connection_deleted_while_its_token_is_minted_is_not_found(
             await service.mint(ada_id, 60)
     finally:
         await engine.dispose()
+
+
+async def test_a_token_whose_connection_was_deleted_elsewhere_mid_refresh_is_a_401(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the caller's terms: this process still holds the connection (cache TTL an
+    hour) when another replica deletes it; Pinterest's 401 sends the call to refresh,
+    which finds the row gone. The token's holder is told its token died with its
+    connection (401 invalid_proxy_token), not a backend's 404 connection_not_found."""
+    settings = settings.model_copy(update={"cache_ttl_seconds": 3600})
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        warm = await caller.get("/pinterest/user_account", headers=bearer(token))
+        async with browsers(settings, pinterest, 1) as [other_replica]:
+            other_replica.headers.update(backend.headers)
+            assert (await other_replica.delete(f"/v1/connections/{ada_id}")).status_code == 204
+        pinterest.routes.clear()
+        pinterest.get(f"{API}/user_account").respond(401, json={"code": 2, "message": "no"})
+        after = await caller.get("/pinterest/user_account", headers=bearer(token))
+    assert warm.status_code == 200
+    assert after.status_code == 401, after.text
+    assert after.json()["error"] == "invalid_proxy_token"
+
+
+async def test_a_token_holder_is_not_told_how_to_reconnect(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Reauthorization needed: the API key's caller learns the end user and where to mint
+    a connect session; a proxy token's holder, which can do neither, learns neither."""
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
+        token = await mint(backend, ada_id)
+        pinterest.routes.clear()
+        pinterest.get(f"{API}/user_account").respond(401, json={"code": 2, "message": "no"})
+        pinterest.post(TOKEN_URL).respond(400, json={"code": 1, "message": "invalid_grant"})
+        via_token = await caller.get("/pinterest/user_account", headers=bearer(token))
+        via_key = await backend.get(
+            "/pinterest/user_account", headers={"Pinauth-Connection-Id": ada_id}
+        )
+    for answer in (via_token, via_key):
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"] == "reauthorization_required"
+    assert "end_user_id" not in via_token.json()
+    assert "connect_session_url" not in via_token.json()
+    assert via_key.json()["end_user_id"] == "u-ada"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Annotated
 
 from fastapi import Cookie, Depends, Request
@@ -158,8 +159,16 @@ def refuse_proxy_token(request: Request) -> None:
             raise ProxyTokenNotAllowed()
 
 
-async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
-    """The connection a proxy call acts for, and whether the app's backend called.
+class Caller(Enum):
+    """Who called the proxy: what its errors should say differs."""
+
+    BROWSER = "browser"  # a session cookie
+    API_KEY = "api_key"  # the app's backend, naming the connection
+    PROXY_TOKEN = "proxy_token"  # a proxy token, for its own connection only
+
+
+async def get_acting_connection(request: Request) -> tuple[Connection, Caller]:
+    """The connection a proxy call acts for, and who called.
 
     With an `Authorization` header the caller is the app's backend, and the cookie is
     ignored: either an API key plus the connection it names, or a proxy token, which
@@ -168,7 +177,7 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
     """
     credential = bearer_token(request)
     if credential is None:
-        return await get_current_connection(request), False
+        return await get_current_connection(request), Caller.BROWSER
     services: Services = request.state.services
     public_id = request.headers.get(CONNECTION_ID_HEADER)
     if looks_like_proxy_token(credential):
@@ -182,7 +191,7 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
         ):
             raise ProxyTokenConnectionMismatch()
         CONNECTION_ID.set(connection.public_id)
-        return connection, True
+        return connection, Caller.PROXY_TOKEN
     await services.api_keys.authenticate(credential)
     if not public_id:
         raise ConnectionIdRequired()
@@ -192,7 +201,7 @@ async def get_acting_connection(request: Request) -> tuple[Connection, bool]:
         raise ConnectionIdAmbiguous()
     connection = await services.connections.get(public_id)
     CONNECTION_ID.set(connection.public_id)
-    return connection, True
+    return connection, Caller.API_KEY
 
 
 async def require_api_key(request: Request, _scheme: ApiKeyScheme) -> None:

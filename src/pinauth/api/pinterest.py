@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pinauth.api.deps import Services, ServicesDep, get_acting_connection
+from pinauth.api.deps import Caller, Services, ServicesDep, get_acting_connection
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import API_KEY_OR_COOKIE, BoardsPage, error_responses
 from pinauth.errors import (
@@ -45,7 +45,7 @@ from pinauth.security_headers import LOCKED_DOWN_CSP
 router = APIRouter(tags=["pinterest"])
 
 CONNECT_SESSIONS_PATH = "/v1/connect-sessions"
-ActingConnection = Annotated[tuple[Connection, bool], Depends(get_acting_connection)]
+ActingConnection = Annotated[tuple[Connection, Caller], Depends(get_acting_connection)]
 
 PROXY_PREFIX = "/pinterest/"
 
@@ -96,7 +96,7 @@ async def proxy(request: Request) -> Response:
     """Call any Pinterest v5 endpoint as the session's user; the response passes through."""
     # The one hot route takes only `request`: FastAPI's per-parameter dependency
     # resolution was the largest single cost of a proxied call (see bench/).
-    connection, backend = await get_acting_connection(request)
+    connection, caller = await get_acting_connection(request)
     services: Services = request.state.services
     upstream = UpstreamRequest(
         method=request.method,
@@ -105,26 +105,32 @@ async def proxy(request: Request) -> Response:
         headers=headers.request_headers(request.headers.items()),
         body=await _read_body(request, services.settings.max_body_bytes),
     )
-    with _reconnect_hint(connection, backend):
+    with _reconnect_hint(connection, caller):
         return _relay(await services.proxy.call(connection, upstream))
 
 
 @contextmanager
-def _reconnect_hint(connection: Connection, backend: bool) -> Iterator[None]:
-    """Errors for a backend: how to let its end user reconnect (a new connect session),
-    and 404 for a connection deleted meanwhile."""
+def _reconnect_hint(connection: Connection, caller: Caller) -> Iterator[None]:
+    """Errors in the caller's terms: a backend learns how to let its end user reconnect
+    (a new connect session), and that a connection deleted meanwhile is gone (404); a
+    proxy token, that it died with its connection (401 invalid_proxy_token)."""
     try:
         yield
     except ReauthorizationRequired as e:
-        if backend:
+        # Only the API key can mint a connect session; a proxy token's holder, which acts
+        # for this one connection and nothing else, is told no more about its end user.
+        if caller is Caller.API_KEY:
             e.extra["connect_session_url"] = CONNECT_SESSIONS_PATH
             e.extra["end_user_id"] = connection.end_user_id
         raise
     except NotAuthenticated as e:
-        # Deleted since this process cached it (on another replica, say): a backend
-        # named a connection that does not exist, which is not an authentication problem.
-        if backend:
+        # Deleted since this process cached it (on another replica, say), found out when
+        # a refresh looked for its row: not an authentication problem for a backend
+        # naming it, and the end of a proxy token, which dies with its connection.
+        if caller is Caller.API_KEY:
             raise ConnectionNotFound() from e
+        if caller is Caller.PROXY_TOKEN:
+            raise InvalidProxyToken() from e
         raise
 
 
@@ -254,8 +260,8 @@ async def boards(
     ] = False,
 ) -> Response:
     """The user's boards (`items`, `bookmark`); `all=true` follows the bookmarks."""
-    connection, backend = acting
-    with _reconnect_hint(connection, backend):
+    connection, caller = acting
+    with _reconnect_hint(connection, caller):
         return await _boards(services, connection, page_size, bookmark, all_pages)
 
 
