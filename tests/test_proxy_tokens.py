@@ -65,6 +65,25 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def warm_then_delete_elsewhere(
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    backend: httpx.AsyncClient,
+    caller: httpx.AsyncClient,
+    connection_id: str,
+) -> tuple[str, httpx.Response]:
+    """A token for the connection, used once (its answer), then the connection deleted
+    through another replica (another app on the same database)."""
+    token = await mint(backend, connection_id)
+    pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+    warm = await caller.get("/pinterest/user_account", headers=bearer(token))
+    async with browsers(settings, pinterest, 1) as [other_replica]:
+        other_replica.headers.update(backend.headers)
+        deleted = await other_replica.delete(f"/v1/connections/{connection_id}")
+        assert deleted.status_code == 204
+    return token, warm
+
+
 async def test_mint_answers_a_token_and_its_expiry(
     settings: Settings, pinterest: respx.MockRouter
 ) -> None:
@@ -362,12 +381,7 @@ async def test_a_proxy_token_dies_with_a_connection_deleted_by_another_replica(
     here) the token is refused, not answered with another row or a 500."""
     settings = make_settings(database_url, cache_ttl_seconds=0)
     async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
-        token = await mint(backend, ada_id)
-        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
-        warm = await caller.get("/pinterest/user_account", headers=bearer(token))
-        async with browsers(settings, pinterest, 1) as [other_replica]:
-            other_replica.headers.update(backend.headers)
-            assert (await other_replica.delete(f"/v1/connections/{ada_id}")).status_code == 204
+        token, warm = await warm_then_delete_elsewhere(settings, pinterest, backend, caller, ada_id)
         after = await caller.get("/pinterest/user_account", headers=bearer(token))
     assert warm.status_code == 200
     assert after.status_code == 401
@@ -451,12 +465,7 @@ async def test_a_token_whose_connection_was_deleted_elsewhere_mid_refresh_is_a_4
     connection (401 invalid_proxy_token), not a backend's 404 connection_not_found."""
     settings = settings.model_copy(update={"cache_ttl_seconds": 3600})
     async with two_connections(settings, pinterest) as (backend, caller, ada_id, _grace):
-        token = await mint(backend, ada_id)
-        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
-        warm = await caller.get("/pinterest/user_account", headers=bearer(token))
-        async with browsers(settings, pinterest, 1) as [other_replica]:
-            other_replica.headers.update(backend.headers)
-            assert (await other_replica.delete(f"/v1/connections/{ada_id}")).status_code == 204
+        token, warm = await warm_then_delete_elsewhere(settings, pinterest, backend, caller, ada_id)
         pinterest.routes.clear()
         pinterest.get(f"{API}/user_account").respond(401, json={"code": 2, "message": "no"})
         after = await caller.get("/pinterest/user_account", headers=bearer(token))
