@@ -101,7 +101,9 @@ LIST_P99_MS = 20.0
 # "Unchanged" within what two identical builds differ by on this machine: medians of
 # LIFECYCLE_ROUNDS interleaved runs each.
 LIFECYCLE_RATIO = 0.95
-LIFECYCLE_ROUNDS = 3
+LIFECYCLE_ROUNDS = 5
+# Rounds of the scale rows, each preceded by a run of the one-connection cookie path.
+SCALE_ROUNDS = 2
 
 
 @dataclass
@@ -153,6 +155,19 @@ class Phase:
     lists: list[Latency] = field(default_factory=list)
 
 
+def median_result(results: Sequence[Result], name: str | None = None) -> Result:
+    """The median of each figure over runs of the same load."""
+    cpu = [r.cpu_us for r in results if r.cpu_us is not None]
+    return Result(
+        name or results[0].name,
+        statistics.median(r.rps for r in results),
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+        statistics.median(cpu) if len(cpu) == len(results) else None,
+        results[0].target,
+    )
+
+
 @dataclass
 class Lifecycle:
     """The same load on two servers over one database: keeper and dispatcher on, and off."""
@@ -163,23 +178,14 @@ class Lifecycle:
     # The on server's keeper passes over the comparison: evidence it was running.
     keeper_passes: float = 0.0
 
-    @staticmethod
-    def median(results: list[Result]) -> Result:
-        return Result(
-            results[0].name,
-            statistics.median(r.rps for r in results),
-            statistics.median(r.p50_ms for r in results),
-            statistics.median(r.p99_ms for r in results),
-            None
-            if any(r.cpu_us is None for r in results)
-            else statistics.median(r.cpu_us for r in results if r.cpu_us is not None),
-        )
-
 
 @dataclass
 class DatabaseRun:
     database: str
     phases: list[Phase] = field(default_factory=list)
+    # The one-connection cookie figure the scale rows are held to: the median of its run
+    # in the first round and its runs between the scale rounds.
+    baseline: Result | None = None
     lifecycle: Lifecycle | None = None
     note: str = ""
 
@@ -512,7 +518,22 @@ def bench_database(
         ids = [public_id for public_id, _ in spread]
         cookies = [f"pinauth_session={session}" for _, session in spread]
         many = Phase(args.connections)
-        drive(many, cookies, ids, None if tokens is None else mint_proxy_tokens(base, api_key, ids))
+        many_tokens = None if tokens is None else mint_proxy_tokens(base, api_key, ids)
+        # Runs minutes apart drift by several per cent on a shared machine: the scale rows
+        # alternate with the one-connection cookie path, and each is a median.
+        rounds: list[Phase] = []
+        ones = [one.proxy[0]]
+        between = ("Cookie", [cookie])
+        for _ in range(SCALE_ROUNDS):
+            ones.append(wrk("cookie, 1 conn. (between rounds)", url, between, pid=server.pid))
+            rounds.append(Phase(args.connections))
+            drive(rounds[-1], cookies, ids, many_tokens)
+        columns = zip(*(r.proxy for r in rounds), strict=True)
+        many.proxy = [median_result(column) for column in columns]
+        run.baseline = median_result(
+            ones, f"cookie, 1 conn., median of {len(ones)} (first, and between rounds)"
+        )
+        run.baseline.target = False  # the reference, not held to itself
         if args.wide_spread > args.spread:
             # No target: a hot set this wide outruns the cache's TTL, so most requests
             # read their session from the database. Shown so nobody mistakes the targets
@@ -798,6 +819,9 @@ def report(
         print(line)
         rows = references if run is None else [r for p in run.phases for r in p.proxy]
         baseline = rows[0]
+        if run is not None and run.baseline is not None:
+            baseline = run.baseline
+            rows = [rows[0], run.baseline, *rows[1:]]
         for r in rows:
             vs = "" if run is None else f"{r.rps / baseline.rps:.2f}"
             cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
@@ -846,7 +870,7 @@ def report(
                 )
             )
         if run.lifecycle is not None and run.lifecycle.on:
-            on, off = Lifecycle.median(run.lifecycle.on), Lifecycle.median(run.lifecycle.off)
+            on, off = median_result(run.lifecycle.on), median_result(run.lifecycle.off)
             print(
                 f"| {f'median of {len(run.lifecycle.on)} alternating runs':<50} | {'req/s':>7} "
                 f"| {'p50 ms':>7} | {'p99 ms':>7} | {'CPU us/req':>12} | {'vs off':>7} |"
