@@ -32,7 +32,7 @@ from pinauth.api import webhook_events as webhook_event_routes
 from pinauth.api.body_limit import BodyLimit
 from pinauth.api.demo_backend import demo_backend_router
 from pinauth.api.deps import Services
-from pinauth.api.pinterest import PROXY_METHODS, PROXY_PREFIX, ProxyFastPath
+from pinauth.api.pinterest import ProxyFastPath, is_proxy_request
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService
@@ -195,10 +195,11 @@ def create_app(
     # PINAUTH_MAX_BODY_BYTES; everything else gets a small limit before its body is read,
     # but the sandbox, which the demo's proxy forwards those larger bodies to.
     app.add_middleware(BodyLimit, exempt=(SANDBOX_PREFIX + "/",))
-    # Innermost of the middlewares but the body limit, so CORS and request context still
-    # wrap it.
     proxy_route = pinterest_routes.proxy_route("GET")
-    app.add_middleware(ProxyFastPath, route=proxy_route, outage=outage)
+    if settings.opentelemetry:
+        # Inside FastAPI, so its telemetry sees every proxied call; innermost of the
+        # middlewares but the body limit, so CORS and request context still wrap it.
+        app.add_middleware(ProxyFastPath, route=proxy_route, outage=outage)
     edge = _edge_layers(settings, metrics, shutdown or Shutdown())
     for layer in edge:
         app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
@@ -244,12 +245,7 @@ class PinauthApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stack = self.proxy_stack
-        if (
-            stack is not None
-            and scope["type"] == "http"
-            and scope["method"] in PROXY_METHODS
-            and scope["path"].startswith(PROXY_PREFIX)
-        ):
+        if stack is not None and is_proxy_request(scope):
             scope["app"] = self
             await stack(scope, receive, send)
             return

@@ -7,6 +7,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pinauth.api.responses import error_response
 from pinauth.errors import PayloadTooLarge
+from pinauth.numbers import ascii_int
 
 # pinauth's own routes take JSON of a few hundred bytes (an end user id, a return_to URL
 # of at most 2 KiB, a TTL). FastAPI reads and parses a route's body before resolving any
@@ -46,7 +47,8 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             # Refused unread; a malformed length is the HTTP server's to refuse.
-            if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
+            declared = ascii_int(value.decode("latin-1")) if name == b"content-length" else None
+            if declared is not None and declared > MAX_BODY_BYTES:
                 await error_response(PayloadTooLarge(MESSAGE))(scope, receive, send)
                 return
         received = 0

@@ -295,6 +295,15 @@ async def _boards(
     )
 
 
+def is_proxy_request(scope: Scope) -> bool:
+    """Whether ProxyFastPath serves this request (the same test wherever it is asked)."""
+    return (
+        scope["type"] == "http"
+        and scope["method"] in PROXY_METHODS
+        and scope["path"].startswith(PROXY_PREFIX)
+    )
+
+
 class ProxyFastPath:
     """Serves /pinterest/{path} ahead of FastAPI's per-request machinery.
 
@@ -310,11 +319,7 @@ class ProxyFastPath:
         self.outage = outage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] not in PROXY_METHODS
-            or not scope["path"].startswith(PROXY_PREFIX)
-        ):
+        if not is_proxy_request(scope):
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route
