@@ -404,6 +404,50 @@ def test_verify_is_false_for_non_ascii_signatures_and_takes_bytes_secrets() -> N
         verify(body, good, [SECRET_A, 42], now=now)  # type: ignore[list-item]
 
 
+def test_verify_refuses_a_signature_without_the_timestamp_and_one_from_the_future() -> None:
+    """Guards what the HMAC covers and the two-sided tolerance: a v1 over the body alone
+    (no `<t>.`) is no signature, and a `t` beyond the tolerance ahead of now is refused
+    like one behind it (a signature made for later would be replayable until then)."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    body_only = hmac.new(SECRET_A.encode(), body, hashlib.sha256).hexdigest()
+    assert not verify(body, f"t={now},v1={body_only}", SECRET_A, now=now)
+    for skew in (-301, 301, 10**9):
+        header = sign(body, [SECRET_A], now + skew)
+        assert not verify(body, header, SECRET_A, now=now), skew
+    for skew in (-300, 300):
+        assert verify(body, sign(body, [SECRET_A], now + skew), SECRET_A, now=now), skew
+
+
+@pytest.mark.parametrize("matching", ["none", "first", "last"])
+def test_verify_compares_every_candidate_with_every_secret(
+    monkeypatch: pytest.MonkeyPatch, matching: str
+) -> None:
+    """Guards the constant-time check: `hmac.compare_digest` for each (v1, secret) pair,
+    as many calls whether no pair, the first or the last one matches, so neither `==`
+    nor stopping at the first match (which times out which secret matched) passes."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    secrets = [SECRET_A, SECRET_B, "whsec-" + "c" * 40]
+    mac = sign(body, [SECRET_A], now).split("v1=")[1]
+    others = [hashlib.sha256(bytes([n])).hexdigest() for n in range(3)]
+    candidates = {"none": others, "first": [mac, *others[1:]], "last": [*others[:2], mac]}
+    header = ",".join([f"t={now}", *(f"v1={c}" for c in candidates[matching])])
+    calls: list[tuple[bytes, bytes]] = []
+    real_compare = hmac.compare_digest
+
+    def counting_compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting_compare)
+    verified = verify(body, header, secrets, now=now)
+
+    assert verified is (matching != "none")
+    assert len(calls) == 3 * 3  # candidates x secrets, whatever matched
+    assert len(set(calls)) == 9
+
+
 @pytest.mark.parametrize(
     ("answer", "retried"),
     [
