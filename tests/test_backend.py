@@ -4,6 +4,7 @@ API and the proxy for servers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -13,13 +14,17 @@ import pytest
 import respx
 from sqlalchemy import update
 
+from pinauth.api.deps import CONNECTION_ID_HEADER, SESSION_COOKIE
+from pinauth.apikeys import ApiKeyService
 from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
+from pinauth.errors import InvalidApiKey
 from pinauth.models import ConnectSession
 from pinauth.settings import Settings
 from tests.helpers import (
     API,
     TOKEN_URL,
+    ManualClock,
     bearers,
     browsers,
     connect_end_user,
@@ -96,7 +101,9 @@ def test_api_keys_cli_create_list_revoke(
 async def test_v1_refuses_anything_but_a_valid_api_key(
     settings: Settings, pinterest: respx.MockRouter, authorization: str | None
 ) -> None:
-    """Guards the API-key check on every /v1 route: 401 invalid_api_key."""
+    """Guards the API-key check on every /v1 route: 401 invalid_api_key. A real key
+    exists, so a lookup that stopped comparing hashes would accept the unknown one."""
+    await create_api_key(settings)
     async with browsers(settings, pinterest, 1) as [client]:
         if authorization:
             client.headers["Authorization"] = authorization
@@ -109,6 +116,74 @@ async def test_v1_refuses_anything_but_a_valid_api_key(
             response = await client.request(method, path, json={"end_user_id": "u"})
             assert response.status_code == 401, (method, path)
             assert response.json()["error"] == "invalid_api_key"
+
+
+async def test_a_valid_key_counts_only_as_a_bearer_header(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards the `Bearer` scheme check and that there is no other way to present a key:
+    a valid key sent as `Basic`, as `?api_key=` or as a cookie is 401, on /v1 and on the
+    proxy, while the same key as `Bearer` works."""
+    key = await create_api_key(settings)
+    as_basic = base64.b64encode(f"{key}:".encode()).decode()
+    wrong_ways: dict[str, dict[str, dict[str, str]]] = {
+        "basic": {"headers": {"Authorization": f"Basic {key}"}},
+        "basic, base64": {"headers": {"Authorization": f"Basic {as_basic}"}},
+        "query": {"params": {"api_key": key}},
+        "cookie": {"headers": {"Cookie": f"api_key={key}"}},
+        "session cookie": {"headers": {"Cookie": f"{SESSION_COOKIE}={key}"}},
+    }
+    named = {CONNECTION_ID_HEADER: "conn_x"}
+    async with browsers(settings, pinterest, 1) as [client]:
+        listed = await client.get("/v1/connections", headers={"Authorization": f"Bearer {key}"})
+        proxied = await client.get(
+            "/pinterest/user_account", headers={"Authorization": f"Bearer {key}"} | named
+        )
+        refused = {}
+        for how, sent in wrong_ways.items():
+            headers = sent.get("headers", {})
+            params = sent.get("params", {})
+            refused[how, "v1"] = await client.get("/v1/connections", headers=headers, params=params)
+            refused[how, "proxy"] = await client.get(
+                "/pinterest/user_account", headers=headers | named, params=params
+            )
+
+    assert listed.status_code == 200
+    assert proxied.status_code == 404  # the key was accepted; the connection is unknown
+    assert proxied.json()["error"] == "connection_not_found"
+    for (how, where), response in refused.items():
+        assert response.status_code == 401, (how, where, response.text)
+        expected = "invalid_api_key" if where == "v1" or how.startswith("basic") else None
+        assert expected is None or response.json()["error"] == expected, (how, where)
+
+
+async def test_a_key_revoked_elsewhere_is_refused_once_the_cache_ttl_has_passed(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards the expiry of the verified-key cache: `pinauth api-keys revoke` (another
+    process) ends the key here within PINAUTH_CACHE_TTL, on a clock the test moves."""
+    settings = make_settings(database_url, cache_ttl_seconds=30)
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PINAUTH_SECRET_KEY", settings.secret_key.get_secret_value())
+    monkeypatch.setenv("PINAUTH_ENCRYPTION_KEYS", settings.encryption_keys[0].get_secret_value())
+    key = await create_api_key(settings)
+    clock = ManualClock()
+    engine = create_engine(settings)
+    try:
+        service = ApiKeyService(
+            create_sessionmaker(engine), settings.cache_ttl_seconds, clock=clock
+        )
+        await service.authenticate(key)  # verified, and cached
+        assert await asyncio.to_thread(main, ["api-keys", "revoke", "backend"]) == 0
+        clock.advance(settings.cache_ttl_seconds - 1)
+        await service.authenticate(key)  # still cached: within the TTL
+        clock.advance(2)
+        with pytest.raises(InvalidApiKey) as refused:
+            await service.authenticate(key)
+        await service.aclose()
+    finally:
+        await engine.dispose()
+    assert refused.value.status_code == 401
 
 
 async def test_a_revoked_key_stops_working(

@@ -59,14 +59,24 @@ async def test_cancelled_request_still_stores_the_new_tokens(
     assert await stored_tokens(settings) == (ACCESS_2, REFRESH_2, version + 1)
 
 
+@pytest.mark.parametrize("cache_ttl", [None, 0], ids=["cache_on", "cache_off"])
 async def test_refused_token_write_keeps_serving_the_new_token_and_stores_it_later(
-    pinterest: respx.MockRouter, settings: Settings, caplog: pytest.LogCaptureFixture
+    pinterest: respx.MockRouter,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    cache_ttl: int | None,
 ) -> None:
     """Guards the in-memory copy and the write retry: the database refuses the write of
     the answer. Requests go on with the new access token, the dead refresh token is never
     spent again, and the write lands once the database takes writes again (here at the
     latest on shutdown, which waits for it). Fails without `_unsaved` / the retrying
-    writer (the old pair stays stored, or the next call refreshes with a dead token)."""
+    writer (the old pair stays stored, or the next call refreshes with a dead token).
+    With the cache off (PINAUTH_CACHE_TTL=0) nothing but `_unsaved` holds the new pair."""
+    settings = (
+        make_settings(database_url)
+        if cache_ttl is None
+        else make_settings(database_url, cache_ttl_seconds=cache_ttl)
+    )
     caplog.set_level(logging.INFO)
 
     async def token_endpoint(_request: httpx.Request) -> httpx.Response:

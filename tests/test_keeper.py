@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -19,12 +20,14 @@ import respx
 from cryptography.fernet import Fernet
 from fastapi import FastAPI, Request, Response
 from prometheus_client import generate_latest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from pinauth.apikeys import ApiKeyService
 from pinauth.app import create_app
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.keeper import BACKOFF_MAX
-from pinauth.models import ConnectionStatus
+from pinauth.keeper import BACKOFF_MAX, BATCH_PER_WORKER
+from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository
 from pinauth.schedule import Schedule
@@ -142,6 +145,75 @@ async def test_two_keepers_refresh_1000_due_connections_exactly_once(
     assert sorted(row["refresh"] for row in stored.values()) == sorted(
         f"pinr_{n}_1" for n in range(1000)
     )
+
+
+async def test_the_first_batch_is_the_soonest_to_expire(
+    database_url: str, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards the claim's order (refresh-token expiry, not id): more due connections than
+    one batch, inserted in an order unrelated to their expiries; the first batch the
+    keeper takes, which it finishes before claiming the next, is the soonest to expire."""
+    settings = make_settings(database_url, keeper_concurrency=1)  # a batch of 8
+    batch = BATCH_PER_WORKER
+    clock = SimClock()
+    hours = random.Random(20).sample(range(3 * batch), 3 * batch)
+    for n, hour in enumerate(hours):
+        await seed_connections(
+            settings,
+            endpoint,
+            1,
+            refresh_expires_in=DUE + timedelta(hours=hour),
+            now=clock.now(),
+            first=n,
+        )
+    soonest = {n for n, hour in enumerate(hours) if hour < batch}
+
+    async with replica(settings, pinterest, clock) as one:
+        done = await one.keeper.run_once()
+
+    assert done.refreshed == 3 * batch
+    first_batch = {int(token.split("_")[1]) for token in endpoint.spent[:batch]}
+    assert first_batch == soonest
+    assert soonest != set(range(batch))  # id order would take other ones
+
+
+@pytest.mark.skipif(not POSTGRES_ADMIN_URL, reason="SKIP LOCKED is PostgreSQL's")
+async def test_a_keeper_claims_past_rows_another_transaction_holds(
+    database_url: str, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards SKIP LOCKED: another transaction holds FOR UPDATE on the soonest due rows;
+    a keeper pass still finishes and claims exactly the others, without waiting for
+    that transaction. The timeout only detects a pass stuck behind the locks (it is
+    released afterwards either way); nothing is timed."""
+    settings = make_settings(database_url)
+    clock = SimClock()
+    locked = await seed_connections(settings, endpoint, 3, refresh_expires_in=DUE, now=clock.now())
+    free = await seed_connections(
+        settings, endpoint, 3, refresh_expires_in=DUE + timedelta(hours=1), now=clock.now(), first=3
+    )
+    holder = create_async_engine(database_url)
+    try:
+        async with holder.connect() as connection:
+            transaction = await connection.begin()
+            held = await connection.execute(
+                select(Connection.id).where(Connection.public_id.in_(locked)).with_for_update()
+            )
+            assert len(held.all()) == 3
+            async with replica(settings, pinterest, clock) as one:
+                keeper_pass = asyncio.create_task(one.keeper.run_once())
+                finished, _ = await asyncio.wait({keeper_pass}, timeout=60)
+                await transaction.rollback()
+                done = await keeper_pass
+    finally:
+        await holder.dispose()
+
+    assert finished, "the keeper pass waited for another transaction's row locks"
+    assert done.seen == set(free)
+    assert done.refreshed == 3
+    stored = await stored_connections(settings)
+    assert {stored[public_id]["refresh"][-2:] for public_id in free} == {"_1"}
+    assert {stored[public_id]["refresh"][-2:] for public_id in locked} == {"_0"}
+    assert all(stored[public_id]["keeper_not_before"] is None for public_id in locked)
 
 
 async def test_a_keeper_racing_a_request_refresh_makes_one_token_request(

@@ -10,7 +10,7 @@ import itertools
 import json
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -19,9 +19,10 @@ import httpx
 import pytest
 import respx
 import uvicorn
+from asgi_lifespan import LifespanManager
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from pinauth.app import create_app
 from pinauth.cli import main
@@ -54,6 +55,7 @@ from tests.helpers import (
     allow_token_writes,
     browsers,
     connect_end_user,
+    count_rows,
     create_api_key,
     expire_refresh_leases,
     free_port,
@@ -61,6 +63,7 @@ from tests.helpers import (
     make_settings,
     refuse_token_writes,
     run_client,
+    stored_connections,
     token_json,
 )
 
@@ -249,6 +252,154 @@ async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockR
     assert json.loads(deleted[0].body)["data"]["connection"]["end_user_id"] == "user_1"
 
 
+# An outbox that refuses every event: a real error from the real database, raised by the
+# event's INSERT, so a state change written in the same transaction must roll back with it.
+_REFUSE_EVENTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events "
+        "BEGIN SELECT RAISE(ABORT, 'the outbox refuses events'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_events() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the outbox refuses events'; END $$",
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_events()",
+    ],
+}
+_ALLOW_EVENTS = {
+    "sqlite": ["DROP TRIGGER IF EXISTS refuse_events"],
+    "postgresql": [
+        "DROP TRIGGER IF EXISTS refuse_events ON webhook_events",
+        "DROP FUNCTION IF EXISTS refuse_events()",
+    ],
+}
+
+
+async def run_sql(database_url: str, statements: dict[str, list[str]]) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements[engine.dialect.name]:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def refused_events(database_url: str) -> AsyncIterator[Callable[[bool], Awaitable[None]]]:
+    """`await refuse(True)` makes the outbox refuse inserts, `refuse(False)` undoes it;
+    undone in any case at the end (PostgreSQL's test database outlives the test)."""
+
+    async def refuse(on: bool) -> None:
+        await run_sql(database_url, _REFUSE_EVENTS if on else _ALLOW_EVENTS)
+
+    try:
+        yield refuse
+    finally:
+        await refuse(False)
+
+
+@asynccontextmanager
+async def answering(
+    settings: Settings, pinterest: respx.MockRouter, count: int
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """`count` browsers on one running app that get its 500 answers as a server sends
+    them (in-process transports re-raise the error by default)."""
+    app = create_app(settings, transport=httpx.MockTransport(pinterest.async_handler))
+    async with LifespanManager(app) as manager, AsyncExitStack() as stack:
+        asgi = httpx.ASGITransport(manager.app, raise_app_exceptions=False)
+        yield [
+            await stack.enter_async_context(httpx.AsyncClient(transport=asgi, base_url=SERVICE))
+            for _ in range(count)
+        ]
+
+
+def a_clear_500(response: httpx.Response) -> bool:
+    """pinauth's answer to a database error that is no outage: JSON, nothing leaked."""
+    return (
+        response.status_code == 500
+        and response.json()["error"] == "internal_error"
+        and "refuses" not in response.text
+        and "Traceback" not in response.text
+    )
+
+
+async def test_a_delete_whose_event_cannot_be_written_is_not_done(
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    refused_events: Callable[[bool], Awaitable[None]],
+) -> None:
+    """Guards the deletion and its event in one transaction: when the outbox refuses
+    the event, DELETE /v1/connections/{id} and the browser's disconnect fail and the
+    connection and its session are still there; once it takes events again, both work
+    and each reports connection.deleted."""
+    key = await create_api_key(settings)
+    async with answering(settings, pinterest, 3) as (backend, ada, grace):
+        backend.headers["Authorization"] = f"Bearer {key}"
+        first = await connect_end_user(
+            backend, ada, pinterest, "user_1", USER_ACCOUNT, ACCESS_1, REFRESH_1
+        )
+        second = await connect_end_user(
+            backend, grace, pinterest, "user_2", USER_ACCOUNT, ACCESS_2, REFRESH_2
+        )
+        before = await stored_connections(settings)
+        await refused_events(True)
+        refused_api = await backend.delete(f"/v1/connections/{first}")
+        refused_browser = await grace.delete("/auth/connection", headers={"Origin": SERVICE})
+        during = await stored_connections(settings)
+        sessions_during = await count_rows(settings.database_url, "sessions")
+        await refused_events(False)
+        still = await backend.get(f"/v1/connections/{first}")
+        grace_me = await grace.get("/me")
+        deleted_api = await backend.delete(f"/v1/connections/{first}")
+        deleted_browser = await grace.delete("/auth/connection", headers={"Origin": SERVICE})
+
+    assert a_clear_500(refused_api), refused_api.text
+    assert a_clear_500(refused_browser), refused_browser.text
+    assert during == before
+    assert sessions_during == 2
+    assert still.status_code == 200
+    assert grace_me.status_code == 200
+    assert (deleted_api.status_code, deleted_browser.status_code) == (204, 204)
+    deleted = [e.connection_id for e in await outbox(settings) if e.type == "connection.deleted"]
+    assert deleted == [first, second]
+    assert await stored_connections(settings) == {}
+
+
+async def test_a_rejected_refresh_whose_event_cannot_be_written_changes_nothing(
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    refused_events: Callable[[bool], Awaitable[None]],
+) -> None:
+    """Guards the state change and its reauthorization_required in one transaction:
+    Pinterest refuses the refresh token, the outbox refuses the event, and the
+    connection stays active; once the outbox takes events, the next refresh marks it
+    and reports it, once."""
+    async with answering(settings, pinterest, 1) as [client]:
+        await log_in(client, pinterest)
+        [before] = (await stored_connections(settings)).values()
+        token = pinterest.post(TOKEN_URL).respond(400, json={"code": 2, "message": "dead"})
+        await refused_events(True)
+        refused = await client.post("/auth/refresh")
+        [during] = (await stored_connections(settings)).values()
+        await refused_events(False)
+        # The failed attempt's refresh lease is still on the row until it runs out.
+        await expire_refresh_leases(settings.database_url)
+        marked = await client.post("/auth/refresh")
+
+    assert a_clear_500(refused), refused.text
+    assert token.call_count == 2
+    assert during["status"] == before["status"] == "active"
+    assert during["version"] == before["version"]
+    assert (during["access"], during["refresh"]) == (before["access"], before["refresh"])
+    assert marked.status_code == 401
+    assert marked.json()["error"] == "reauthorization_required"
+    assert types_of(await outbox(settings)) == [
+        "connection.created",
+        "connection.reauthorization_required",
+    ]
+
+
 # --- delivery ---------------------------------------------------------------------
 
 
@@ -402,6 +553,50 @@ def test_verify_is_false_for_non_ascii_signatures_and_takes_bytes_secrets() -> N
     assert not verify(body, good, b"", now=now)  # an empty secret signs for anyone
     with pytest.raises(TypeError, match=r"a webhook secret is a str \(or bytes\), not int"):
         verify(body, good, [SECRET_A, 42], now=now)  # type: ignore[list-item]
+
+
+def test_verify_refuses_a_signature_without_the_timestamp_and_one_from_the_future() -> None:
+    """Guards what the HMAC covers and the two-sided tolerance: a v1 over the body alone
+    (no `<t>.`) is no signature, and a `t` beyond the tolerance ahead of now is refused
+    like one behind it (a signature made for later would be replayable until then)."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    body_only = hmac.new(SECRET_A.encode(), body, hashlib.sha256).hexdigest()
+    assert not verify(body, f"t={now},v1={body_only}", SECRET_A, now=now)
+    for skew in (-301, 301, 10**9):
+        header = sign(body, [SECRET_A], now + skew)
+        assert not verify(body, header, SECRET_A, now=now), skew
+    for skew in (-300, 300):
+        assert verify(body, sign(body, [SECRET_A], now + skew), SECRET_A, now=now), skew
+
+
+@pytest.mark.parametrize("matching", ["none", "first", "last"])
+def test_verify_compares_every_candidate_with_every_secret(
+    monkeypatch: pytest.MonkeyPatch, matching: str
+) -> None:
+    """Guards the constant-time check: `hmac.compare_digest` for each (v1, secret) pair,
+    as many calls whether no pair, the first or the last one matches, so neither `==`
+    nor stopping at the first match (which times out which secret matched) passes."""
+    body = b'{"id":"evt_x"}'
+    now = 1_800_000_000
+    secrets = [SECRET_A, SECRET_B, "whsec-" + "c" * 40]
+    mac = sign(body, [SECRET_A], now).split("v1=")[1]
+    others = [hashlib.sha256(bytes([n])).hexdigest() for n in range(3)]
+    candidates = {"none": others, "first": [mac, *others[1:]], "last": [*others[:2], mac]}
+    header = ",".join([f"t={now}", *(f"v1={c}" for c in candidates[matching])])
+    calls: list[tuple[bytes, bytes]] = []
+    real_compare = hmac.compare_digest
+
+    def counting_compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting_compare)
+    verified = verify(body, header, secrets, now=now)
+
+    assert verified is (matching != "none")
+    assert len(calls) == 3 * 3  # candidates x secrets, whatever matched
+    assert len(set(calls)) == 9
 
 
 @pytest.mark.parametrize(

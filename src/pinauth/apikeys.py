@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -50,10 +51,18 @@ class CreatedKey:
 
 
 class ApiKeyService:
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], cache_ttl: float) -> None:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        cache_ttl: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sessionmaker = sessionmaker
         # Verified key hashes; a revocation on another replica is seen within the TTL.
-        self._verified: TTLCache[str, bool] = TTLCache(MAX_CACHED_KEYS, max(cache_ttl, 0.001))
+        self._verified: TTLCache[str, bool] = TTLCache(
+            MAX_CACHED_KEYS, max(cache_ttl, 0.001), clock
+        )
         self._touched: TTLCache[str, float] = TTLCache(MAX_CACHED_KEYS, TOUCH_INTERVAL_SECONDS)
         self._pending: set[asyncio.Task[None]] = set()
         self._cache_enabled = cache_ttl > 0

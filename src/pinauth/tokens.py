@@ -176,6 +176,10 @@ class TokenManager:
         If the proactive refresh fails only transiently and the token has not expired
         yet, the current token is still good: use it rather than fail the call.
         """
+        if self._unsaved:
+            # Tokens the database refused are the only good ones until their write lands;
+            # with the cache off nothing else in this process holds them.
+            connection = self._with_unsaved(connection)
         now = datetime.now(UTC)
         margin = self._margin
         lifetime = self._lifetimes.get(connection.public_id)
@@ -257,6 +261,17 @@ class TokenManager:
                 "A token refresh for this connection is still in progress; retry shortly."
             ) from None
         return connection, False
+
+    def _with_unsaved(self, connection: Connection) -> Connection:
+        """`connection`, or this process's newer copy of it that is not stored yet.
+
+        Only a strictly newer one: a row at the same version was written by someone else
+        (a new login), and the write of the copy will never land over it.
+        """
+        pending = self._unsaved.get(connection.public_id)
+        if pending is not None and pending.version > connection.version:
+            return pending
+        return connection
 
     def _newer_than(self, seen: Connection) -> Connection | None:
         """A version of the row newer than `seen` that this process already holds."""
