@@ -43,10 +43,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
+from pinauth.clientstate import ClientCredentials
 from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
+    PinterestClientRejected,
     ReauthorizationRequired,
     UndecryptableToken,
     UpstreamError,
@@ -127,6 +129,8 @@ class TokenManager:
         self._metrics = metrics
         # What times the cooldown after a failed token call (tests move it instead of waiting).
         self._clock = clock
+        # Whether Pinterest accepts the app's own credentials (see clientstate.py).
+        self.client_credentials = ClientCredentials(clock)
         self._settings = settings
         self._schedule = Schedule.of(settings)
         self._sessionmaker = sessionmaker
@@ -189,7 +193,7 @@ class TokenManager:
                 return self.credential(connection)
             try:
                 return self.credential(await self.refresh(connection))
-            except UpstreamUnavailable:
+            except (UpstreamUnavailable, PinterestClientRejected):
                 if connection.access_token_expires_at > now:
                     log.warning(
                         "using connection %s's current token until refresh recovers",
@@ -287,8 +291,11 @@ class TokenManager:
         if remaining > 0:
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
-                retry_after=int(remaining) + 1,
+                retry_after=max(1, math.ceil(remaining)),
             )
+        # While Pinterest refuses the app's credentials, no lease and no token call: the
+        # refresh token is kept, and the connection stays as it is.
+        self.client_credentials.admit()
         row, owner = await self._claim_lease(seen)
         if owner is None:
             if row.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
@@ -308,7 +315,19 @@ class TokenManager:
             # Bounded absolutely (httpx's read timeout is per read), so the lease, which
             # is longer than this, cannot run out while the answer may still come.
             async with asyncio.timeout(self._call_budget):
-                tokens = await self._oauth.refresh(refresh_token)
+                try:
+                    tokens = await self._oauth.refresh(refresh_token)
+                except TokenRejected:
+                    # Pinterest looked at the grant, so it authenticated the client first.
+                    self.client_credentials.record_accepted()
+                    raise
+            self.client_credentials.record_accepted()
+        except PinterestClientRejected:
+            # The app's credentials, not this connection's grant: Pinterest did not look
+            # at the refresh token, which stays good. Nothing is marked or reported.
+            self._metrics.refreshes.labels("client_rejected").inc()
+            await self._release_lease(public_id, owner)
+            raise self.client_credentials.record_rejected() from None
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             self._metrics.refreshes.labels("rejected").inc()
