@@ -44,7 +44,7 @@ from tests.helpers import (
 )
 
 AUTHENTICATION_FAILED = {"code": 2, "message": "Authentication failed."}
-BOARDS = {"items": [], "bookmark": None}
+BOARDS: dict[str, object] = {"items": [], "bookmark": None}
 STARTED = "refuses this app's client credentials"
 ENDED = "accepts this app's client credentials again"
 
