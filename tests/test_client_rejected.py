@@ -8,11 +8,12 @@ connection. Pinterest is mocked at the edge (respx); time is a clock the test mo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -20,23 +21,30 @@ import respx
 from fastapi import FastAPI
 
 from pinauth.app import create_app
+from pinauth.cli import main
 from pinauth.clientstate import CLIENT_REJECTED_COOLDOWN
+from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import PinterestClientRejected
 from pinauth.models import ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected
+from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.webhooks import EventType, record_event
 from tests.helpers import (
     API,
     TOKEN_URL,
     ManualClock,
     RotatingTokenEndpoint,
+    ServedWithSandbox,
     SimClock,
     captured_logs,
+    consent_in_sandbox,
     create_api_key,
     events,
     outbox_types,
+    pinauth_with_sandbox,
     replica,
     seed_connections,
     serve_app,
@@ -306,3 +314,124 @@ async def test_a_login_whose_code_exchange_meets_a_refused_client_says_so(
     assert response.status_code == 503
     assert response.json()["error"] == "pinterest_client_rejected"
     assert "retry-after" in response.headers
+
+
+# --- `pinauth connections recheck`, on a real database against the sandbox over HTTP ----
+
+
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, **changes: str) -> None:
+    """The environment `pinauth` reads, for the service `settings` describe."""
+    values = {
+        "PINTEREST_CLIENT_ID": settings.client_id,
+        "PINTEREST_CLIENT_SECRET": settings.client_secret.get_secret_value(),
+        "PINTEREST_REDIRECT_URI": settings.redirect_uri,
+        "PINTEREST_API_URL": settings.api_url,
+        "PINAUTH_DATABASE_URL": settings.database_url,
+        "PINAUTH_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "PINAUTH_ENCRYPTION_KEYS": settings.encryption_keys[0].get_secret_value(),
+    } | changes
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+async def mark_by_mistake(settings: Settings, public_id: str, at: datetime) -> None:
+    """What the old code did to a connection whose refresh token was fine: marked it
+    reauthorization_required and recorded its event, in one transaction."""
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as db, db.begin():
+            repository = ConnectionRepository(db)
+            row = await repository.get(public_id)
+            assert row is not None
+            assert await repository.replace_version(
+                public_id, row.version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
+            )
+            current = await repository.get(public_id)
+            assert current is not None
+            await record_event(db, EventType.REAUTHORIZATION_REQUIRED, current, now=at)
+    finally:
+        await engine.dispose()
+
+
+async def connect_through_sandbox(served: ServedWithSandbox, count: int) -> list[str]:
+    """`count` end users each connect through a connect session and the sandbox's consent."""
+    key = await create_api_key(served.settings)
+    auth = {"Authorization": f"Bearer {key}"}
+    ids = []
+    async with httpx.AsyncClient(base_url=served.base, headers=auth) as backend:
+        for n in range(count):
+            minted = await backend.post("/v1/connect-sessions", json={"end_user_id": f"u{n}"})
+            async with httpx.AsyncClient(base_url=served.base) as browser:
+                await consent_in_sandbox(browser, minted.json()["connect_url"])
+            listed = await backend.get("/v1/connections", params={"end_user_id": f"u{n}"})
+            (item,) = listed.json()["items"]
+            ids.append(str(item["id"]))
+    return ids
+
+
+async def test_connections_recheck_revives_the_marked_connections_whose_tokens_still_work(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Guards `pinauth connections recheck`: of the connections marked since --since, the
+    ones whose stored refresh token Pinterest (the sandbox, over HTTP) still takes become
+    active with connection.recovered; a really spent one stays marked; one marked before
+    --since is not touched; --id takes one; a refused client changes nothing (exit 2)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async with pinauth_with_sandbox(database_url) as served:
+        settings = served.settings
+        a, b, spent, old, other = await connect_through_sandbox(served, 5)
+        now = datetime.now(UTC)
+        await mark_by_mistake(settings, old, now - timedelta(hours=2))
+        for conn in (a, b, spent, other):
+            await mark_by_mistake(settings, conn, now)
+        # `spent`'s refresh token really is dead: someone used it at Pinterest.
+        stored = await stored_connections(settings)
+        async with httpx.AsyncClient() as http:
+            used = await http.post(
+                settings.token_url,
+                data={"grant_type": "refresh_token", "refresh_token": stored[spent]["refresh"]},
+                auth=(settings.client_id, settings.client_secret.get_secret_value()),
+            )
+        assert used.status_code == 200
+        before_events = len(await outbox_types(settings))
+
+        cli_env(monkeypatch, settings, PINTEREST_CLIENT_SECRET="not-the-secret")
+        refused = await asyncio.to_thread(run, "connections", "recheck", "--id", other)
+        assert (await statuses(settings))[other] == "reauthorization_required"
+
+        cli_env(monkeypatch, settings)
+        since = (now - timedelta(minutes=5)).isoformat()
+        rechecked = await asyncio.to_thread(run, "connections", "recheck", "--since", since)
+        one = await asyncio.to_thread(run, "connections", "recheck", "--id", old)
+        again = await asyncio.to_thread(run, "connections", "recheck", "--id", a)
+        after = await stored_connections(settings)
+        events_after = await outbox_types(settings)
+
+    assert refused[0] == 2
+    assert "refuses this app's client credentials" in refused[2]
+    assert rechecked[0] == 0, rechecked
+    assert f"{a}: recovered" in rechecked[1]
+    assert f"{b}: recovered" in rechecked[1]
+    assert f"{other}: recovered" in rechecked[1]
+    assert f"{spent}: still rejected" in rechecked[1]
+    assert old not in rechecked[1]
+    assert "rechecked 4: 3 recovered" in rechecked[1]
+    assert one[0] == 0
+    assert f"{old}: recovered" in one[1]
+    assert f"{a}: not reauthorization_required" in again[1]
+    assert {conn: after[conn]["status"] for conn in (a, b, spent, old, other)} == {
+        a: "active",
+        b: "active",
+        spent: "reauthorization_required",
+        old: "active",
+        other: "active",
+    }
+    assert after[a]["refresh"] != stored[a]["refresh"]  # rotated, and the new one stored
+    assert sorted(events_after[before_events:]) == sorted(
+        ("connection.recovered", conn) for conn in (a, b, other, old)
+    )
