@@ -19,13 +19,14 @@ import httpx
 import pytest
 import respx
 from fastapi import FastAPI
+from sqlalchemy import update
 
 from pinauth.app import create_app
 from pinauth.cli import main
 from pinauth.clientstate import CLIENT_REJECTED_COOLDOWN
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import PinterestClientRejected
-from pinauth.models import ConnectionStatus
+from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected
@@ -435,3 +436,42 @@ async def test_connections_recheck_revives_the_marked_connections_whose_tokens_s
     assert sorted(events_after[before_events:]) == sorted(
         ("connection.recovered", conn) for conn in (a, b, other, old)
     )
+
+
+async def test_keeper_once_with_a_refused_client_changes_nothing_and_exits_2(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Guards `pinauth keeper --once`: with a wrong secret its due connection stays active
+    with no event, and the command says why it did nothing (exit 2), not "failed 0"."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async with pinauth_with_sandbox(database_url) as served:
+        (conn,) = await connect_through_sandbox(served, 1)
+        engine = create_engine(served.settings)
+        try:
+            async with create_sessionmaker(engine)() as db, db.begin():
+                await db.execute(
+                    update(Connection).values(
+                        refresh_token_expires_at=datetime.now(UTC) + timedelta(days=3)
+                    )
+                )
+        finally:
+            await engine.dispose()
+        cli_env(monkeypatch, served.settings, PINTEREST_CLIENT_SECRET="not-the-secret")
+        refused = await asyncio.to_thread(run, "keeper", "--once")
+        cli_env(monkeypatch, served.settings)
+        fixed = await asyncio.to_thread(run, "keeper", "--once")
+        events_after = await outbox_types(served.settings)
+        after = await statuses(served.settings)
+
+    assert refused[0] == 2
+    assert "refreshed 0, failed 0, need reauthorization 0" in refused[1]
+    assert "refuses this app's client credentials" in refused[2]
+    assert fixed[0] == 0
+    assert "refreshed 1, failed 0, need reauthorization 0" in fixed[1]
+    assert after == {conn: "active"}
+    assert events_after == [("connection.created", conn)]

@@ -186,6 +186,12 @@ def _keeper(args: argparse.Namespace) -> None:
                     f"refreshed {done.refreshed}, failed {done.failed}, "
                     f"need reauthorization {done.reauthorization_required}"
                 )
+                if tokens.client_credentials.rejected:
+                    raise CommandFailed(
+                        "Pinterest refuses this app's client credentials (PINTEREST_CLIENT_ID "
+                        "/ PINTEREST_CLIENT_SECRET); no connection was changed. Fix them and "
+                        "run this again."
+                    )
                 return
             loop = asyncio.get_running_loop()
             stop = asyncio.Event()

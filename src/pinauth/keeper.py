@@ -172,6 +172,12 @@ class Keeper(BackgroundLoop):
                         done.failed,
                         done.reauthorization_required,
                     )
+                if done.client_rejected:
+                    log.info(
+                        "keeper: %d connections left as they were: Pinterest refuses the "
+                        "app's client credentials",
+                        done.client_rejected,
+                    )
             self.passes += 1
             self.pass_done.set()
             await self._pause(self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER))
