@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -343,6 +344,21 @@ def test_a_hold_is_not_inherited_by_a_new_connection_reusing_an_id() -> None:
 
     assert governor.held(connection(7, "ada"), BOARDS_CALL) is not None
     assert governor.held(connection(7, "someone-else"), BOARDS_CALL) is None
+
+
+def test_the_hold_log_line_names_the_connection_by_its_public_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards the log line: it names the connection as the API and every other log line
+    do (conn_…), never by the internal row id."""
+    governor = RateGovernor(Metrics(), clock=ManualClock())
+    with caplog.at_level(logging.INFO, logger="pinauth.governor"):
+        governor.pinterest_asked_to_wait(connection(7, "ada"), BOARDS_CALL, 429, 30)
+
+    (record,) = [r for r in caplog.records if r.name == "pinauth.governor"]
+    assert "connection conn_7_ada's GET call" in record.getMessage()
+    assert isinstance(record.args, tuple)
+    assert 7 not in record.args
 
 
 def test_the_later_end_wins_when_answers_arrive_out_of_order() -> None:

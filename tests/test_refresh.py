@@ -141,13 +141,14 @@ async def test_concurrent_refreshes_make_one_token_request(
     assert cipher(settings).decrypt(after.refresh_token_encrypted) == REFRESH_2
 
 
-@pytest.mark.parametrize("status", [400, 401])
+# A 401 is the app's credentials refused, not the grant: tests/test_client_rejected.py.
+@pytest.mark.parametrize("status", [400, 403])
 async def test_rejected_refresh_token_requires_reauthorization(
     client: httpx.AsyncClient, pinterest: respx.MockRouter, settings: Settings, status: int
 ) -> None:
     await log_in(client, pinterest)
     route = pinterest.post(TOKEN_URL).respond(
-        status, json={"code": 2, "message": "Authentication failed."}
+        status, json={"code": 1, "message": "Invalid refresh token."}
     )
 
     response = await client.post("/auth/refresh")

@@ -187,6 +187,26 @@ async def test_token_endpoint_requires_basic_client_auth(
     assert set(response.json()) == {"code", "message"}
 
 
+async def test_a_wrong_client_secret_is_401_and_leaves_the_refresh_token_alive(
+    sandbox: httpx.AsyncClient,
+) -> None:
+    """Guards the sandbox's answer to refused client credentials, as Pinterest's: 401,
+    code 2, and the refresh token it carried is neither spent nor rotated (the grant is
+    never looked at), so it works with the right secret; a spent one is a 400."""
+    tokens = await tokens_for(sandbox)
+    refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    wrong = "Basic " + base64.b64encode(f"{CONFIG.client_id}:wrong".encode()).decode()
+
+    refused = await token(sandbox, refresh, auth=wrong)
+    accepted = await token(sandbox, refresh)
+    spent = await token(sandbox, refresh)
+
+    assert refused.status_code == 401
+    assert refused.json() == {"code": 2, "message": "Authentication failed."}
+    assert accepted.status_code == 200
+    assert spent.status_code == 400
+
+
 async def test_token_endpoint_requires_a_form_body(sandbox: httpx.AsyncClient) -> None:
     code = await get_code(sandbox)
     response = await sandbox.post(

@@ -84,7 +84,8 @@ def create_app(
 
     `transport` replaces the network under the Pinterest client (tests); `sandbox`
     mounts the built-in Pinterest sandbox at /sandbox (demo mode); `clock` is the
-    rate governor's monotonic clock (tests move it instead of waiting); `shutdown` is
+    monotonic clock of the rate governor and of the token manager's cooldowns (tests move
+    it instead of waiting); `shutdown` is
     flagged by the server when it starts shutting down (see shutdown.py);
     `demo_backend_url`, where pinauth reaches itself, adds the demo page's backend
     panel (demo mode; see demobackend.py).
@@ -105,7 +106,7 @@ def create_app(
         http = create_http_client(settings, network)
         oauth = PinterestOAuth(http, settings, metrics)
         cache = ConnectionCache(settings.cache_ttl_seconds)
-        tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics)
+        tokens = TokenManager(settings, sessionmaker, oauth, cipher, cache, metrics, clock=clock)
         api_keys = ApiKeyService(sessionmaker, settings.cache_ttl_seconds)
         governor = RateGovernor(metrics, clock=clock)
         connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))

@@ -186,6 +186,12 @@ def _keeper(args: argparse.Namespace) -> None:
                     f"refreshed {done.refreshed}, failed {done.failed}, "
                     f"need reauthorization {done.reauthorization_required}"
                 )
+                if tokens.client_credentials.rejected:
+                    raise CommandFailed(
+                        "Pinterest refuses this app's client credentials (PINTEREST_CLIENT_ID "
+                        "/ PINTEREST_CLIENT_SECRET); no connection was changed. Fix them and "
+                        "run this again."
+                    )
                 return
             loop = asyncio.get_running_loop()
             stop = asyncio.Event()
@@ -326,6 +332,9 @@ def _webhooks(args: argparse.Namespace) -> None:
 
 
 def _connections(args: argparse.Namespace) -> None:
+    if args.action == "recheck":
+        _recheck(args)
+        return
     import asyncio
 
     from pinauth.cache import ConnectionCache
@@ -359,6 +368,101 @@ def _connections(args: argparse.Namespace) -> None:
         f"Deleted connection {args.connection_id}: its tokens are gone and its sessions ended "
         "(other replicas notice within PINAUTH_CACHE_TTL)."
     )
+
+
+def _recheck(args: argparse.Namespace) -> None:
+    """`pinauth connections recheck`: try marked connections' stored refresh tokens once."""
+    import asyncio
+
+    from pinauth.cache import ConnectionCache
+    from pinauth.crypto import TokenCipher
+    from pinauth.db import create_engine, create_sessionmaker
+    from pinauth.errors import (
+        NotAuthenticated,
+        PinterestClientRejected,
+        UpstreamError,
+        UpstreamTimeout,
+    )
+    from pinauth.observability import Metrics
+    from pinauth.pinterest.http import create_http_client, create_transport
+    from pinauth.pinterest.oauth import PinterestOAuth
+    from pinauth.repository import ConnectionRepository
+    from pinauth.tokens import RecheckOutcome, TokenManager
+    from pinauth.webhooks import EventType
+
+    since = _parse_since(args.since) if args.since is not None else None
+    settings = _load_settings("keeper")  # it calls Pinterest's token endpoint, as the keeper
+    logging.config.dictConfig(logging_config("warning", settings.log_format))
+    preflight.migrate(settings)
+
+    async def run() -> int:
+        engine = create_engine(settings)
+        sessionmaker = create_sessionmaker(engine)
+        metrics = Metrics()
+        http = create_http_client(settings, create_transport())
+        tokens = TokenManager(
+            settings,
+            sessionmaker,
+            PinterestOAuth(http, settings, metrics),
+            TokenCipher([key.get_secret_value() for key in settings.encryption_keys]),
+            ConnectionCache(0),
+            metrics,
+        )
+        try:
+            if since is not None:
+                async with sessionmaker() as db:
+                    ids = await ConnectionRepository(db).marked_since(
+                        since, EventType.REAUTHORIZATION_REQUIRED.value
+                    )
+            else:
+                ids = [args.id]
+            outcomes: dict[str, int] = {}
+            for public_id in ids:
+                try:
+                    outcome: str = await tokens.recheck(public_id)
+                except NotAuthenticated as e:
+                    raise CommandFailed(f"No connection has that id: {public_id!a}.") from e
+                except PinterestClientRejected as e:
+                    done = outcomes.get(RecheckOutcome.RECOVERED, 0)
+                    raise CommandFailed(
+                        "Pinterest refuses this app's client credentials (PINTEREST_CLIENT_ID "
+                        f"/ PINTEREST_CLIENT_SECRET); {done} recovered before that, the rest "
+                        "unchanged. Fix them and run this again."
+                    ) from e
+                except (UpstreamError, UpstreamTimeout, TimeoutError):
+                    outcome = "not checked: Pinterest is unavailable, run this again"
+                print(f"{public_id}: {outcome}")
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            recovered = outcomes.get(RecheckOutcome.RECOVERED, 0)
+            rejected = outcomes.get(RecheckOutcome.STILL_REJECTED, 0)
+            print(
+                f"rechecked {len(ids)}: {recovered} recovered (connection.recovered sent), "
+                f"{rejected} still need a new login, {len(ids) - recovered - rejected} other"
+            )
+            unchecked = sum(n for o, n in outcomes.items() if o.startswith("not checked"))
+            return 1 if unchecked else 0
+        finally:
+            await tokens.aclose()
+            await http.aclose()
+            await engine.dispose()
+
+    status = asyncio.run(run())
+    if status:
+        sys.exit(status)
+
+
+def _parse_since(value: str) -> datetime:
+    """ISO 8601 (`2026-12-08T10:00:00Z`, `2026-12-08 10:00+01:00`); UTC without an offset."""
+    from datetime import UTC
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"--since {value!a} is not a time; give one like 2026-12-08T10:00:00Z (UTC "
+            "unless it names an offset)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _when(moment: datetime | None) -> str:
@@ -441,12 +545,27 @@ def build_parser() -> argparse.ArgumentParser:
     redeliver.add_argument("event_id", metavar="EVENT_ID")
     webhooks.set_defaults(handler=_webhooks)
 
-    connections = commands.add_parser("connections", help="delete a connection")
+    connections = commands.add_parser(
+        "connections", help="delete a connection, recheck marked ones"
+    )
     connection_actions = connections.add_subparsers(dest="action", required=True)
     delete = connection_actions.add_parser(
         "delete", help="delete its tokens and end its sessions (reports connection.deleted)"
     )
     delete.add_argument("connection_id", metavar="CONNECTION_ID")
+    recheck = connection_actions.add_parser(
+        "recheck",
+        help="try the stored refresh token of connections marked reauthorization_required "
+        "once: those Pinterest still takes become active (reports connection.recovered)",
+    )
+    which = recheck.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--since",
+        metavar="TIME",
+        help="every connection marked since TIME (ISO 8601, UTC unless it has an offset), "
+        "as far back as the webhook outbox keeps events (30 days past their retries)",
+    )
+    which.add_argument("--id", metavar="CONNECTION_ID", help="this one connection")
     connections.set_defaults(handler=_connections)
     return parser
 

@@ -147,6 +147,29 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after = retry_after
 
 
+class PinterestClientRejected(PinauthError):
+    """Pinterest's token endpoint refuses this app's own client credentials
+    (PINTEREST_CLIENT_ID / PINTEREST_CLIENT_SECRET), so no token can be refreshed.
+
+    Nothing about the connection is wrong: it is not marked, and the call can be retried
+    once the credentials are fixed. Deliberately not an UpstreamError, which the refresh
+    path handles per connection.
+    """
+
+    status_code = 503
+    sends_retry_after = True
+    code = "pinterest_client_rejected"
+    default_message = (
+        "Pinterest refuses this app's client credentials (PINTEREST_CLIENT_ID / "
+        "PINTEREST_CLIENT_SECRET), so tokens cannot be refreshed; no connection was changed. "
+        "Retry later."
+    )
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = max(1, retry_after)
+
+
 class UpstreamTimeout(PinauthError):
     status_code = 504
     code = "upstream_timeout"

@@ -147,7 +147,7 @@ class RateGovernor:
         log.info(
             "Pinterest answered %s to connection %s's %s call: holding %s calls for %.0f s",
             status,
-            connection.id,
+            connection.public_id,  # never the row id: logs name connections as the API does
             request.method,
             category,
             until - now,

@@ -21,6 +21,10 @@ every active connection whose refresh token expires within PINAUTH_KEEPALIVE_DAY
   `connection.expiring` event goes out per refresh token.
 - A refresh token already past expiry cannot be refreshed: the connection is marked
   reauthorization_required without calling Pinterest.
+- While Pinterest refuses the app's own client credentials (clientstate.py), the keeper
+  claims nothing; a connection whose refresh met that refusal is handed back untouched (no
+  failure counted, no event), to be taken again by the first pass after it ends. Only the
+  one try per cooldown that checks the credentials is made.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
     PinauthError,
+    PinterestClientRejected,
     ReauthorizationRequired,
 )
 from pinauth.models import Connection, ConnectionStatus
@@ -101,6 +106,8 @@ class KeeperPass:
     failed: int = 0
     reauthorization_required: int = 0
     scheduled: int = 0
+    # Handed back untouched because Pinterest refuses the app's client credentials.
+    client_rejected: int = 0
     seen: set[str] = field(default_factory=set)
 
 
@@ -165,6 +172,12 @@ class Keeper(BackgroundLoop):
                         done.failed,
                         done.reauthorization_required,
                     )
+                if done.client_rejected:
+                    log.info(
+                        "keeper: %d connections left as they were: Pinterest refuses the "
+                        "app's client credentials",
+                        done.client_rejected,
+                    )
             self.passes += 1
             self.pass_done.set()
             await self._pause(self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER))
@@ -176,6 +189,9 @@ class Keeper(BackgroundLoop):
         done = KeeperPass()
         limit = asyncio.Semaphore(self._concurrency)
         while not self._stopping.is_set():
+            if self._tokens.client_credentials.waiting():
+                # Every refresh would be refused: leave the rows for a pass after it ends.
+                break
             now = self._clock()
             async with self._sessionmaker() as db, db.begin():
                 batch = await KeeperRepository(db).claim_due(
@@ -183,10 +199,16 @@ class Keeper(BackgroundLoop):
                 )
             if not batch:
                 break
+            handed_back = done.client_rejected
             async with asyncio.TaskGroup() as group:
                 for connection in batch:
                     group.create_task(self._guarded(connection, limit, done))
-            if len(batch) < self._batch:
+            # Rows handed back while one try found the credentials working again: take
+            # them now rather than a whole interval later.
+            again = (
+                done.client_rejected > handed_back and not self._tokens.client_credentials.rejected
+            )
+            if len(batch) < self._batch and not again:
                 break
         await self._update_next_due()
         self._metrics.passes.inc()
@@ -236,6 +258,12 @@ class Keeper(BackgroundLoop):
             return
         except NotAuthenticated:
             return  # deleted meanwhile
+        except PinterestClientRejected:
+            # Nothing is wrong with this connection: free it for the next pass, as it was.
+            async with self._sessionmaker() as db, db.begin():
+                await KeeperRepository(db).schedule(public_id, None)
+            done.client_rejected += 1
+            return
         except PinauthError as e:
             # Pinterest's token endpoint failing, or another process's refresh of the
             # same row outlasting our wait: transient either way.

@@ -61,7 +61,8 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in ("ok", "rejected", "transient_error"):
+        # client_rejected: Pinterest refused the app's own credentials (no connection marked).
+        for outcome in ("ok", "rejected", "transient_error", "client_rejected"):
             self.refreshes.labels(outcome)
         # Labelled by the spec's rate-limit categories: a fixed set, never a path.
         self.governed_calls = Counter(

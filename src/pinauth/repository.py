@@ -190,6 +190,23 @@ class ConnectionRepository:
         stmt = select(Connection.status, func.count()).group_by(Connection.status)
         return {status: count for status, count in (await self._db.execute(stmt)).all()}
 
+    async def marked_since(self, since: datetime, event_type: str) -> list[str]:
+        """Public ids of the connections still reauthorization_required whose `event_type`
+        event (the one recorded with the marking, in its transaction) is from `since` on;
+        oldest connection first. As far back as the outbox keeps events."""
+        marked = select(WebhookEvent.connection_id).where(
+            WebhookEvent.type == event_type, WebhookEvent.created_at >= since
+        )
+        stmt = (
+            select(Connection.public_id)
+            .where(
+                Connection.status == ConnectionStatus.REAUTHORIZATION_REQUIRED,
+                Connection.public_id.in_(marked),
+            )
+            .order_by(Connection.id)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
 
 class SchemaRepository:
     def __init__(self, db: AsyncSession) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import math
 import secrets
@@ -43,10 +44,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
+from pinauth.clientstate import ClientCredentials
 from pinauth.crypto import TokenCipher, TokenDecryptionError
 from pinauth.errors import (
     DatabaseUnavailable,
     NotAuthenticated,
+    PinterestClientRejected,
     ReauthorizationRequired,
     UndecryptableToken,
     UpstreamError,
@@ -100,6 +103,15 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
     connection.last_refreshed_at = datetime.now(UTC)
 
 
+class RecheckOutcome(enum.StrEnum):
+    """What `TokenManager.recheck` found."""
+
+    RECOVERED = "recovered"
+    STILL_REJECTED = "still rejected"
+    NOT_MARKED = "not reauthorization_required"
+    CHANGED = "changed meanwhile"
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     """An access token ready to send, and the row version it came from."""
@@ -127,6 +139,8 @@ class TokenManager:
         self._metrics = metrics
         # What times the cooldown after a failed token call (tests move it instead of waiting).
         self._clock = clock
+        # Whether Pinterest accepts the app's own credentials (see clientstate.py).
+        self.client_credentials = ClientCredentials(clock)
         self._settings = settings
         self._schedule = Schedule.of(settings)
         self._sessionmaker = sessionmaker
@@ -193,7 +207,7 @@ class TokenManager:
                 return self.credential(connection)
             try:
                 return self.credential(await self.refresh(connection))
-            except UpstreamUnavailable:
+            except (UpstreamUnavailable, PinterestClientRejected):
                 if connection.access_token_expires_at > now:
                     log.warning(
                         "using connection %s's current token until refresh recovers",
@@ -302,8 +316,11 @@ class TokenManager:
         if remaining > 0:
             raise UpstreamUnavailable(
                 "Pinterest's token endpoint failed moments ago; retry shortly.",
-                retry_after=int(remaining) + 1,
+                retry_after=max(1, math.ceil(remaining)),
             )
+        # While Pinterest refuses the app's credentials, no lease and no token call: the
+        # refresh token is kept, and the connection stays as it is.
+        self.client_credentials.admit()
         row, owner = await self._claim_lease(seen)
         if owner is None:
             if row.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
@@ -323,7 +340,19 @@ class TokenManager:
             # Bounded absolutely (httpx's read timeout is per read), so the lease, which
             # is longer than this, cannot run out while the answer may still come.
             async with asyncio.timeout(self._call_budget):
-                tokens = await self._oauth.refresh(refresh_token)
+                try:
+                    tokens = await self._oauth.refresh(refresh_token)
+                except TokenRejected:
+                    # Pinterest looked at the grant, so it authenticated the client first.
+                    self.client_credentials.record_accepted()
+                    raise
+            self.client_credentials.record_accepted()
+        except PinterestClientRejected:
+            # The app's credentials, not this connection's grant: Pinterest did not look
+            # at the refresh token, which stays good. Nothing is marked or reported.
+            self._metrics.refreshes.labels("client_rejected").inc()
+            await self._release_lease(public_id, owner)
+            raise self.client_credentials.record_rejected() from None
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             self._metrics.refreshes.labels("rejected").inc()
@@ -564,6 +593,62 @@ class TokenManager:
             log.warning("stored connection %s's new tokens after %d attempts", public_id, attempts)
         else:
             log.warning("connection %s changed before its new tokens could be stored", public_id)
+
+    async def recheck(self, public_id: str) -> RecheckOutcome:
+        """Try a reauthorization_required connection's stored refresh token, once.
+
+        For connections marked by mistake (before pinauth told a refused client from a
+        refused grant, a wrong client secret marked every connection it touched): if
+        Pinterest still takes the token, the new tokens are stored, the connection is
+        active again and `connection.recovered` is recorded, in one transaction. If it
+        refuses the grant, nothing changes. Refused client credentials raise
+        PinterestClientRejected; an unavailable Pinterest raises its UpstreamError.
+
+        Only a login moves a reauthorization_required row (no refresh or keeper claims
+        it), so the compare-and-swap on the version read is the whole guard: a row a login
+        renewed meanwhile keeps the login's tokens, and this answer's are dropped (they
+        belong to the old grant). Two rechecks of one connection at once spend its token
+        once; the other sees the grant refused.
+        """
+        async with self._sessionmaker() as db:
+            row = await ConnectionRepository(db).get(public_id)
+        if row is None:
+            raise NotAuthenticated("This Pinterest connection no longer exists.")
+        if row.status is not ConnectionStatus.REAUTHORIZATION_REQUIRED:
+            return RecheckOutcome.NOT_MARKED
+        expires = row.refresh_token_expires_at
+        if row.refresh_token_encrypted is None or (
+            expires is not None and expires <= datetime.now(UTC)
+        ):
+            return RecheckOutcome.STILL_REJECTED  # Pinterest would refuse it: no call
+        try:
+            refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
+        except TokenDecryptionError:
+            return RecheckOutcome.STILL_REJECTED
+        self.client_credentials.admit()
+        async with asyncio.timeout(self._call_budget):
+            try:
+                tokens = await self._oauth.refresh(refresh_token)
+            except TokenRejected:
+                self.client_credentials.record_accepted()
+                log.info("connection %s: Pinterest still refuses its refresh token", public_id)
+                return RecheckOutcome.STILL_REJECTED
+            except PinterestClientRejected:
+                raise self.client_credentials.record_rejected() from None
+        self.client_credentials.record_accepted()
+        version = row.version
+        apply_token_set(row, tokens, self._cipher)
+        async with self._sessionmaker() as db, db.begin():
+            repository = ConnectionRepository(db)
+            if not await repository.replace_version(public_id, version, _token_columns(row)):
+                log.warning("connection %s changed during its recheck; left as it is", public_id)
+                return RecheckOutcome.CHANGED
+            current = await repository.get(public_id)
+            assert current is not None
+            await record_event(db, EventType.RECOVERED, current, schedule=self._schedule)
+        self._cache.remember_connection(current)
+        log.warning("connection %s recovered: Pinterest still takes its refresh token", public_id)
+        return RecheckOutcome.RECOVERED
 
     async def aclose(self) -> None:
         """Wait for token calls in flight and for unsaved tokens' writes, then stop.

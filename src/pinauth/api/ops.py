@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 from typing import Annotated
 
 import anyio.to_thread
@@ -12,7 +13,12 @@ from pydantic import BaseModel
 
 from pinauth.api.deps import ServicesDep
 from pinauth.api.schemas import error_responses
-from pinauth.errors import DatabaseUnavailable, NotAuthenticated, NotReady
+from pinauth.errors import (
+    DatabaseUnavailable,
+    NotAuthenticated,
+    NotReady,
+    PinterestClientRejected,
+)
 from pinauth.models import ConnectionStatus
 from pinauth.repository import ConnectionRepository, SchemaRepository
 
@@ -23,15 +29,33 @@ class Health(BaseModel):
     status: str
 
 
+class Readiness(Health):
+    # Only while Pinterest refuses the app's client credentials (status "degraded").
+    error: str | None = None
+    message: str | None = None
+    since: datetime | None = None
+
+
 @router.get("/healthz", response_model=Health, responses=error_responses())
 async def healthz() -> Health:
     """Liveness: the process is up and serving (no I/O)."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses=error_responses(NotReady))
-async def readyz(services: ServicesDep) -> Health:
-    """Readiness: the database answers and its schema is at the version this code expects."""
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses=error_responses(NotReady),
+)
+async def readyz(services: ServicesDep) -> Readiness:
+    """Readiness: the database answers and its schema is at the version this code expects.
+
+    While Pinterest refuses the app's client credentials, still 200 but `"status":
+    "degraded"` with `"error": "pinterest_client_rejected"`: every replica shares the
+    credentials, so a 503 would take them all out of the load balancer at once, while calls
+    whose access tokens are still valid go on working.
+    """
     try:
         async with services.sessionmaker() as db:
             version = await SchemaRepository(db).version()
@@ -42,7 +66,19 @@ async def readyz(services: ServicesDep) -> Health:
             f"The database schema is at {version or 'nothing'}, not {services.schema_head}: "
             "run `pinauth migrate`."
         )
-    return Health(status="ready")
+    client = services.tokens.client_credentials
+    if client.rejected:
+        return Readiness(
+            status="degraded",
+            error=PinterestClientRejected.code,
+            message=(
+                "Pinterest refuses this app's client credentials (PINTEREST_CLIENT_ID / "
+                "PINTEREST_CLIENT_SECRET): calls that need a token refresh answer 503 "
+                "pinterest_client_rejected; no connection is changed."
+            ),
+            since=client.rejected_since,
+        )
+    return Readiness(status="ready")
 
 
 @router.get(

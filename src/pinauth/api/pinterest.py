@@ -27,6 +27,7 @@ from pinauth.errors import (
     NotAuthenticated,
     PayloadTooLarge,
     PinauthError,
+    PinterestClientRejected,
     ProxyTokenConnectionMismatch,
     ReauthorizationRequired,
     UnprocessableRequest,
@@ -166,6 +167,7 @@ _CALL_ERRORS: tuple[type[PinauthError], ...] = (
     ConnectionNotFound,
     UpstreamError,
     UpstreamUnavailable,
+    PinterestClientRejected,
     UpstreamTimeout,
     DatabaseUnavailable,
 )

@@ -13,7 +13,12 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from pinauth.errors import PinauthError, UpstreamError, UpstreamUnavailable
+from pinauth.errors import (
+    PinauthError,
+    PinterestClientRejected,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from pinauth.observability import Metrics
 from pinauth.pinterest.client import retry_after_seconds
 from pinauth.pinterest.http import pinterest_error_message, translate_transport_errors
@@ -25,7 +30,9 @@ DEFAULT_RETRY_AFTER = 5
 
 
 class TokenRejected(PinauthError):
-    """Pinterest refused the grant (bad code, dead refresh token): retrying cannot help."""
+    """Pinterest refused the grant itself (bad code; refresh token spent, revoked or
+    expired): retrying with it cannot help. Never raised for the app's own credentials
+    being refused: that is PinterestClientRejected, and says nothing about the grant."""
 
     status_code = 400
     code = "authorization_failed"
@@ -110,7 +117,13 @@ class PinterestOAuth:
             )
         self._metrics.observe_upstream("oauth", time.perf_counter() - started)
         now = datetime.now(UTC)
-        if response.status_code in (400, 401, 403):
+        if _client_rejected(response):
+            log.warning(
+                "token endpoint refused the app's client credentials (HTTP %s)",
+                response.status_code,
+            )
+            raise PinterestClientRejected()
+        if response.status_code in (400, 403):
             log.warning("token endpoint rejected %s grant (HTTP %s)", grant, response.status_code)
             raise TokenRejected(pinterest_error_message(response))
         if response.status_code == 429 or response.status_code >= 500:
@@ -128,6 +141,43 @@ class PinterestOAuth:
         except ValidationError as e:
             raise UpstreamError("Pinterest's token endpoint sent an unreadable response.") from e
         return _token_set(payload, now)
+
+
+# RFC 6749's error codes that blame the client, not the grant (§5.2): `invalid_client`
+# (authentication failed) and `unauthorized_client` (this client may not use this grant
+# type). A provider answering in RFC style may send either with 400.
+CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+
+
+def _client_rejected(response: httpx.Response) -> bool:
+    """Whether the token endpoint refused the app's own credentials, not the grant.
+
+    The two mean opposite things for a connection: a refused grant (a refresh token
+    spent, revoked or expired) kills that one connection; refused client credentials (a
+    wrong PINTEREST_CLIENT_SECRET, a rotated or revoked app secret) say nothing about any
+    grant, which Pinterest did not even look at, and must kill none.
+
+    - RFC 6749 §5.2: `invalid_client` is answered with 401 when the client authenticated
+      with HTTP Basic (as pinauth does, per the spec's `security: basic`), and
+      `invalid_grant` (an invalid, expired or revoked refresh token or code) with 400.
+    - Pinterest's vendored spec (spec/pinterest/openapi.yaml) documents only `200` and a
+      `default` Error for POST /oauth/token, but for POST /oauth/token/revoke, which
+      authenticates the client the same way, it documents `401: Client authentication
+      error` with `{"code": 2, "message": "Authentication failed."}`; a public report
+      (github.com/pinterest/pinterest-python-sdk issue 110: a malformed Basic header sent
+      to v5/oauth/token) got exactly a 401. So on Pinterest a 401 from the token endpoint
+      means the client credentials, whatever its body says.
+    - A 400 or 403 is the grant's, unless its body names an RFC client error.
+    """
+    if response.status_code == 401:
+        return True
+    if response.status_code not in (400, 403):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("error") in CLIENT_ERRORS
 
 
 # Pinterest documents lifetimes of days to a year; a larger one is a broken answer, but its

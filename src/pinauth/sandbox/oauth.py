@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from pinauth.sandbox.errors import error
+from pinauth.sandbox.errors import AUTHENTICATION_FAILED, error
 from pinauth.sandbox.pages import html_page, page_policy
 from pinauth.sandbox.state import V5_SCOPES, SandboxConfig, SandboxState, StateHolder, now
 
@@ -100,7 +100,14 @@ def oauth_router(holder: StateHolder) -> APIRouter:
         grant_type = str(form.get("grant_type", ""))
         state.token_requests[grant_type or "(none)"] += 1
         if not _client_authenticated(holder.config, request.headers.get("authorization")):
-            return error(401, 2, "Authentication failed: use HTTP Basic client authentication.")
+            # As Pinterest: a client that fails HTTP Basic authentication gets 401 with
+            # code 2 "Authentication failed." (the vendored spec's documented answer for
+            # POST /oauth/token/revoke, which authenticates the client the same way; RFC
+            # 6749 §5.2's invalid_client is 401 under HTTP Basic; pinterest-python-sdk
+            # issue 110 got a 401 from v5/oauth/token for a malformed Basic header). It is
+            # checked before the grant is looked at: a refresh token sent with a wrong
+            # secret is neither spent nor rotated.
+            return error(401, 2, AUTHENTICATION_FAILED)
         if content_type != "application/x-www-form-urlencoded":
             return error(400, 1, "The body must be application/x-www-form-urlencoded.")
         if grant_type == "authorization_code":
@@ -118,6 +125,8 @@ def oauth_router(holder: StateHolder) -> APIRouter:
             if grant is None or grant.expires_at < now():
                 if refresh in state.spent_refresh_tokens:
                     state.refresh_token_reuses += 1
+                # A spent, revoked or expired refresh token is the grant's fault, not the
+                # client's: 400, as RFC 6749 §5.2 answers invalid_grant.
                 return error(400, 1, "Invalid refresh token.")
             state.spent_refresh_tokens.add(refresh)
             body = state.issue_tokens(grant.user, grant.scopes)
