@@ -405,27 +405,35 @@ def test_verify_is_false_for_non_ascii_signatures_and_takes_bytes_secrets() -> N
 
 
 @pytest.mark.parametrize(
-    ("answer", "retried"),
+    ("answer", "error"),
     [
-        (httpx.Response(500), True),
-        (httpx.Response(503), True),
-        (httpx.Response(408), True),
-        (httpx.Response(429), True),
-        (httpx.ConnectError("refused"), True),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.Response(400), False),
-        (httpx.Response(401), False),
-        (httpx.Response(404), False),
-        (httpx.Response(410), False),
-        (httpx.Response(301, headers={"Location": "https://elsewhere.example/"}), False),
+        (httpx.Response(500), "HTTP 500"),
+        (httpx.Response(503), "HTTP 503"),
+        (httpx.Response(408), "HTTP 408"),
+        (httpx.Response(429), "HTTP 429"),
+        (httpx.ConnectError("refused"), "ConnectError: refused"),
+        (httpx.ReadTimeout("slow"), "no answer within 2 s"),
+        (httpx.Response(400), "HTTP 400"),
+        (httpx.Response(401), "HTTP 401"),
+        (httpx.Response(404), "HTTP 404"),
+        (httpx.Response(410), "HTTP 410"),
+        (
+            httpx.Response(301, headers={"Location": "https://elsewhere.example/"}),
+            "HTTP 301 to https://elsewhere.example/ (redirects are not followed)",
+        ),
+        (httpx.Response(308), "HTTP 308"),
     ],
 )
-async def test_what_is_retried_and_what_fails_at_once(
-    settings: Settings, answer: httpx.Response | Exception, retried: bool
+async def test_every_answer_but_a_2xx_is_retried(
+    settings: Settings, answer: httpx.Response | Exception, error: str
 ) -> None:
+    """A receiver that moved (3xx) or is mid-deploy (404, 410) is down, not a verdict:
+    the event backs off and goes again, like after a 5xx (issue 19, item 4)."""
     settings = hooked(settings)
+    requests: list[httpx.Request] = []
 
-    def receiver(_request: httpx.Request) -> httpx.Response:
+    def receiver(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -440,6 +448,7 @@ async def test_what_is_retried_and_what_fails_at_once(
             [attempt] = await WebhookEventRepository(db).attempts(event.id)
 
     code = None if isinstance(answer, Exception) else answer.status_code
+    assert [str(r.url) for r in requests] == ["https://app.example/hooks"]  # never followed
     assert attempt.response_code == code
     assert attempt.duration_ms >= 0
     assert event.attempts == 1
@@ -447,13 +456,10 @@ async def test_what_is_retried_and_what_fails_at_once(
         "pinauth_webhook_deliveries_total", {"outcome": attempt.outcome}
     )
     assert counted == 1
-    if retried:
-        assert attempt.outcome == "retry"
-        assert event.status is WebhookEventStatus.PENDING
-        assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
-    else:
-        assert attempt.outcome == "failed"
-        assert event.status is WebhookEventStatus.FAILED
+    assert attempt.outcome == "retry"
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.last_error == error
+    assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
 
 
 @pytest.mark.parametrize("retry_after", ["120", "HTTP-DATE"])
@@ -750,14 +756,16 @@ async def test_an_attempt_is_recorded_whatever_goes_wrong_deciding_its_outcome(
 
 
 async def failed_and_delivered(settings: Settings) -> tuple[str, str]:
-    """Two events of two connections: the first failed (410), the second delivered."""
+    """Two events of two connections: the first failed (410 at the end of its 24 hours),
+    the second delivered."""
     answers = iter([httpx.Response(410), httpx.Response(200)])
     clock = Clock()
     async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
         dispatcher,
         sessionmaker,
     ):
-        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        day_ago = clock.now - timedelta(hours=24)
+        await add_events(sessionmaker, day_ago, "connection.created", end_user_id="ada")
         await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
         await dispatcher.run_once()
     failed, delivered = await outbox(settings)

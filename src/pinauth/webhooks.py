@@ -186,8 +186,9 @@ def verify(
 
 # --- delivery ---------------------------------------------------------------------
 
-# What a delivery is retried on: the receiver is down, slow, or asks for time.
-RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+# Every answer but a 2xx, and no answer at all, is retried on this schedule: a receiver
+# moved behind a new redirect, or answering 404 for a minute of its deploy, is a receiver
+# that is down, not a verdict on the event (redirects are still never followed).
 RETRY_WINDOW = timedelta(hours=24)
 BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 3600.0
@@ -239,10 +240,6 @@ class Outcome:
     @property
     def delivered(self) -> bool:
         return self.response_code is not None and 200 <= self.response_code < 300
-
-    @property
-    def retryable(self) -> bool:
-        return self.response_code is None or self.response_code in RETRYABLE_STATUSES
 
 
 def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
@@ -406,7 +403,7 @@ class WebhookDispatcher:
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)
         next_at = attempted_at + timedelta(seconds=delay)
-        if outcome.retryable and next_at <= event.retry_until:
+        if next_at <= event.retry_until:
             verdict, values = "retry", {"next_attempt_at": next_at}
         else:
             verdict, values = "failed", {"status": WebhookEventStatus.FAILED}
@@ -429,6 +426,7 @@ class WebhookDispatcher:
                 async with self._http.stream("POST", self._url, content=body, headers=headers) as r:
                     code = r.status_code
                     retry_after_header = r.headers.get("retry-after")
+                    location = r.headers.get("location")
         except TimeoutError:
             return Outcome(None, f"no answer within {self._timeout:g} s")
         except httpx.TimeoutException:
@@ -445,7 +443,11 @@ class WebhookDispatcher:
                 # The receiver's Retry-After, whatever it holds, is a hint: without it the
                 # attempt is still recorded and backs off as usual.
                 log.warning("unusable Retry-After from the webhook receiver: %r", e)
-        return Outcome(code, f"HTTP {code}", retry_after)
+        error = f"HTTP {code}"
+        if 300 <= code < 400 and location:
+            # What the operator needs to fix PINAUTH_WEBHOOK_URL; never followed.
+            error += f" to {location} (redirects are not followed)"
+        return Outcome(code, error[:_ERROR_LENGTH], retry_after)
 
 
 # --- the events, for the CLI and the API -------------------------------------------
