@@ -19,12 +19,16 @@ import httpx
 import pytest
 import respx
 import uvicorn
+from cryptography.fernet import Fernet
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.app import create_app
+from pinauth.cache import ConnectionCache
 from pinauth.cli import main
+from pinauth.connections import ConnectionService
+from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
@@ -46,6 +50,7 @@ from tests.helpers import (
     ACCESS_2,
     ALL_TOKENS,
     API,
+    POSTGRES_ADMIN_URL,
     REFRESH_1,
     REFRESH_2,
     SERVICE,
@@ -64,6 +69,7 @@ from tests.helpers import (
     token_json,
 )
 
+KEYS = [Fernet.generate_key().decode()]
 SECRET_A = "whsec-" + "a" * 40
 SECRET_B = "whsec-" + "b" * 40
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -130,6 +136,78 @@ async def test_record_event_commits_with_the_callers_transaction(settings: Setti
     for token in ALL_TOKENS:
         assert token not in event.body
     assert "encrypted" not in event.body
+
+
+async def test_each_connections_events_are_numbered_1_2_3(settings: Settings) -> None:
+    """`sequence`: the connection's count of events, in the payload and the row; each
+    connection counts its own; a deletion takes the next number; counting changes
+    neither the connection's version nor its updated_at (issue 19, item 4)."""
+    engine = create_engine(settings)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        ada = await add_events(
+            sessionmaker,
+            NOW,
+            "connection.created",
+            "connection.reauthorization_required",
+            end_user_id="ada",
+        )
+        grace = await add_events(sessionmaker, NOW, "connection.created", end_user_id="grace")
+        async with sessionmaker() as db:
+            before = await db.get(Connection, ada.id)
+        await add_events_to(sessionmaker, ada, "connection.recovered")
+        async with sessionmaker() as db:
+            after = await db.get(Connection, ada.id)
+        cache = ConnectionCache(0)
+        await ConnectionService(sessionmaker, cache, CursorCodec(TokenCipher(KEYS))).delete(
+            ada.public_id
+        )
+    finally:
+        await engine.dispose()
+
+    assert before is not None
+    assert after is not None
+    assert (after.version, after.updated_at) == (before.version, before.updated_at)
+    numbered = [
+        (e.connection_id, e.type, e.sequence, json.loads(e.body)["sequence"])
+        for e in await outbox(settings)
+    ]
+    assert numbered == [
+        (ada.public_id, "connection.created", 1, 1),
+        (ada.public_id, "connection.reauthorization_required", 2, 2),
+        (grace.public_id, "connection.created", 1, 1),
+        (ada.public_id, "connection.recovered", 3, 3),
+        (ada.public_id, "connection.deleted", 4, 4),
+    ]
+
+
+@pytest.mark.skipif(not POSTGRES_ADMIN_URL, reason="two writers at once need PostgreSQL")
+async def test_two_replicas_recording_for_one_connection_get_consecutive_numbers(
+    settings: Settings,
+) -> None:
+    """Two engines (two replicas) record 40 events for one connection at once, each
+    transaction holding its row lock across yields: the numbers are 1..40 without a
+    duplicate, and the event ids (the dispatcher's order) follow them."""
+    engines = [create_engine(settings), create_engine(settings)]
+    try:
+        makers = [create_sessionmaker(engine) for engine in engines]
+        connection = await add_events(makers[0], NOW)
+
+        async def record(index: int) -> None:
+            async with makers[index % 2]() as db, db.begin():
+                attached = await db.get(Connection, connection.id)
+                assert attached is not None
+                await record_event(db, "connection.updated", attached, now=NOW)
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let the others' transactions run meanwhile
+
+        await asyncio.gather(*(record(i) for i in range(40)))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+    sequences = [e.sequence for e in await outbox(settings)]  # in id order
+    assert sequences == list(range(1, 41))
 
 
 async def test_record_event_refuses_unknown_types(settings: Settings) -> None:
@@ -322,9 +400,21 @@ async def add_events(
         await db.flush()
     for kind in kinds:
         async with sessionmaker() as db, db.begin():
-            attached = await db.merge(connection)
+            attached = await db.get(Connection, connection.id)
+            assert attached is not None
             await record_event(db, kind, attached, now=when)
     return connection
+
+
+async def add_events_to(
+    sessionmaker: async_sessionmaker[AsyncSession], connection: Connection, *kinds: str
+) -> None:
+    """More events of an existing connection, each in its own transaction."""
+    for kind in kinds:
+        async with sessionmaker() as db, db.begin():
+            attached = await db.get(Connection, connection.id)
+            assert attached is not None
+            await record_event(db, kind, attached, now=NOW)
 
 
 def independent_signature_check(body: bytes, header: str, secret: str) -> bool:

@@ -186,6 +186,21 @@ class ConnectionRepository:
         await self._db.delete(connection)
         await self._db.flush()
 
+    async def next_webhook_sequence(self, connection_id: int) -> int | None:
+        """Count one more webhook event for the connection and return the count (None if
+        the row is gone). The UPDATE takes the row lock until the transaction ends, so
+        concurrent transactions get consecutive numbers in commit order. Leaves
+        `version` and `updated_at` alone: an event is not a change of the connection."""
+        c = _connections.c
+        result = await self._db.execute(
+            update(_connections)
+            .where(c.id == connection_id)
+            .values(webhook_sequence=c.webhook_sequence + 1, updated_at=c.updated_at)
+            .returning(c.webhook_sequence)
+        )
+        sequence: int | None = result.scalar_one_or_none()
+        return sequence
+
     async def count_by_status(self) -> dict[ConnectionStatus, int]:
         stmt = select(Connection.status, func.count()).group_by(Connection.status)
         return {status: count for status, count in (await self._db.execute(stmt)).all()}

@@ -41,7 +41,7 @@ from pinauth.models import (
 )
 from pinauth.numbers import ascii_int
 from pinauth.observability import Metrics
-from pinauth.repository import WebhookEventRepository
+from pinauth.repository import ConnectionRepository, WebhookEventRepository
 from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 
@@ -78,11 +78,22 @@ async def record_event(
     Call it after the change is flushed, in the same transaction, and let the caller commit:
     on PostgreSQL the row lock of the change then orders the events of one connection by
     id in commit order. `connection` must be attached to `session` (or deleted in it, or
-    fully loaded). The body is the /v1 connection object, `next_refresh_at` from
-    `schedule` (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
+    fully loaded), and its row must still exist: record a deletion before deleting. The
+    body is the /v1 connection object, `next_refresh_at` from `schedule`
+    (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
+
+    `sequence` is the connection's count of events, this one included: the UPDATE that
+    increments it takes the row lock (if the change has not already), so two replicas
+    recording for one connection at once number their events one after the other, in
+    commit order, and the event ids follow the same order.
     """
     event_type = EventType(event_type)
     state = inspect(connection)
+    sequence = await ConnectionRepository(session).next_webhook_sequence(connection.id)
+    if sequence is None:
+        raise RuntimeError(
+            "record a connection's event while its row exists (a deletion before the delete)"
+        )
     if state.persistent and _SHOWN & (state.unloaded | state.expired_attributes):
         await session.refresh(connection)
     created_at = (now or datetime.now(UTC)).astimezone(UTC)
@@ -91,6 +102,7 @@ async def record_event(
         "id": public_id,
         "type": event_type.value,
         "created_at": created_at.isoformat().replace("+00:00", "Z"),
+        "sequence": sequence,
         "data": {
             "connection": ConnectionObject.of(
                 connection,
@@ -103,6 +115,7 @@ async def record_event(
             public_id=public_id,
             type=event_type.value,
             connection_id=connection.public_id,
+            sequence=sequence,
             body=json.dumps(body, separators=(",", ":"), ensure_ascii=False),
             created_at=created_at,
             next_attempt_at=created_at,
