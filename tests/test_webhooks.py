@@ -229,6 +229,8 @@ async def test_record_event_refuses_unknown_types(settings: Settings) -> None:
         ({"webhook_url": "ftp://example.com/hook"}, r"not an http\(s\) URL"),
         ({"webhook_url": "example.com/hook"}, r"not an http\(s\) URL"),
         ({"webhook_secrets": f"{SECRET_A},short"}, "secret #2 is shorter than 32"),
+        ({"webhook_concurrency": "0"}, "greater than or equal to 1"),
+        ({"webhook_concurrency": "101"}, "less than or equal to 100"),
     ],
 )
 def test_bad_webhook_settings_are_refused(overrides: dict[str, str], message: str) -> None:
@@ -673,6 +675,111 @@ async def test_two_dispatchers_deliver_each_event_once(settings: Settings) -> No
     assert len(seen) == 30
     assert len(set(seen)) == 30
     assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+# --- independent deliveries (issue 19, item 3) -------------------------------------
+
+
+def connection_of(request: httpx.Request) -> str:
+    end_user_id: str = json.loads(request.content)["data"]["connection"]["end_user_id"]
+    return end_user_id
+
+
+async def test_a_receiver_slow_for_one_connection_holds_nobody_elses_events(
+    settings: Settings,
+) -> None:
+    """The running dispatcher; the receiver holds every delivery for "slow" until the
+    end. Meanwhile 20 other connections' events (more than PINAUTH_WEBHOOK_CONCURRENCY)
+    all arrive: each ended delivery frees its slot for the next. "slow"'s second event
+    waits behind its first (order), and arrives once the receiver answers."""
+    settings = hooked(settings)
+    assert settings.webhook_concurrency == 8  # the default
+    release = asyncio.Event()
+    others_arrived = asyncio.Event()
+    slow_done = asyncio.Event()
+    arrived: list[str] = []
+    slow_started: list[int] = []
+
+    async def receiver(request: httpx.Request) -> httpx.Response:
+        who = connection_of(request)
+        if who == "slow":
+            slow_started.append(json.loads(request.content)["sequence"])
+            await release.wait()
+        arrived.append(f"{who}:{json.loads(request.content)['sequence']}")
+        if sum(not a.startswith("slow") for a in arrived) == 20:
+            others_arrived.set()
+        if arrived.count("slow:2"):
+            slow_done.set()
+        return httpx.Response(204)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):  # type: ignore[arg-type]
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="slow"
+        )
+        for n in range(20):
+            await add_events(sessionmaker, clock.now, "connection.created", end_user_id=f"u{n}")
+        dispatcher.start()
+        try:
+            async with asyncio.timeout(20):  # a deadlock guard, not a measurement
+                await others_arrived.wait()
+            held = list(arrived)
+            slow_held = list(slow_started)
+            release.set()
+            async with asyncio.timeout(20):
+                await slow_done.wait()
+        finally:
+            release.set()
+            await dispatcher.stop()
+
+    assert len(held) == 20
+    assert not any(a.startswith("slow") for a in held)  # all while "slow" was held
+    assert slow_held == [1]  # its second event waited behind the held first
+    assert arrived[20:] == ["slow:1", "slow:2"]
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+async def test_a_freed_slot_and_a_commit_wake_the_dispatcher_at_once(settings: Settings) -> None:
+    """One slot and a poll interval of an hour: three queued events go one after the
+    other (each ended delivery wakes the next claim), and an event committed afterwards
+    by this process goes at once (the commit wakes it), without a poll."""
+    settings = hooked(settings).model_copy(update={"webhook_concurrency": 1})
+    arrived: list[str] = []
+    count = {"wanted": 3}
+    enough = asyncio.Event()
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        arrived.append(connection_of(request))
+        if len(arrived) == count["wanted"]:
+            enough.set()
+        return httpx.Response(204)
+
+    clock = Clock()
+    engine = create_engine(settings)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    sessionmaker = create_sessionmaker(engine)
+    dispatcher = WebhookDispatcher(
+        settings, sessionmaker, http, clock=clock, jitter=lambda: 0.0, poll_interval=3600
+    )
+    try:
+        for user in ("a", "b", "c"):
+            await add_events(sessionmaker, clock.now, "connection.created", end_user_id=user)
+        dispatcher.start()
+        async with asyncio.timeout(20):  # a deadlock guard: the poll would take an hour
+            await enough.wait()
+        passes = dispatcher.passes
+        enough.clear()
+        count["wanted"] = 4
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="d")
+        async with asyncio.timeout(20):
+            await enough.wait()
+    finally:
+        await dispatcher.stop()
+        await http.aclose()
+        await engine.dispose()
+
+    assert arrived == ["a", "b", "c", "d"]
+    assert passes >= 3  # one claim per freed slot
 
 
 # --- receivers that misbehave -----------------------------------------------------

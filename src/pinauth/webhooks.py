@@ -19,14 +19,17 @@ import random
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import sqlalchemy.event
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from pinauth import __version__
 from pinauth.api.schemas import ConnectionObject
@@ -110,6 +113,7 @@ async def record_event(
             ).model_dump(mode="json")
         },
     }
+    session.info[_RECORDED] = True  # wakes this process's dispatcher after the commit
     return await WebhookEventRepository(session).add(
         WebhookEvent(
             public_id=public_id,
@@ -123,6 +127,24 @@ async def record_event(
             attempts=0,
         )
     )
+
+
+# This process's running dispatchers, woken when a transaction that recorded an event
+# commits, so an event goes out at once rather than at the next poll.
+_running: weakref.WeakSet[WebhookDispatcher] = weakref.WeakSet()
+_RECORDED = "pinauth.webhook_event_recorded"
+
+
+@sqlalchemy.event.listens_for(Session, "after_commit")
+def _wake_dispatchers(session: Session) -> None:
+    if session.info.pop(_RECORDED, False):
+        for dispatcher in list(_running):
+            dispatcher.wake()
+
+
+@sqlalchemy.event.listens_for(Session, "after_soft_rollback")
+def _forget_recorded(session: Session, _previous: object) -> None:
+    session.info.pop(_RECORDED, None)
 
 
 # --- signing ----------------------------------------------------------------------
@@ -205,8 +227,8 @@ def verify(
 RETRY_WINDOW = timedelta(hours=24)
 BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 3600.0
-# Events leased per pass, delivered concurrently: bounded, so a pass is bounded too.
-BATCH_SIZE = 8
+# How often a dispatcher looks for events recorded by other processes (or due for a
+# retry); this process's own commits and finished deliveries wake it at once.
 POLL_INTERVAL_SECONDS = 1.0
 # The longest a receiver's Retry-After is believed (beyond it, the retry window decides).
 MAX_RETRY_AFTER_SECONDS = 6 * 3600
@@ -261,7 +283,10 @@ def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
     timeout = settings.webhook_timeout_seconds
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_connections=BATCH_SIZE, max_keepalive_connections=BATCH_SIZE),
+        limits=httpx.Limits(
+            max_connections=settings.webhook_concurrency,
+            max_keepalive_connections=settings.webhook_concurrency,
+        ),
         follow_redirects=False,
         headers={"User-Agent": f"pinauth-webhooks/{__version__}"},
     )
@@ -270,10 +295,12 @@ def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
 class WebhookDispatcher:
     """Delivers the outbox to PINAUTH_WEBHOOK_URL, at least once, from every replica.
 
-    Each pass leases due events (a committed lease, like the refresh lease: no
-    transaction is open while a receiver answers), POSTs them, and records each attempt.
-    A process killed mid-delivery leaves a lease that runs out; the event then goes
-    again, from whichever replica comes first.
+    Each delivery is a task of its own, at most PINAUTH_WEBHOOK_CONCURRENCY at once: it
+    is claimed (a committed lease, like the refresh lease: no transaction is open while
+    a receiver answers), POSTed, and its attempt recorded; the moment one ends, its slot
+    takes the next due event, so a receiver slow for one connection holds one slot and
+    nobody else's events. A process killed mid-delivery leaves a lease that runs out;
+    the event then goes again, from whichever replica comes first.
     """
 
     def __init__(
@@ -291,6 +318,7 @@ class WebhookDispatcher:
         self._url = settings.webhook_url
         self._secrets = [s.get_secret_value() for s in settings.webhook_secrets]
         self._timeout = settings.webhook_timeout_seconds
+        self._concurrency = settings.webhook_concurrency
         self._sessionmaker = sessionmaker
         self._http = http
         self._clock = clock
@@ -300,22 +328,28 @@ class WebhookDispatcher:
         # of its outcome. A dead holder's events wait this long to go again.
         self._lease = timedelta(seconds=self._timeout + LEASE_MARGIN_SECONDS)
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        # Set when a delivery ends, when this process commits an event, and on stop.
         self._wake = asyncio.Event()
-        # Set after every pass: what tests wait on instead of sleeping.
+        # Set after every claim: what tests wait on instead of sleeping.
         self.passes = 0
         self.pass_done = asyncio.Event()
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _running.add(self)
         self._task = asyncio.create_task(self._run(), name="webhook dispatcher")
 
     async def stop(self) -> None:
+        _running.discard(self)
         if self._task is None:
             return
         self._stopping.set()
         self._wake.set()
-        # An attempt in flight is bounded by the timeout; cut it short and its lease
-        # runs out, so the event goes again: at least once, never lost.
+        # Attempts in flight are bounded by the timeout; cut them short and their leases
+        # run out, so their events go again: at least once, never lost.
         try:
             async with asyncio.timeout(self._timeout + 5):
                 await asyncio.shield(self._task)
@@ -324,41 +358,74 @@ class WebhookDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                delivered = await self.run_once()
-            except Exception as e:  # a database outage: try again at the next poll
-                log.warning("webhook dispatch pass failed: %s", type(e).__name__)
-                delivered = 0
-            if delivered:
-                continue  # there may be more, and each connection's next is due now
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval):
-                    await self._wake.wait()
-            self._wake.clear()
+    def wake(self) -> None:
+        """Look for due events now (thread-safe: called after a commit of this process)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._wake.set)
 
-    async def run_once(self) -> int:
-        """One pass: lease what is due, deliver it, record it. How many were attempted."""
+    async def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # Cleared before the claim: a delivery ending or an event committed while
+                # it runs sets it again, and the wait below returns at once.
+                self._wake.clear()
+                free = self._concurrency - len(self._in_flight)
+                if free > 0:
+                    try:
+                        self._start(await self._claim(free))
+                    except Exception as e:  # a database outage: try again at the next poll
+                        log.warning("webhook dispatch pass failed: %s", type(e).__name__)
+                # Fewer than `free` claimed means nothing else is due; all slots busy means
+                # waiting for one to end. Either way: until woken, or the next poll.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wake.wait()
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+        finally:
+            for task in self._in_flight:  # only when cancelled: cut short, leases run out
+                task.cancel()
+
+    def _start(self, claimed: tuple[str, list[WebhookEvent]]) -> None:
+        owner, events = claimed
+        for event in events:
+            task = asyncio.create_task(self._deliver_logged(event, owner), name="webhook delivery")
+            self._in_flight.add(task)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()  # a slot is free, and the connection's next event may be due
+
+    async def _claim(self, limit: int) -> tuple[str, list[WebhookEvent]]:
+        """Lease up to `limit` due events (each the oldest undelivered of its connection)."""
         try:
             now = self._clock()
             owner = secrets.token_hex(16)
             async with self._sessionmaker() as db, db.begin():
                 events = await WebhookEventRepository(db).claim_due(
-                    now, owner, now + self._lease, BATCH_SIZE
+                    now, owner, now + self._lease, limit
                 )
-            if events:
-                outcomes = await asyncio.gather(
-                    *(self._deliver(event, owner) for event in events), return_exceptions=True
-                )
-                for outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        # Its lease runs out and the event goes again: at least once.
-                        log.warning("recording a webhook delivery failed: %r", outcome)
-            return len(events)
+            return owner, events
         finally:
             self.passes += 1
             self.pass_done.set()
+
+    async def run_once(self) -> int:
+        """Claim what is due (up to PINAUTH_WEBHOOK_CONCURRENCY), deliver it, record it,
+        and return how many were attempted: one step, for tests and tools."""
+        owner, events = await self._claim(self._concurrency)
+        await asyncio.gather(*(self._deliver_logged(event, owner) for event in events))
+        return len(events)
+
+    async def _deliver_logged(self, event: WebhookEvent, owner: str) -> None:
+        try:
+            await self._deliver(event, owner)
+        except Exception as e:
+            # Its lease runs out and the event goes again: at least once.
+            log.warning("recording a webhook delivery failed: %r", e)
 
     async def _deliver(self, event: WebhookEvent, owner: str) -> None:
         attempted_at = self._clock()
