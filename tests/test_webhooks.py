@@ -21,7 +21,7 @@ import respx
 import uvicorn
 from cryptography.fernet import Fernet
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.app import create_app
@@ -33,7 +33,7 @@ from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
 from pinauth.housekeeping import ExpiredRowPurger
-from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.models import Connection, WebhookAttempt, WebhookEvent, WebhookEventStatus
 from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
@@ -780,6 +780,212 @@ async def test_a_freed_slot_and_a_commit_wake_the_dispatcher_at_once(settings: S
 
     assert arrived == ["a", "b", "c", "d"]
     assert passes >= 3  # one claim per freed slot
+
+
+# --- a moved receiver loses nothing (issue 19, item 4) ------------------------------
+
+
+async def drain(
+    dispatcher: WebhookDispatcher, clock: Clock, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    """Run the dispatcher on the fake clock until no event is pending: whenever nothing
+    is due, jump to the next retry."""
+    for _ in range(1000):
+        if await dispatcher.run_once():
+            continue
+        async with sessionmaker() as db:
+            pending = WebhookEvent.status == WebhookEventStatus.PENDING
+            later = select(func.min(WebhookEvent.next_attempt_at)).where(
+                pending, WebhookEvent.next_attempt_at > clock.now
+            )
+            due = (await db.execute(later)).scalar_one()
+            left = (await db.execute(select(func.count()).where(pending))).scalar_one()
+        if not left:
+            return
+        assert due is not None, "pending events, none due later, none claimable"
+        clock.now = due
+    raise AssertionError("the outbox never drained")
+
+
+async def test_a_moved_receiver_gets_every_event_in_order(settings: Settings) -> None:
+    """For two hours the receiver answers 301, then 404, then 410 (a move and a deploy),
+    then 200: both of ada's events arrive, created before deleted, and deleted was not
+    even tried while created was being retried; grace's went at once."""
+    settings = hooked(settings)
+    clock = Clock()
+    start = clock.now
+    tried: list[tuple[str, int]] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        tried.append((connection_of(request), event["sequence"]))
+        if connection_of(request) == "grace":
+            return httpx.Response(204)
+        elapsed = clock.now - start
+        if elapsed < timedelta(minutes=40):
+            return httpx.Response(301, headers={"Location": "https://new.example/hooks"})
+        if elapsed < timedelta(minutes=80):
+            return httpx.Response(404)
+        if elapsed < timedelta(hours=2):
+            return httpx.Response(410)
+        return httpx.Response(204)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="grace")
+        await drain(dispatcher, clock, sessionmaker)
+        async with sessionmaker() as db:
+            first = (await db.execute(select(WebhookEvent).order_by(WebhookEvent.id))).scalars()
+            created = next(iter(first))
+            codes = [a.response_code for a in await WebhookEventRepository(db).attempts(created.id)]
+
+    ada = [sequence for who, sequence in tried if who == "ada"]
+    assert tried[1] == ("grace", 1)  # not held behind ada's retries
+    assert ada[-2:] == [1, 2]
+    assert set(ada[:-1]) == {1}  # deleted waited while created was retried
+    assert {301, 404, 410} <= set(codes)
+    assert codes[-1] == 204
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+async def test_a_later_event_goes_when_the_earlier_ones_24_hours_end_and_the_gap_shows(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ada's connection.created is refused (410) for its whole 24 hours; only then does
+    connection.deleted go, and the receiver sees sequence 2 without 1. `pinauth webhooks
+    redeliver --failed` sends the failed one again (the receiver is fixed by then);
+    --since leaves out what failed before TIME."""
+    settings = hooked(settings)
+    clock = Clock()
+    start = clock.now
+    fixed = {"now": False}
+    arrived: list[tuple[str, str, int]] = []
+    refused_at: list[datetime] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        if event["type"] == "connection.created" and not fixed["now"]:
+            refused_at.append(clock.now)
+            return httpx.Response(410)
+        arrived.append((connection_of(request), event["type"], event["sequence"]))
+        return httpx.Response(204)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        old = await add_events(
+            sessionmaker, start - timedelta(days=3), "connection.created", end_user_id="old"
+        )
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        await drain(dispatcher, clock, sessionmaker)
+        gap = list(arrived)
+        fixed["now"] = True
+        monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+        def run(*args: str) -> tuple[int, str, str]:
+            code = main(list(args))
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        since = (start - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        queued = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed", "--since", since)
+        again = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed", "--since", since)
+        await drain(dispatcher, clock, sessionmaker)
+        everything = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed")
+        await drain(dispatcher, clock, sessionmaker)
+
+    assert refused_at[-1] - start > timedelta(hours=23)  # retried for its 24 hours
+    assert gap == [("ada", "connection.deleted", 2)]  # a gap the receiver can see
+    assert queued[0] == 0
+    assert queued[1].startswith("1 failed webhook event of 1 connection created since ")
+    assert again[0] == 0
+    assert again[1].startswith("No failed webhook events created since ")
+    assert everything[1].startswith("1 failed webhook event of 1 connection queued")
+    assert arrived == [
+        ("ada", "connection.deleted", 2),
+        ("ada", "connection.created", 1),
+        (old.end_user_id, "connection.created", 1),
+    ]
+
+
+async def test_a_failed_event_sent_again_waits_for_its_connections_delivery_in_flight(
+    settings: Settings,
+) -> None:
+    """ada's first event failed; her second is in flight (leased) when the first is
+    redelivered: the first is not claimed beside it, only once it has been recorded."""
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: httpx.Response(204), clock) as (
+        _,
+        sessionmaker,
+    ):
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        async with sessionmaker() as db, db.begin():
+            await db.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.type == "connection.created")
+                .values(status=WebhookEventStatus.FAILED)
+            )
+        lease = clock.now + timedelta(seconds=30)
+        async with sessionmaker() as db, db.begin():
+            [second] = await WebhookEventRepository(db).claim_due(clock.now, "one", lease, 8)
+        async with sessionmaker() as db, db.begin():
+            assert await WebhookEventRepository(db).redeliver_failed(
+                None, clock.now, clock.now + timedelta(hours=24)
+            ) == (1, 1)
+        async with sessionmaker() as db, db.begin():
+            beside = await WebhookEventRepository(db).claim_due(clock.now, "two", lease, 8)
+        async with sessionmaker() as db, db.begin():
+            await WebhookEventRepository(db).finish_attempt(
+                second.id,
+                "one",
+                {"status": WebhookEventStatus.DELIVERED},
+                WebhookAttempt(
+                    event_id=second.id,
+                    attempted_at=clock.now,
+                    duration_ms=1,
+                    response_code=204,
+                    outcome="delivered",
+                ),
+            )
+        async with sessionmaker() as db, db.begin():
+            after = await WebhookEventRepository(db).claim_due(clock.now, "two", lease, 8)
+
+    assert second.type == "connection.deleted"
+    assert beside == []
+    assert [e.type for e in after] == ["connection.created"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give the EVENT_ID to send again, or --failed [--since TIME] for every failed"),
+        (("evt_abc", "--failed"), "give an EVENT_ID or --failed, not both."),
+        (("evt_abc", "--since", "2026-12-01"), "--since goes with --failed"),
+        (("--failed", "--since", "yesterday"), "--since 'yesterday' is not a time; write it"),
+        (("--failed", "--since", "2026-13-01"), "--since '2026-13-01' is not a time"),
+        (("--failed", "--since", "\udcff"), "--since '\\udcff' is not a time"),
+    ],
+)
+def test_webhooks_redeliver_refuses_bad_input_in_one_line(
+    args: tuple[str, ...],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'never.db'}")
+
+    assert main(["webhooks", "redeliver", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinauth: " + message), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "never.db").exists()  # refused before touching anything
 
 
 # --- receivers that misbehave -----------------------------------------------------

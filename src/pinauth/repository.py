@@ -539,12 +539,15 @@ class WebhookEventRepository:
         """
         e = WebhookEvent
         older = aliased(WebhookEvent)
+        # Behind an earlier undelivered event of its connection (in flight, waiting for a
+        # retry, or due), or beside one of its connection in flight (a later one, when an
+        # earlier one was sent again): one delivery per connection at a time, in order.
         blocked = (
             select(older.id)
             .where(
                 older.connection_id == e.connection_id,
                 older.status == WebhookEventStatus.PENDING,
-                older.id < e.id,
+                or_(older.id < e.id, older.lease_until >= now),
             )
             .exists()
         )
@@ -613,6 +616,33 @@ class WebhookEventRepository:
             delete(WebhookEvent).where(WebhookEvent.retry_until < before)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def redeliver_failed(
+        self, since: datetime | None, now: datetime, retry_until: datetime
+    ) -> tuple[int, int]:
+        """Make every failed event (created at or after `since`) due now with a fresh
+        retry window; how many events, of how many connections. The dispatcher sends
+        each connection's in id order: a later one waits while an earlier one is pending."""
+        e = WebhookEvent
+        which = e.status == WebhookEventStatus.FAILED
+        if since is not None:
+            which = and_(which, e.created_at >= since)
+        rows = (
+            await self._db.execute(
+                update(e)
+                .where(which)
+                .values(
+                    status=WebhookEventStatus.PENDING,
+                    next_attempt_at=now,
+                    retry_until=retry_until,
+                    last_error=None,
+                )
+                .returning(e.connection_id)
+                .execution_options(synchronize_session=False)
+            )
+        ).scalars()
+        connections = list(rows)
+        return len(connections), len(set(connections))
 
     async def redeliver(self, public_id: str, now: datetime, retry_until: datetime) -> bool:
         """Make the event due now, with a fresh retry window; False if there is none."""

@@ -596,3 +596,10 @@ class WebhookEvents:
             if not await WebhookEventRepository(db).redeliver(public_id, now, now + RETRY_WINDOW):
                 raise WebhookEventNotFound()
         return await self.get(public_id)
+
+    async def redeliver_failed(self, since: datetime | None = None) -> tuple[int, int]:
+        """Send every failed event (created at or after `since`) again, each with a new
+        retry window, in order per connection; how many events, of how many connections."""
+        now = self._clock()
+        async with self._sessionmaker() as db, db.begin():
+            return await WebhookEventRepository(db).redeliver_failed(since, now, now + RETRY_WINDOW)
