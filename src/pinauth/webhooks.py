@@ -80,8 +80,8 @@ async def record_event(
 
     Call it after the change is flushed, in the same transaction, and let the caller commit:
     on PostgreSQL the row lock of the change then orders the events of one connection by
-    id in commit order. `connection` must be attached to `session` (or deleted in it, or
-    fully loaded), and its row must still exist: record a deletion before deleting. The
+    id in commit order. `connection` must be attached to `session` (or fully loaded), and
+    its row must still exist: record a deletion before deleting. The
     body is the /v1 connection object, `next_refresh_at` from `schedule`
     (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
 
