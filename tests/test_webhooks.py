@@ -20,17 +20,21 @@ import pytest
 import respx
 import uvicorn
 from asgi_lifespan import LifespanManager
+from cryptography.fernet import Fernet
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from pinauth.app import create_app
+from pinauth.cache import ConnectionCache
 from pinauth.cli import main
+from pinauth.connections import ConnectionService
+from pinauth.crypto import CursorCodec, TokenCipher
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.demo import demo_settings
 from pinauth.errors import ConfigurationError
 from pinauth.housekeeping import ExpiredRowPurger
-from pinauth.models import Connection, WebhookEvent, WebhookEventStatus
+from pinauth.models import Connection, WebhookAttempt, WebhookEvent, WebhookEventStatus
 from pinauth.observability import Metrics
 from pinauth.repository import WebhookEventRepository
 from pinauth.settings import Settings
@@ -47,6 +51,7 @@ from tests.helpers import (
     ACCESS_2,
     ALL_TOKENS,
     API,
+    POSTGRES_ADMIN_URL,
     REFRESH_1,
     REFRESH_2,
     SERVICE,
@@ -67,6 +72,7 @@ from tests.helpers import (
     token_json,
 )
 
+KEYS = [Fernet.generate_key().decode()]
 SECRET_A = "whsec-" + "a" * 40
 SECRET_B = "whsec-" + "b" * 40
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -135,6 +141,78 @@ async def test_record_event_commits_with_the_callers_transaction(settings: Setti
     assert "encrypted" not in event.body
 
 
+async def test_each_connections_events_are_numbered_1_2_3(settings: Settings) -> None:
+    """`sequence`: the connection's count of events, in the payload and the row; each
+    connection counts its own; a deletion takes the next number; counting changes
+    neither the connection's version nor its updated_at (issue 19, item 4)."""
+    engine = create_engine(settings)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        ada = await add_events(
+            sessionmaker,
+            NOW,
+            "connection.created",
+            "connection.reauthorization_required",
+            end_user_id="ada",
+        )
+        grace = await add_events(sessionmaker, NOW, "connection.created", end_user_id="grace")
+        async with sessionmaker() as db:
+            before = await db.get(Connection, ada.id)
+        await add_events_to(sessionmaker, ada, "connection.recovered")
+        async with sessionmaker() as db:
+            after = await db.get(Connection, ada.id)
+        cache = ConnectionCache(0)
+        await ConnectionService(sessionmaker, cache, CursorCodec(TokenCipher(KEYS))).delete(
+            ada.public_id
+        )
+    finally:
+        await engine.dispose()
+
+    assert before is not None
+    assert after is not None
+    assert (after.version, after.updated_at) == (before.version, before.updated_at)
+    numbered = [
+        (e.connection_id, e.type, e.sequence, json.loads(e.body)["sequence"])
+        for e in await outbox(settings)
+    ]
+    assert numbered == [
+        (ada.public_id, "connection.created", 1, 1),
+        (ada.public_id, "connection.reauthorization_required", 2, 2),
+        (grace.public_id, "connection.created", 1, 1),
+        (ada.public_id, "connection.recovered", 3, 3),
+        (ada.public_id, "connection.deleted", 4, 4),
+    ]
+
+
+@pytest.mark.skipif(not POSTGRES_ADMIN_URL, reason="two writers at once need PostgreSQL")
+async def test_two_replicas_recording_for_one_connection_get_consecutive_numbers(
+    settings: Settings,
+) -> None:
+    """Two engines (two replicas) record 40 events for one connection at once, each
+    transaction holding its row lock across yields: the numbers are 1..40 without a
+    duplicate, and the event ids (the dispatcher's order) follow them."""
+    engines = [create_engine(settings), create_engine(settings)]
+    try:
+        makers = [create_sessionmaker(engine) for engine in engines]
+        connection = await add_events(makers[0], NOW)
+
+        async def record(index: int) -> None:
+            async with makers[index % 2]() as db, db.begin():
+                attached = await db.get(Connection, connection.id)
+                assert attached is not None
+                await record_event(db, "connection.updated", attached, now=NOW)
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let the others' transactions run meanwhile
+
+        await asyncio.gather(*(record(i) for i in range(40)))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+    sequences = [e.sequence for e in await outbox(settings)]  # in id order
+    assert sequences == list(range(1, 41))
+
+
 async def test_record_event_refuses_unknown_types(settings: Settings) -> None:
     engine = create_engine(settings)
     try:
@@ -154,6 +232,8 @@ async def test_record_event_refuses_unknown_types(settings: Settings) -> None:
         ({"webhook_url": "ftp://example.com/hook"}, r"not an http\(s\) URL"),
         ({"webhook_url": "example.com/hook"}, r"not an http\(s\) URL"),
         ({"webhook_secrets": f"{SECRET_A},short"}, "secret #2 is shorter than 32"),
+        ({"webhook_concurrency": "0"}, "greater than or equal to 1"),
+        ({"webhook_concurrency": "101"}, "less than or equal to 100"),
     ],
 )
 def test_bad_webhook_settings_are_refused(overrides: dict[str, str], message: str) -> None:
@@ -473,9 +553,21 @@ async def add_events(
         await db.flush()
     for kind in kinds:
         async with sessionmaker() as db, db.begin():
-            attached = await db.merge(connection)
+            attached = await db.get(Connection, connection.id)
+            assert attached is not None
             await record_event(db, kind, attached, now=when)
     return connection
+
+
+async def add_events_to(
+    sessionmaker: async_sessionmaker[AsyncSession], connection: Connection, *kinds: str
+) -> None:
+    """More events of an existing connection, each in its own transaction."""
+    for kind in kinds:
+        async with sessionmaker() as db, db.begin():
+            attached = await db.get(Connection, connection.id)
+            assert attached is not None
+            await record_event(db, kind, attached, now=NOW)
 
 
 def independent_signature_check(body: bytes, header: str, secret: str) -> bool:
@@ -600,27 +692,35 @@ def test_verify_compares_every_candidate_with_every_secret(
 
 
 @pytest.mark.parametrize(
-    ("answer", "retried"),
+    ("answer", "error"),
     [
-        (httpx.Response(500), True),
-        (httpx.Response(503), True),
-        (httpx.Response(408), True),
-        (httpx.Response(429), True),
-        (httpx.ConnectError("refused"), True),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.Response(400), False),
-        (httpx.Response(401), False),
-        (httpx.Response(404), False),
-        (httpx.Response(410), False),
-        (httpx.Response(301, headers={"Location": "https://elsewhere.example/"}), False),
+        (httpx.Response(500), "HTTP 500"),
+        (httpx.Response(503), "HTTP 503"),
+        (httpx.Response(408), "HTTP 408"),
+        (httpx.Response(429), "HTTP 429"),
+        (httpx.ConnectError("refused"), "ConnectError: refused"),
+        (httpx.ReadTimeout("slow"), "no answer within 2 s"),
+        (httpx.Response(400), "HTTP 400"),
+        (httpx.Response(401), "HTTP 401"),
+        (httpx.Response(404), "HTTP 404"),
+        (httpx.Response(410), "HTTP 410"),
+        (
+            httpx.Response(301, headers={"Location": "https://elsewhere.example/"}),
+            "HTTP 301 to https://elsewhere.example/ (redirects are not followed)",
+        ),
+        (httpx.Response(308), "HTTP 308"),
     ],
 )
-async def test_what_is_retried_and_what_fails_at_once(
-    settings: Settings, answer: httpx.Response | Exception, retried: bool
+async def test_every_answer_but_a_2xx_is_retried(
+    settings: Settings, answer: httpx.Response | Exception, error: str
 ) -> None:
+    """A receiver that moved (3xx) or is mid-deploy (404, 410) is down, not a verdict:
+    the event backs off and goes again, like after a 5xx (issue 19, item 4)."""
     settings = hooked(settings)
+    requests: list[httpx.Request] = []
 
-    def receiver(_request: httpx.Request) -> httpx.Response:
+    def receiver(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -635,6 +735,7 @@ async def test_what_is_retried_and_what_fails_at_once(
             [attempt] = await WebhookEventRepository(db).attempts(event.id)
 
     code = None if isinstance(answer, Exception) else answer.status_code
+    assert [str(r.url) for r in requests] == ["https://app.example/hooks"]  # never followed
     assert attempt.response_code == code
     assert attempt.duration_ms >= 0
     assert event.attempts == 1
@@ -642,13 +743,10 @@ async def test_what_is_retried_and_what_fails_at_once(
         "pinauth_webhook_deliveries_total", {"outcome": attempt.outcome}
     )
     assert counted == 1
-    if retried:
-        assert attempt.outcome == "retry"
-        assert event.status is WebhookEventStatus.PENDING
-        assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
-    else:
-        assert attempt.outcome == "failed"
-        assert event.status is WebhookEventStatus.FAILED
+    assert attempt.outcome == "retry"
+    assert event.status is WebhookEventStatus.PENDING
+    assert event.last_error == error
+    assert event.next_attempt_at == clock.now + timedelta(seconds=5)  # 10 s, jitter 0
 
 
 @pytest.mark.parametrize("retry_after", ["120", "HTTP-DATE"])
@@ -772,6 +870,317 @@ async def test_two_dispatchers_deliver_each_event_once(settings: Settings) -> No
     assert len(seen) == 30
     assert len(set(seen)) == 30
     assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+# --- independent deliveries (issue 19, item 3) -------------------------------------
+
+
+def connection_of(request: httpx.Request) -> str:
+    end_user_id: str = json.loads(request.content)["data"]["connection"]["end_user_id"]
+    return end_user_id
+
+
+async def test_a_receiver_slow_for_one_connection_holds_nobody_elses_events(
+    settings: Settings,
+) -> None:
+    """The running dispatcher; the receiver holds every delivery for "slow" until the
+    end. Meanwhile 20 other connections' events (more than PINAUTH_WEBHOOK_CONCURRENCY)
+    all arrive: each ended delivery frees its slot for the next. "slow"'s second event
+    waits behind its first (order), and arrives once the receiver answers."""
+    settings = hooked(settings)
+    assert settings.webhook_concurrency == 8  # the default
+    release = asyncio.Event()
+    others_arrived = asyncio.Event()
+    slow_done = asyncio.Event()
+    arrived: list[str] = []
+    slow_started: list[int] = []
+
+    async def receiver(request: httpx.Request) -> httpx.Response:
+        who = connection_of(request)
+        if who == "slow":
+            slow_started.append(json.loads(request.content)["sequence"])
+            await release.wait()
+        arrived.append(f"{who}:{json.loads(request.content)['sequence']}")
+        if sum(not a.startswith("slow") for a in arrived) == 20:
+            others_arrived.set()
+        if arrived.count("slow:2"):
+            slow_done.set()
+        return httpx.Response(204)
+
+    clock = Clock()
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):  # type: ignore[arg-type]
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="slow"
+        )
+        for n in range(20):
+            await add_events(sessionmaker, clock.now, "connection.created", end_user_id=f"u{n}")
+        dispatcher.start()
+        try:
+            async with asyncio.timeout(20):  # a deadlock guard, not a measurement
+                await others_arrived.wait()
+            held = list(arrived)
+            slow_held = list(slow_started)
+            release.set()
+            async with asyncio.timeout(20):
+                await slow_done.wait()
+        finally:
+            release.set()
+            await dispatcher.stop()
+
+    assert len(held) == 20
+    assert not any(a.startswith("slow") for a in held)  # all while "slow" was held
+    assert slow_held == [1]  # its second event waited behind the held first
+    assert arrived[20:] == ["slow:1", "slow:2"]
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+async def test_a_freed_slot_and_a_commit_wake_the_dispatcher_at_once(settings: Settings) -> None:
+    """One slot and a poll interval of an hour: three queued events go one after the
+    other (each ended delivery wakes the next claim), and an event committed afterwards
+    by this process goes at once (the commit wakes it), without a poll."""
+    settings = hooked(settings).model_copy(update={"webhook_concurrency": 1})
+    arrived: list[str] = []
+    count = {"wanted": 3}
+    enough = asyncio.Event()
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        arrived.append(connection_of(request))
+        if len(arrived) == count["wanted"]:
+            enough.set()
+        return httpx.Response(204)
+
+    clock = Clock()
+    engine = create_engine(settings)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    sessionmaker = create_sessionmaker(engine)
+    dispatcher = WebhookDispatcher(
+        settings, sessionmaker, http, clock=clock, jitter=lambda: 0.0, poll_interval=3600
+    )
+    try:
+        for user in ("a", "b", "c"):
+            await add_events(sessionmaker, clock.now, "connection.created", end_user_id=user)
+        dispatcher.start()
+        async with asyncio.timeout(20):  # a deadlock guard: the poll would take an hour
+            await enough.wait()
+        passes = dispatcher.passes
+        enough.clear()
+        count["wanted"] = 4
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="d")
+        async with asyncio.timeout(20):
+            await enough.wait()
+    finally:
+        await dispatcher.stop()
+        await http.aclose()
+        await engine.dispose()
+
+    assert arrived == ["a", "b", "c", "d"]
+    assert passes >= 3  # one claim per freed slot
+
+
+# --- a moved receiver loses nothing (issue 19, item 4) ------------------------------
+
+
+async def drain(
+    dispatcher: WebhookDispatcher, clock: Clock, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    """Run the dispatcher on the fake clock until no event is pending: whenever nothing
+    is due, jump to the next retry."""
+    for _ in range(1000):
+        if await dispatcher.run_once():
+            continue
+        async with sessionmaker() as db:
+            pending = WebhookEvent.status == WebhookEventStatus.PENDING
+            later = select(func.min(WebhookEvent.next_attempt_at)).where(
+                pending, WebhookEvent.next_attempt_at > clock.now
+            )
+            due = (await db.execute(later)).scalar_one()
+            left = (await db.execute(select(func.count()).where(pending))).scalar_one()
+        if not left:
+            return
+        assert due is not None, "pending events, none due later, none claimable"
+        clock.now = due
+    raise AssertionError("the outbox never drained")
+
+
+async def test_a_moved_receiver_gets_every_event_in_order(settings: Settings) -> None:
+    """For two hours the receiver answers 301, then 404, then 410 (a move and a deploy),
+    then 200: both of ada's events arrive, created before deleted, and deleted was not
+    even tried while created was being retried; grace's went at once."""
+    settings = hooked(settings)
+    clock = Clock()
+    start = clock.now
+    tried: list[tuple[str, int]] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        tried.append((connection_of(request), event["sequence"]))
+        if connection_of(request) == "grace":
+            return httpx.Response(204)
+        elapsed = clock.now - start
+        if elapsed < timedelta(minutes=40):
+            return httpx.Response(301, headers={"Location": "https://new.example/hooks"})
+        if elapsed < timedelta(minutes=80):
+            return httpx.Response(404)
+        if elapsed < timedelta(hours=2):
+            return httpx.Response(410)
+        return httpx.Response(204)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="grace")
+        await drain(dispatcher, clock, sessionmaker)
+        async with sessionmaker() as db:
+            first = (await db.execute(select(WebhookEvent).order_by(WebhookEvent.id))).scalars()
+            created = next(iter(first))
+            codes = [a.response_code for a in await WebhookEventRepository(db).attempts(created.id)]
+
+    ada = [sequence for who, sequence in tried if who == "ada"]
+    assert tried[1] == ("grace", 1)  # not held behind ada's retries
+    assert ada[-2:] == [1, 2]
+    assert set(ada[:-1]) == {1}  # deleted waited while created was retried
+    assert {301, 404, 410} <= set(codes)
+    assert codes[-1] == 204
+    assert {e.status for e in await outbox(settings)} == {WebhookEventStatus.DELIVERED}
+
+
+async def test_a_later_event_goes_when_the_earlier_ones_24_hours_end_and_the_gap_shows(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ada's connection.created is refused (410) for its whole 24 hours; only then does
+    connection.deleted go, and the receiver sees sequence 2 without 1. `pinauth webhooks
+    redeliver --failed` sends the failed one again (the receiver is fixed by then);
+    --since leaves out what failed before TIME."""
+    settings = hooked(settings)
+    clock = Clock()
+    start = clock.now
+    fixed = {"now": False}
+    arrived: list[tuple[str, str, int]] = []
+    refused_at: list[datetime] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        event = json.loads(request.content)
+        if event["type"] == "connection.created" and not fixed["now"]:
+            refused_at.append(clock.now)
+            return httpx.Response(410)
+        arrived.append((connection_of(request), event["type"], event["sequence"]))
+        return httpx.Response(204)
+
+    async with dispatching(settings, receiver, clock) as (dispatcher, sessionmaker):
+        old = await add_events(
+            sessionmaker, start - timedelta(days=3), "connection.created", end_user_id="old"
+        )
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        await drain(dispatcher, clock, sessionmaker)
+        gap = list(arrived)
+        fixed["now"] = True
+        monkeypatch.setenv("PINAUTH_DATABASE_URL", settings.database_url)
+
+        def run(*args: str) -> tuple[int, str, str]:
+            code = main(list(args))
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        since = (start - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        queued = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed", "--since", since)
+        again = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed", "--since", since)
+        await drain(dispatcher, clock, sessionmaker)
+        everything = await asyncio.to_thread(run, "webhooks", "redeliver", "--failed")
+        await drain(dispatcher, clock, sessionmaker)
+
+    assert refused_at[-1] - start > timedelta(hours=23)  # retried for its 24 hours
+    assert gap == [("ada", "connection.deleted", 2)]  # a gap the receiver can see
+    assert queued[0] == 0
+    assert queued[1].startswith("1 failed webhook event of 1 connection created since ")
+    assert again[0] == 0
+    assert again[1].startswith("No failed webhook events created since ")
+    assert everything[1].startswith("1 failed webhook event of 1 connection queued")
+    assert arrived == [
+        ("ada", "connection.deleted", 2),
+        ("ada", "connection.created", 1),
+        (old.end_user_id, "connection.created", 1),
+    ]
+
+
+async def test_a_failed_event_sent_again_waits_for_its_connections_delivery_in_flight(
+    settings: Settings,
+) -> None:
+    """ada's first event failed; her second is in flight (leased) when the first is
+    redelivered: the first is not claimed beside it, only once it has been recorded."""
+    clock = Clock()
+    async with dispatching(hooked(settings), lambda _: httpx.Response(204), clock) as (
+        _,
+        sessionmaker,
+    ):
+        await add_events(
+            sessionmaker, clock.now, "connection.created", "connection.deleted", end_user_id="ada"
+        )
+        async with sessionmaker() as db, db.begin():
+            await db.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.type == "connection.created")
+                .values(status=WebhookEventStatus.FAILED)
+            )
+        lease = clock.now + timedelta(seconds=30)
+        async with sessionmaker() as db, db.begin():
+            [second] = await WebhookEventRepository(db).claim_due(clock.now, "one", lease, 8)
+        async with sessionmaker() as db, db.begin():
+            assert await WebhookEventRepository(db).redeliver_failed(
+                None, clock.now, clock.now + timedelta(hours=24)
+            ) == (1, 1)
+        async with sessionmaker() as db, db.begin():
+            beside = await WebhookEventRepository(db).claim_due(clock.now, "two", lease, 8)
+        async with sessionmaker() as db, db.begin():
+            await WebhookEventRepository(db).finish_attempt(
+                second.id,
+                "one",
+                {"status": WebhookEventStatus.DELIVERED},
+                WebhookAttempt(
+                    event_id=second.id,
+                    attempted_at=clock.now,
+                    duration_ms=1,
+                    response_code=204,
+                    outcome="delivered",
+                ),
+            )
+        async with sessionmaker() as db, db.begin():
+            after = await WebhookEventRepository(db).claim_due(clock.now, "two", lease, 8)
+
+    assert second.type == "connection.deleted"
+    assert beside == []
+    assert [e.type for e in after] == ["connection.created"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give the EVENT_ID to send again, or --failed [--since TIME] for every failed"),
+        (("evt_abc", "--failed"), "give an EVENT_ID or --failed, not both."),
+        (("evt_abc", "--since", "2026-12-01"), "--since goes with --failed"),
+        (("--failed", "--since", "yesterday"), "--since 'yesterday' is not a time; write it"),
+        (("--failed", "--since", "2026-13-01"), "--since '2026-13-01' is not a time"),
+        (("--failed", "--since", "\udcff"), "--since '\\udcff' is not a time"),
+    ],
+)
+def test_webhooks_redeliver_refuses_bad_input_in_one_line(
+    args: tuple[str, ...],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'never.db'}")
+
+    assert main(["webhooks", "redeliver", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinauth: " + message), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "never.db").exists()  # refused before touching anything
 
 
 # --- receivers that misbehave -----------------------------------------------------
@@ -945,14 +1354,16 @@ async def test_an_attempt_is_recorded_whatever_goes_wrong_deciding_its_outcome(
 
 
 async def failed_and_delivered(settings: Settings) -> tuple[str, str]:
-    """Two events of two connections: the first failed (410), the second delivered."""
+    """Two events of two connections: the first failed (410 at the end of its 24 hours),
+    the second delivered."""
     answers = iter([httpx.Response(410), httpx.Response(200)])
     clock = Clock()
     async with dispatching(hooked(settings), lambda _: next(answers), clock) as (
         dispatcher,
         sessionmaker,
     ):
-        await add_events(sessionmaker, clock.now, "connection.created", end_user_id="ada")
+        day_ago = clock.now - timedelta(hours=24)
+        await add_events(sessionmaker, day_ago, "connection.created", end_user_id="ada")
         await add_events(sessionmaker, clock.now, "connection.deleted", end_user_id="grace")
         await dispatcher.run_once()
     failed, delivered = await outbox(settings)

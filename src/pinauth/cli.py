@@ -8,7 +8,7 @@ import logging
 import logging.config
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pinauth import preflight
 from pinauth.errors import ConfigurationError, InvalidRequest
@@ -288,7 +288,10 @@ def _webhooks(args: argparse.Namespace) -> None:
 
     if args.action == "list" and not 1 <= args.limit <= 10_000:
         raise ConfigurationError("--limit must be between 1 and 10000")
-    if args.action == "redeliver" and not looks_like_event_id(args.event_id):
+    since = None
+    if args.action == "redeliver":
+        since = _redelivery_check(args)
+    if args.action == "redeliver" and args.event_id and not looks_like_event_id(args.event_id):
         # ascii(): the argument may hold bytes that are not UTF-8 (surrogate escapes).
         raise CommandFailed(
             f"{args.event_id!a} is not a webhook event id; ids look like evt_ followed by "
@@ -316,6 +319,17 @@ def _webhooks(args: argparse.Namespace) -> None:
                         f"{e.public_id:<34} {e.type:<38} {e.connection_id:<34} {e.status:<10} "
                         f"{e.attempts:>5} {_when(e.created_at):<20} {error}"
                     )
+            elif args.failed:
+                count, connections = await events.redeliver_failed(since)
+                if not count:
+                    print(f"No failed webhook events{_since_words(since)} to redeliver.")
+                    return
+                print(
+                    f"{count} failed webhook event{'s' if count != 1 else ''} of {connections} "
+                    f"connection{'s' if connections != 1 else ''}{_since_words(since)} "
+                    "queued for delivery again, in order per connection; a running "
+                    "`pinauth serve` sends them within seconds."
+                )
             else:
                 found = await events.redeliver(args.event_id)
                 print(
@@ -329,6 +343,37 @@ def _webhooks(args: argparse.Namespace) -> None:
         asyncio.run(run())
     except WebhookEventNotFound as e:
         raise CommandFailed(f"{e.message.rstrip('.')}: {args.event_id!r}.") from e
+
+
+def _redelivery_check(args: argparse.Namespace) -> datetime | None:
+    """What `webhooks redeliver` was asked for, or one line saying what is wrong."""
+    if args.event_id and args.failed:
+        raise CommandFailed("give an EVENT_ID or --failed, not both.")
+    if not args.event_id and not args.failed:
+        raise CommandFailed(
+            "give the EVENT_ID to send again, or --failed [--since TIME] for every failed event."
+        )
+    if args.since is None:
+        return None
+    if not args.failed:
+        raise CommandFailed("--since goes with --failed: which failed events to send again.")
+    return _parse_time("--since", args.since)
+
+
+def _parse_time(option: str, value: str) -> datetime:
+    """An ISO 8601 date or time; without an offset, UTC."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise CommandFailed(
+            f"{option} {value!a} is not a time; write it in ISO 8601, e.g. 2026-12-07 or "
+            "2026-12-07T09:30:00Z (UTC unless it has an offset)."
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _since_words(since: datetime | None) -> str:
+    return "" if since is None else f" created since {_when(since)} UTC"
 
 
 def _connections(args: argparse.Namespace) -> None:
@@ -536,13 +581,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--batch-size", type=int, default=200, help="rows per transaction")
     rotate.set_defaults(handler=_rotate_keys)
-    webhooks = commands.add_parser("webhooks", help="list webhook events, redeliver one")
+    webhooks = commands.add_parser("webhooks", help="list webhook events, redeliver them")
     webhook_actions = webhooks.add_subparsers(dest="action", required=True)
     listing = webhook_actions.add_parser("list", help="the newest events, newest first")
     listing.add_argument("--failed", action="store_true", help="only events that gave up")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    redeliver = webhook_actions.add_parser("redeliver", help="send an event again, now")
-    redeliver.add_argument("event_id", metavar="EVENT_ID")
+    redeliver = webhook_actions.add_parser(
+        "redeliver", help="send an event again, now; or every failed one (--failed)"
+    )
+    redeliver.add_argument("event_id", metavar="EVENT_ID", nargs="?")
+    redeliver.add_argument(
+        "--failed",
+        action="store_true",
+        help="every failed event, each connection's in order (not with EVENT_ID)",
+    )
+    redeliver.add_argument(
+        "--since",
+        metavar="TIME",
+        help="with --failed: only events created at or after TIME (ISO 8601; UTC unless "
+        "it has an offset), e.g. 2026-12-07T09:30:00Z",
+    )
     webhooks.set_defaults(handler=_webhooks)
 
     connections = commands.add_parser(

@@ -80,8 +80,9 @@ class ConnectionService:
             stored = await connections.get(public_id)
             if stored is None:
                 raise ConnectionNotFound()
-            await connections.delete(stored)
+            # First: the event's sequence is counted on the row the delete removes.
             await record_event(db, EventType.DELETED, stored)
+            await connections.delete(stored)
         # After the commit, so that a load or refresh that read the row before the delete
         # is older than the forgetting; the tombstone stops it caching the row again.
         self._cache.forget_connection(public_id)

@@ -149,6 +149,11 @@ class Connection(Base):
     keeper_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The refresh-token expiry a `connection.expiring` event went out for (one per token).
     keeper_expiring_for: Mapped[datetime | None]
+    # How many webhook events were recorded for it: each one increments it in its own
+    # transaction and carries the new value as its `sequence` (webhooks.record_event).
+    # Like the lease, changing it does not bump `version`; deferred, as nothing reads it
+    # through the ORM (and do not session.merge() a stale copy: merge writes it back).
+    webhook_sequence: Mapped[int] = mapped_column(Integer, server_default="0", deferred=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -302,6 +307,9 @@ class WebhookEvent(Base):
     type: Mapped[str] = mapped_column(String(64))
     # The connection's public id, not a foreign key: the event outlives a deleted row.
     connection_id: Mapped[str] = mapped_column(String(40))
+    # The connection's count of events at this one (1, 2, …, no gaps), also in the body;
+    # None for events recorded before sequences existed.
+    sequence: Mapped[int | None] = mapped_column(Integer)
     body: Mapped[str] = mapped_column(Text)
     status: Mapped[WebhookEventStatus] = mapped_column(
         Enum(

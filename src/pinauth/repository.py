@@ -186,6 +186,21 @@ class ConnectionRepository:
         await self._db.delete(connection)
         await self._db.flush()
 
+    async def next_webhook_sequence(self, connection_id: int) -> int | None:
+        """Count one more webhook event for the connection and return the count (None if
+        the row is gone). The UPDATE takes the row lock until the transaction ends, so
+        concurrent transactions get consecutive numbers in commit order. Leaves
+        `version` and `updated_at` alone: an event is not a change of the connection."""
+        c = _connections.c
+        result = await self._db.execute(
+            update(_connections)
+            .where(c.id == connection_id)
+            .values(webhook_sequence=c.webhook_sequence + 1, updated_at=c.updated_at)
+            .returning(c.webhook_sequence)
+        )
+        sequence: int | None = result.scalar_one_or_none()
+        return sequence
+
     async def count_by_status(self) -> dict[ConnectionStatus, int]:
         stmt = select(Connection.status, func.count()).group_by(Connection.status)
         return {status: count for status, count in (await self._db.execute(stmt)).all()}
@@ -541,12 +556,15 @@ class WebhookEventRepository:
         """
         e = WebhookEvent
         older = aliased(WebhookEvent)
+        # Behind an earlier undelivered event of its connection (in flight, waiting for a
+        # retry, or due), or beside one of its connection in flight (a later one, when an
+        # earlier one was sent again): one delivery per connection at a time, in order.
         blocked = (
             select(older.id)
             .where(
                 older.connection_id == e.connection_id,
                 older.status == WebhookEventStatus.PENDING,
-                older.id < e.id,
+                or_(older.id < e.id, older.lease_until >= now),
             )
             .exists()
         )
@@ -615,6 +633,33 @@ class WebhookEventRepository:
             delete(WebhookEvent).where(WebhookEvent.retry_until < before)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def redeliver_failed(
+        self, since: datetime | None, now: datetime, retry_until: datetime
+    ) -> tuple[int, int]:
+        """Make every failed event (created at or after `since`) due now with a fresh
+        retry window; how many events, of how many connections. The dispatcher sends
+        each connection's in id order: a later one waits while an earlier one is pending."""
+        e = WebhookEvent
+        which = e.status == WebhookEventStatus.FAILED
+        if since is not None:
+            which = and_(which, e.created_at >= since)
+        rows = (
+            await self._db.execute(
+                update(e)
+                .where(which)
+                .values(
+                    status=WebhookEventStatus.PENDING,
+                    next_attempt_at=now,
+                    retry_until=retry_until,
+                    last_error=None,
+                )
+                .returning(e.connection_id)
+                .execution_options(synchronize_session=False)
+            )
+        ).scalars()
+        connections = list(rows)
+        return len(connections), len(set(connections))
 
     async def redeliver(self, public_id: str, now: datetime, retry_until: datetime) -> bool:
         """Make the event due now, with a fresh retry window; False if there is none."""

@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         10.0, gt=0, le=60, validation_alias="PINAUTH_WEBHOOK_TIMEOUT"
     )
+    # Deliveries one dispatcher has in flight at once, each independent of the others: a
+    # slow receiver path holds one slot (per connection it is slow for), not the rest.
+    webhook_concurrency: int = Field(
+        8, ge=1, le=100, validation_alias="PINAUTH_WEBHOOK_CONCURRENCY"
+    )
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod

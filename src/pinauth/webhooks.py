@@ -19,14 +19,17 @@ import random
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import sqlalchemy.event
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from pinauth import __version__
 from pinauth.api.schemas import ConnectionObject
@@ -41,7 +44,7 @@ from pinauth.models import (
 )
 from pinauth.numbers import ascii_int
 from pinauth.observability import Metrics
-from pinauth.repository import WebhookEventRepository
+from pinauth.repository import ConnectionRepository, WebhookEventRepository
 from pinauth.schedule import Schedule
 from pinauth.settings import Settings
 
@@ -77,12 +80,23 @@ async def record_event(
 
     Call it after the change is flushed, in the same transaction, and let the caller commit:
     on PostgreSQL the row lock of the change then orders the events of one connection by
-    id in commit order. `connection` must be attached to `session` (or deleted in it, or
-    fully loaded). The body is the /v1 connection object, `next_refresh_at` from
-    `schedule` (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
+    id in commit order. `connection` must be attached to `session` (or fully loaded), and
+    its row must still exist: record a deletion before deleting. The
+    body is the /v1 connection object, `next_refresh_at` from `schedule`
+    (PINAUTH_KEEPALIVE_DAYS) as the API shows it: never a token.
+
+    `sequence` is the connection's count of events, this one included: the UPDATE that
+    increments it takes the row lock (if the change has not already), so two replicas
+    recording for one connection at once number their events one after the other, in
+    commit order, and the event ids follow the same order.
     """
     event_type = EventType(event_type)
     state = inspect(connection)
+    sequence = await ConnectionRepository(session).next_webhook_sequence(connection.id)
+    if sequence is None:
+        raise RuntimeError(
+            "record a connection's event while its row exists (a deletion before the delete)"
+        )
     if state.persistent and _SHOWN & (state.unloaded | state.expired_attributes):
         await session.refresh(connection)
     created_at = (now or datetime.now(UTC)).astimezone(UTC)
@@ -91,6 +105,7 @@ async def record_event(
         "id": public_id,
         "type": event_type.value,
         "created_at": created_at.isoformat().replace("+00:00", "Z"),
+        "sequence": sequence,
         "data": {
             "connection": ConnectionObject.of(
                 connection,
@@ -98,11 +113,13 @@ async def record_event(
             ).model_dump(mode="json")
         },
     }
+    session.info[_RECORDED] = True  # wakes this process's dispatcher after the commit
     return await WebhookEventRepository(session).add(
         WebhookEvent(
             public_id=public_id,
             type=event_type.value,
             connection_id=connection.public_id,
+            sequence=sequence,
             body=json.dumps(body, separators=(",", ":"), ensure_ascii=False),
             created_at=created_at,
             next_attempt_at=created_at,
@@ -110,6 +127,24 @@ async def record_event(
             attempts=0,
         )
     )
+
+
+# This process's running dispatchers, woken when a transaction that recorded an event
+# commits, so an event goes out at once rather than at the next poll.
+_running: weakref.WeakSet[WebhookDispatcher] = weakref.WeakSet()
+_RECORDED = "pinauth.webhook_event_recorded"
+
+
+@sqlalchemy.event.listens_for(Session, "after_commit")
+def _wake_dispatchers(session: Session) -> None:
+    if session.info.pop(_RECORDED, False):
+        for dispatcher in list(_running):
+            dispatcher.wake()
+
+
+@sqlalchemy.event.listens_for(Session, "after_soft_rollback")
+def _forget_recorded(session: Session, _previous: object) -> None:
+    session.info.pop(_RECORDED, None)
 
 
 # --- signing ----------------------------------------------------------------------
@@ -186,13 +221,14 @@ def verify(
 
 # --- delivery ---------------------------------------------------------------------
 
-# What a delivery is retried on: the receiver is down, slow, or asks for time.
-RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+# Every answer but a 2xx, and no answer at all, is retried on this schedule: a receiver
+# moved behind a new redirect, or answering 404 for a minute of its deploy, is a receiver
+# that is down, not a verdict on the event (redirects are still never followed).
 RETRY_WINDOW = timedelta(hours=24)
 BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 3600.0
-# Events leased per pass, delivered concurrently: bounded, so a pass is bounded too.
-BATCH_SIZE = 8
+# How often a dispatcher looks for events recorded by other processes (or due for a
+# retry); this process's own commits and finished deliveries wake it at once.
 POLL_INTERVAL_SECONDS = 1.0
 # The longest a receiver's Retry-After is believed (beyond it, the retry window decides).
 MAX_RETRY_AFTER_SECONDS = 6 * 3600
@@ -240,10 +276,6 @@ class Outcome:
     def delivered(self) -> bool:
         return self.response_code is not None and 200 <= self.response_code < 300
 
-    @property
-    def retryable(self) -> bool:
-        return self.response_code is None or self.response_code in RETRYABLE_STATUSES
-
 
 def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
     """The dispatcher's one HTTP client: its own pool, apart from Pinterest's, so a slow
@@ -251,7 +283,10 @@ def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
     timeout = settings.webhook_timeout_seconds
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_connections=BATCH_SIZE, max_keepalive_connections=BATCH_SIZE),
+        limits=httpx.Limits(
+            max_connections=settings.webhook_concurrency,
+            max_keepalive_connections=settings.webhook_concurrency,
+        ),
         follow_redirects=False,
         headers={"User-Agent": f"pinauth-webhooks/{__version__}"},
     )
@@ -260,10 +295,12 @@ def create_webhook_client(settings: Settings) -> httpx.AsyncClient:
 class WebhookDispatcher:
     """Delivers the outbox to PINAUTH_WEBHOOK_URL, at least once, from every replica.
 
-    Each pass leases due events (a committed lease, like the refresh lease: no
-    transaction is open while a receiver answers), POSTs them, and records each attempt.
-    A process killed mid-delivery leaves a lease that runs out; the event then goes
-    again, from whichever replica comes first.
+    Each delivery is a task of its own, at most PINAUTH_WEBHOOK_CONCURRENCY at once: it
+    is claimed (a committed lease, like the refresh lease: no transaction is open while
+    a receiver answers), POSTed, and its attempt recorded; the moment one ends, its slot
+    takes the next due event, so a receiver slow for one connection holds one slot and
+    nobody else's events. A process killed mid-delivery leaves a lease that runs out;
+    the event then goes again, from whichever replica comes first.
     """
 
     def __init__(
@@ -281,6 +318,7 @@ class WebhookDispatcher:
         self._url = settings.webhook_url
         self._secrets = [s.get_secret_value() for s in settings.webhook_secrets]
         self._timeout = settings.webhook_timeout_seconds
+        self._concurrency = settings.webhook_concurrency
         self._sessionmaker = sessionmaker
         self._http = http
         self._clock = clock
@@ -290,22 +328,28 @@ class WebhookDispatcher:
         # of its outcome. A dead holder's events wait this long to go again.
         self._lease = timedelta(seconds=self._timeout + LEASE_MARGIN_SECONDS)
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        # Set when a delivery ends, when this process commits an event, and on stop.
         self._wake = asyncio.Event()
-        # Set after every pass: what tests wait on instead of sleeping.
+        # Set after every claim: what tests wait on instead of sleeping.
         self.passes = 0
         self.pass_done = asyncio.Event()
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _running.add(self)
         self._task = asyncio.create_task(self._run(), name="webhook dispatcher")
 
     async def stop(self) -> None:
+        _running.discard(self)
         if self._task is None:
             return
         self._stopping.set()
         self._wake.set()
-        # An attempt in flight is bounded by the timeout; cut it short and its lease
-        # runs out, so the event goes again: at least once, never lost.
+        # Attempts in flight are bounded by the timeout; cut them short and their leases
+        # run out, so their events go again: at least once, never lost.
         try:
             async with asyncio.timeout(self._timeout + 5):
                 await asyncio.shield(self._task)
@@ -314,41 +358,74 @@ class WebhookDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                delivered = await self.run_once()
-            except Exception as e:  # a database outage: try again at the next poll
-                log.warning("webhook dispatch pass failed: %s", type(e).__name__)
-                delivered = 0
-            if delivered:
-                continue  # there may be more, and each connection's next is due now
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval):
-                    await self._wake.wait()
-            self._wake.clear()
+    def wake(self) -> None:
+        """Look for due events now (thread-safe: called after a commit of this process)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._wake.set)
 
-    async def run_once(self) -> int:
-        """One pass: lease what is due, deliver it, record it. How many were attempted."""
+    async def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # Cleared before the claim: a delivery ending or an event committed while
+                # it runs sets it again, and the wait below returns at once.
+                self._wake.clear()
+                free = self._concurrency - len(self._in_flight)
+                if free > 0:
+                    try:
+                        self._start(await self._claim(free))
+                    except Exception as e:  # a database outage: try again at the next poll
+                        log.warning("webhook dispatch pass failed: %s", type(e).__name__)
+                # Fewer than `free` claimed means nothing else is due; all slots busy means
+                # waiting for one to end. Either way: until woken, or the next poll.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wake.wait()
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+        finally:
+            for task in self._in_flight:  # only when cancelled: cut short, leases run out
+                task.cancel()
+
+    def _start(self, claimed: tuple[str, list[WebhookEvent]]) -> None:
+        owner, events = claimed
+        for event in events:
+            task = asyncio.create_task(self._deliver_logged(event, owner), name="webhook delivery")
+            self._in_flight.add(task)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()  # a slot is free, and the connection's next event may be due
+
+    async def _claim(self, limit: int) -> tuple[str, list[WebhookEvent]]:
+        """Lease up to `limit` due events (each the oldest undelivered of its connection)."""
         try:
             now = self._clock()
             owner = secrets.token_hex(16)
             async with self._sessionmaker() as db, db.begin():
                 events = await WebhookEventRepository(db).claim_due(
-                    now, owner, now + self._lease, BATCH_SIZE
+                    now, owner, now + self._lease, limit
                 )
-            if events:
-                outcomes = await asyncio.gather(
-                    *(self._deliver(event, owner) for event in events), return_exceptions=True
-                )
-                for outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        # Its lease runs out and the event goes again: at least once.
-                        log.warning("recording a webhook delivery failed: %r", outcome)
-            return len(events)
+            return owner, events
         finally:
             self.passes += 1
             self.pass_done.set()
+
+    async def run_once(self) -> int:
+        """Claim what is due (up to PINAUTH_WEBHOOK_CONCURRENCY), deliver it, record it,
+        and return how many were attempted: one step, for tests and tools."""
+        owner, events = await self._claim(self._concurrency)
+        await asyncio.gather(*(self._deliver_logged(event, owner) for event in events))
+        return len(events)
+
+    async def _deliver_logged(self, event: WebhookEvent, owner: str) -> None:
+        try:
+            await self._deliver(event, owner)
+        except Exception as e:
+            # Its lease runs out and the event goes again: at least once.
+            log.warning("recording a webhook delivery failed: %r", e)
 
     async def _deliver(self, event: WebhookEvent, owner: str) -> None:
         attempted_at = self._clock()
@@ -406,7 +483,7 @@ class WebhookDispatcher:
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)
         next_at = attempted_at + timedelta(seconds=delay)
-        if outcome.retryable and next_at <= event.retry_until:
+        if next_at <= event.retry_until:
             verdict, values = "retry", {"next_attempt_at": next_at}
         else:
             verdict, values = "failed", {"status": WebhookEventStatus.FAILED}
@@ -429,6 +506,7 @@ class WebhookDispatcher:
                 async with self._http.stream("POST", self._url, content=body, headers=headers) as r:
                     code = r.status_code
                     retry_after_header = r.headers.get("retry-after")
+                    location = r.headers.get("location")
         except TimeoutError:
             return Outcome(None, f"no answer within {self._timeout:g} s")
         except httpx.TimeoutException:
@@ -445,7 +523,11 @@ class WebhookDispatcher:
                 # The receiver's Retry-After, whatever it holds, is a hint: without it the
                 # attempt is still recorded and backs off as usual.
                 log.warning("unusable Retry-After from the webhook receiver: %r", e)
-        return Outcome(code, f"HTTP {code}", retry_after)
+        error = f"HTTP {code}"
+        if 300 <= code < 400 and location:
+            # What the operator needs to fix PINAUTH_WEBHOOK_URL; never followed.
+            error += f" to {location} (redirects are not followed)"
+        return Outcome(code, error[:_ERROR_LENGTH], retry_after)
 
 
 # --- the events, for the CLI and the API -------------------------------------------
@@ -514,3 +596,10 @@ class WebhookEvents:
             if not await WebhookEventRepository(db).redeliver(public_id, now, now + RETRY_WINDOW):
                 raise WebhookEventNotFound()
         return await self.get(public_id)
+
+    async def redeliver_failed(self, since: datetime | None = None) -> tuple[int, int]:
+        """Send every failed event (created at or after `since`) again, each with a new
+        retry window, in order per connection; how many events, of how many connections."""
+        now = self._clock()
+        async with self._sessionmaker() as db, db.begin():
+            return await WebhookEventRepository(db).redeliver_failed(since, now, now + RETRY_WINDOW)
