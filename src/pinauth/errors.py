@@ -77,6 +77,15 @@ class UnprocessableRequest(InvalidRequest):
     status_code = 422
 
 
+class InvalidCursor(PinauthError):
+    status_code = 400
+    code = "invalid_cursor"
+    default_message = (
+        "This cursor was not issued by this listing with these filters, or is older than "
+        "24 hours; list again without it."
+    )
+
+
 class PayloadTooLarge(PinauthError):
     status_code = 413
     code = "payload_too_large"

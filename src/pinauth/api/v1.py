@@ -21,6 +21,7 @@ from pinauth.errors import (
     ConnectionNotFound,
     DatabaseUnavailable,
     InvalidApiKey,
+    InvalidCursor,
     PinauthError,
     ProxyTokenNotAllowed,
     UnprocessableRequest,
@@ -75,14 +76,17 @@ async def create_connect_session(
 @router.get(
     "/connections",
     response_model=ConnectionPage,
-    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+    responses=error_responses(*BACKEND_ERRORS, InvalidCursor, UnprocessableRequest),
 )
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
     connection_status: Annotated[ConnectionStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="`next_cursor` of the previous page, with the same filters."),
+    ] = None,
 ) -> ConnectionPage:
     """Connections, oldest first, optionally of one end user or in one status."""
     rows, next_cursor = await services.connections.page(
