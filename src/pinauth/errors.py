@@ -257,6 +257,12 @@ class InvalidProxyToken(PinauthError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ProxyTokenNotFound(PinauthError):
+    status_code = 404
+    code = "proxy_token_not_found"
+    default_message = "This connection has no proxy token with that id (revoked, or expired)."
+
+
 class ProxyTokenNotAllowed(PinauthError):
     """A proxy token presented where only an API key or a browser session may act."""
 

@@ -24,6 +24,7 @@ from pinauth.errors import (
     InvalidCursor,
     PinauthError,
     ProxyTokenNotAllowed,
+    ProxyTokenNotFound,
     UnprocessableRequest,
 )
 from pinauth.models import ConnectionStatus
@@ -49,6 +50,10 @@ PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 ConnectionId = Annotated[
     str,
     Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The connection's public id."),
+]
+ProxyTokenId = Annotated[
+    str,
+    Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The proxy token's id (pt_…)."),
 ]
 
 
@@ -136,4 +141,32 @@ async def create_proxy_token(
     """A token acting for this connection on /pinterest and /boards only, until it expires."""
     ttl = (body or ProxyTokenRequest()).ttl_seconds
     minted = await services.proxy_tokens.mint(connection_id, ttl)
-    return ProxyTokenResponse(token=minted.token, expires_at=minted.expires_at)
+    return ProxyTokenResponse(id=minted.id, token=minted.token, expires_at=minted.expires_at)
+
+
+@router.delete(
+    "/connections/{connection_id}/proxy-tokens/{token_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(
+        *BACKEND_ERRORS, ConnectionNotFound, ProxyTokenNotFound, UnprocessableRequest
+    ),
+)
+async def revoke_proxy_token(
+    services: ServicesDep, connection_id: ConnectionId, token_id: ProxyTokenId
+) -> Response:
+    """Revoke one of the connection's proxy tokens: refused at once by this process, and
+    by every other within PINAUTH_CACHE_TTL."""
+    await services.proxy_tokens.revoke(connection_id, token_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.delete(
+    "/connections/{connection_id}/proxy-tokens",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
+)
+async def revoke_proxy_tokens(services: ServicesDep, connection_id: ConnectionId) -> Response:
+    """Revoke every proxy token of the connection (the connection itself stays), as one
+    revocation each."""
+    await services.proxy_tokens.revoke_all(connection_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
