@@ -475,7 +475,8 @@ async def test_listing_pages_filters_and_404s(
     assert [(r.status_code, r.json()["error"]) for r in not_ids] == [(422, "invalid_request")] * 4
     assert bad_status.status_code == 422
     assert bad_limit.status_code == 422
-    assert bad_cursor.status_code == 422
+    assert bad_cursor.status_code == 400
+    assert bad_cursor.json()["error"] == "invalid_cursor"
     assert deleted.status_code == 204
     assert deleted_again.status_code == 404
 
@@ -590,8 +591,8 @@ async def test_a_cursor_survives_the_deletion_of_the_row_it_came_from(
 
     assert seen == ids
     assert "7" not in str(cursor)
-    assert tampered.status_code == 422
-    assert tampered.json()["error"] == "invalid_request"
+    assert tampered.status_code == 400
+    assert tampered.json()["error"] == "invalid_cursor"
 
 
 async def test_logins_of_one_account_finishing_together_all_succeed(

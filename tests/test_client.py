@@ -22,6 +22,7 @@ from pinauth.client import (
     PinauthTimeoutError,
     PinauthTransportError,
     PinterestAPIError,
+    ProxyTokenNotFoundError,
     RateLimitError,
     ReauthorizationRequiredError,
     UnexpectedResponseError,
@@ -342,6 +343,8 @@ async def test_ids_that_cannot_be_pinauths_are_not_found_without_a_request(
             pinauth.get_connection(connection_id),
             pinauth.delete_connection(connection_id),
             pinauth.create_proxy_token(connection_id),
+            pinauth.revoke_proxy_token(connection_id, "pt_x"),
+            pinauth.revoke_proxy_tokens(connection_id),
             pinauth.request(connection_id, "GET", "/boards"),
         ]
         for call in calls:
@@ -463,6 +466,54 @@ async def test_a_proxy_token_acts_for_its_connection_on_the_proxy(
     assert too_long.value.status_code == 422
     with pytest.raises(ConnectionNotFoundError):
         await pinauth.create_proxy_token("conn_nobody")
+
+
+async def test_proxy_tokens_are_revoked_one_by_one_or_all_at_once(
+    pinauth: PinauthClient, served: ServedWithSandbox
+) -> None:
+    await connect(pinauth, served, "user_1")
+    [connection_id] = await all_connections(pinauth)
+    first, second, third = [await pinauth.create_proxy_token(connection_id) for _ in range(3)]
+    assert first.id.startswith("pt_")
+    assert len({first.id, second.id, third.id}) == 3
+    assert first.id in repr(first)
+
+    async def status(token: str) -> int:
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(
+                f"{pinauth.pinterest_url}/boards", headers={"Authorization": f"Bearer {token}"}
+            )
+        return answer.status_code
+
+    assert [await status(t.token) for t in (first, second, third)] == [200, 200, 200]
+    await pinauth.revoke_proxy_token(connection_id, first.id)
+    assert [await status(t.token) for t in (first, second, third)] == [401, 200, 200]
+    with pytest.raises(ProxyTokenNotFoundError) as again:
+        await pinauth.revoke_proxy_token(connection_id, first.id)
+    assert (again.value.status_code, again.value.error) == (404, "proxy_token_not_found")
+    assert again.value.request_id is not None  # pinauth's answer, not the client's check
+    await pinauth.revoke_proxy_tokens(connection_id)
+    assert [await status(t.token) for t in (second, third)] == [401, 401]
+    await pinauth.revoke_proxy_tokens(connection_id)  # none left: still fine
+    assert (await pinauth.get_connection(connection_id)).status == "active"
+    with pytest.raises(ConnectionNotFoundError):
+        await pinauth.revoke_proxy_tokens("conn_nobody")
+
+
+@pytest.mark.parametrize("token_id", ["", ".", "..", "pt_x/..", "pt_x/x", "PT_X", "pt_a b", "x"])
+async def test_token_ids_that_cannot_be_pinauths_are_not_found_without_a_request(
+    token_id: str,
+) -> None:
+    sent: list[httpx.Request] = []
+    async with (
+        recording(sent) as http,
+        PinauthClient("http://pinauth.test", "pinauth_sk_x", http=http) as pinauth,
+    ):
+        with pytest.raises(ProxyTokenNotFoundError) as missing:
+            await pinauth.revoke_proxy_token("conn_x", token_id)
+    assert (missing.value.status_code, missing.value.error) == (404, "proxy_token_not_found")
+    assert missing.value.request_id is None
+    assert sent == []
 
 
 # The SDK's generated code reads headers through urllib3's deprecated getheader(): its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from tests.helpers import (
     API,
     POSTGRES_ADMIN_URL,
     bearers,
+    create_api_key,
     make_settings,
     new_postgres_database,
     run_client,
@@ -126,3 +128,71 @@ def test_after_the_upgrade_sqlite_never_reuses_a_deleted_id(tmp_path: Path) -> N
             await engine.dispose()
 
     assert asyncio.run(delete_then_insert()) > 7
+
+
+def test_upgrading_from_0009_names_every_proxy_token_and_keeps_it_working(
+    tmp_path: Path, pinterest: respx.MockRouter
+) -> None:
+    """Guards 0011: tokens minted before it get a `pt_` id of their own, keep working,
+    can be revoked by it, and still die with their connection (the foreign key survives
+    SQLite's table rebuild)."""
+    tokens = [f"pinauth_pt_{n}" + "x" * 42 for n in range(2)]
+
+    async def use(settings: Settings) -> None:
+        found = await rows(settings.database_url, "SELECT token_hash, public_id FROM proxy_tokens")
+        ids = {token_hash: public_id for token_hash, public_id in found}
+        assert len(ids) == 2
+        assert all(re.fullmatch(r"pt_[a-z2-7]{26}", i) for i in ids.values()), ids
+        assert len(set(ids.values())) == 2
+        key = await create_api_key(settings)
+        backend_headers = {"Authorization": f"Bearer {key}"}
+        async with run_client(settings, pinterest) as client:
+            connection_id = (await client.get("/v1/connections", headers=backend_headers)).json()[
+                "items"
+            ][0]["id"]
+            pinterest.get(f"{API}/boards").respond(200, json={"items": []})
+            before = [
+                (await client.get("/pinterest/boards", headers={"Authorization": f"Bearer {t}"}))
+                for t in tokens
+            ]
+            revoked = await client.delete(
+                f"/v1/connections/{connection_id}/proxy-tokens/{ids[digest(tokens[0])]}",
+                headers=backend_headers,
+            )
+            after = await client.get(
+                "/pinterest/boards", headers={"Authorization": f"Bearer {tokens[0]}"}
+            )
+            deleted = await client.delete(
+                f"/v1/connections/{connection_id}", headers=backend_headers
+            )
+        assert [r.status_code for r in before] == [200, 200]
+        assert revoked.status_code == 204
+        assert after.status_code == 401
+        assert deleted.status_code == 204
+        assert await rows(settings.database_url, "SELECT token_hash FROM proxy_tokens") == []
+
+    with empty_database(tmp_path) as url:
+        settings = make_settings(url)
+        seed_at_0001(url, settings, "s")
+        command.upgrade(alembic_config(url), "0009")
+        for token in tokens:
+            asyncio.run(
+                execute(
+                    url,
+                    "INSERT INTO proxy_tokens (token_hash, connection_id, expires_at)"
+                    " VALUES (:hash, 7, :expires)",
+                    hash=digest(token),
+                    expires=datetime.now(UTC) + timedelta(hours=1),
+                )
+            )
+        upgrade_to_head(url)
+        asyncio.run(use(settings))
+
+
+async def rows(url: str, statement: str) -> list[tuple[str, ...]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return [tuple(row) for row in (await connection.execute(text(statement))).all()]
+    finally:
+        await engine.dispose()

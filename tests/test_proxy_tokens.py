@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from sqlalchemy import event, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from pinauth.app import create_app
 from pinauth.cache import ConnectionCache
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher, digest
@@ -24,6 +28,7 @@ from pinauth.proxytokens import PROXY_TOKEN_LENGTH, PROXY_TOKEN_PREFIX, ProxyTok
 from pinauth.settings import Settings
 from tests.helpers import (
     API,
+    SERVICE,
     TOKEN_URL,
     ManualClock,
     bearers,
@@ -99,7 +104,10 @@ async def test_mint_answers_a_token_and_its_expiry(
 
     assert default.status_code == short.status_code == longest.status_code == 201
     body = default.json()
-    assert set(body) == {"token", "expires_at"}
+    assert set(body) == {"id", "token", "expires_at"}
+    assert re.fullmatch(r"pt_[a-z2-7]{26}", body["id"])  # 128 random bits, like conn_ ids
+    assert len({body["id"], short.json()["id"], longest.json()["id"]}) == 3
+    assert body["id"] not in body["token"]
     assert body["token"].startswith(PROXY_TOKEN_PREFIX)
     assert len(body["token"]) == PROXY_TOKEN_LENGTH  # 256 random bits
     assert body["token"] != short.json()["token"]
@@ -331,7 +339,7 @@ async def test_a_cached_proxy_token_still_dies_at_its_expiry(database_url: str) 
         cache = ConnectionCache(3600)
         cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
         connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))
-        service = ProxyTokenService(sessionmaker, cache, connections, 3600, clock=clock)
+        service = ProxyTokenService(sessionmaker, cache, connections, clock=clock)
         minted = await service.mint(ada_id, 60)
         assert (await service.connection_for(minted.token)).public_id == ada_id  # loaded
         clock.advance(59)
@@ -449,7 +457,7 @@ async def test_a_connection_deleted_while_its_token_is_minted_is_not_found(
         cache = ConnectionCache(0)
         cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
         connections = ConnectionService(sessionmaker, cache, CursorCodec(cipher))
-        service = ProxyTokenService(sessionmaker, cache, connections, 0)
+        service = ProxyTokenService(sessionmaker, cache, connections)
         with pytest.raises(ConnectionNotFound):
             await service.mint(ada_id, 60)
     finally:
@@ -494,3 +502,152 @@ async def test_a_token_holder_is_not_told_how_to_reconnect(
     assert "end_user_id" not in via_token.json()
     assert "connect_session_url" not in via_token.json()
     assert via_key.json()["end_user_id"] == "u-ada"
+
+
+# --- revocation, one by one or all of a connection's (issue 18.9) --------------------
+
+
+async def mint_with_id(backend: httpx.AsyncClient, connection_id: str) -> tuple[str, str]:
+    """(the token's id, the token)."""
+    response = await backend.post(f"/v1/connections/{connection_id}/proxy-tokens")
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"]), str(response.json()["token"])
+
+
+async def statuses(caller: httpx.AsyncClient, *tokens: str) -> list[int]:
+    return [
+        (await caller.get("/pinterest/user_account", headers=bearer(token))).status_code
+        for token in tokens
+    ]
+
+
+async def test_revoking_one_token_ends_it_at_once_and_nothing_else(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards `DELETE …/proxy-tokens/{token_id}`: the token, just used and cached (cache
+    TTL an hour), is refused by this process right after the 204; the connection's other
+    token and another connection's keep working; a token is revoked only through its
+    own connection (another's id there is 404 proxy_token_not_found, and stays alive)."""
+    settings = make_settings(database_url, cache_ttl_seconds=3600)
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, grace_id):
+        first_id, first = await mint_with_id(backend, ada_id)
+        _, second = await mint_with_id(backend, ada_id)
+        grace_token_id, grace = await mint_with_id(backend, grace_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        warm = await statuses(caller, first, second, grace)
+        revoked = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens/{first_id}")
+        after = await statuses(caller, first, second, grace)
+        again = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens/{first_id}")
+        crossed = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens/{grace_token_id}")
+        no_connection = await backend.delete(
+            f"/v1/connections/conn_doesnotexist/proxy-tokens/{grace_token_id}"
+        )
+        not_an_id = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens/pt_%00x")
+        by_a_token = await caller.delete(
+            f"/v1/connections/{grace_id}/proxy-tokens/{grace_token_id}", headers=bearer(grace)
+        )
+        finally_ = await statuses(caller, second, grace)
+        remaining = await count_proxy_tokens(database_url)
+
+    assert warm == [200, 200, 200]
+    assert revoked.status_code == 204, revoked.text
+    assert revoked.content == b""
+    assert after == [401, 200, 200]
+    assert (again.status_code, again.json()["error"]) == (404, "proxy_token_not_found")
+    assert (crossed.status_code, crossed.json()["error"]) == (404, "proxy_token_not_found")
+    assert (no_connection.status_code, no_connection.json()["error"]) == (
+        404,
+        "connection_not_found",
+    )
+    assert (not_an_id.status_code, not_an_id.json()["error"]) == (422, "invalid_request")
+    assert (by_a_token.status_code, by_a_token.json()["error"]) == (
+        403,
+        "proxy_token_not_allowed",
+    )
+    assert finally_ == [200, 200]
+    assert remaining == 2
+
+
+async def test_revoking_all_ends_every_token_of_the_connection_only(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards `DELETE …/proxy-tokens`: every token of the connection, cached here, is
+    refused at once, and only its rows are deleted; the connection itself stays (the API
+    key still acts for it, and a new token works); another connection's token is
+    untouched."""
+    settings = make_settings(database_url, cache_ttl_seconds=3600)
+    async with two_connections(settings, pinterest) as (backend, caller, ada_id, grace_id):
+        ada_tokens = [await mint(backend, ada_id) for _ in range(3)]
+        grace = await mint(backend, grace_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        warm = await statuses(caller, *ada_tokens, grace)
+        revoked = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens")
+        after = await statuses(caller, *ada_tokens, grace)
+        remaining = await count_proxy_tokens(database_url)
+        again = await backend.delete(f"/v1/connections/{ada_id}/proxy-tokens")
+        by_key = await backend.get(
+            "/pinterest/user_account", headers={"Pinauth-Connection-Id": ada_id}
+        )
+        fresh = await statuses(caller, await mint(backend, ada_id))
+        unknown = await backend.delete("/v1/connections/conn_doesnotexist/proxy-tokens")
+
+    assert warm == [200] * 4
+    assert revoked.status_code == 204, revoked.text
+    assert after == [401, 401, 401, 200]
+    assert remaining == 1  # Grace's (its row, not just this process's cached entry)
+    assert again.status_code == 204
+    assert by_key.status_code == 200
+    assert fresh == [200]
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "connection_not_found")
+
+
+@asynccontextmanager
+async def replica(
+    settings: Settings, pinterest: respx.MockRouter, key: str, count: int
+) -> AsyncIterator[tuple[FastAPI, list[httpx.AsyncClient]]]:
+    """One more running app on the same database (a replica), and `count` clients of it:
+    the first holds the API key."""
+    app = create_app(settings, transport=httpx.MockTransport(pinterest.async_handler))
+    async with LifespanManager(app) as manager, AsyncExitStack() as stack:
+        asgi = httpx.ASGITransport(manager.app)
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(transport=asgi, base_url=SERVICE))
+            for _ in range(count)
+        ]
+        clients[0].headers["Authorization"] = f"Bearer {key}"
+        yield app, clients
+
+
+async def test_a_revocation_on_another_replica_is_seen_at_its_next_revalidation(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """Guards revalidation of proxy tokens: replica B revokes one token (then all of the
+    connection's) that replica A has cached for an hour; B refuses at once, A at its
+    next revalidation pass (every half PINAUTH_CACHE_TTL), run here by hand."""
+    settings = make_settings(database_url, cache_ttl_seconds=3600)
+    key = await create_api_key(settings)
+    async with (
+        replica(settings, pinterest, key, 3) as (a, [backend_a, caller_a, ada]),
+        replica(settings, pinterest, key, 2) as (_b, [backend_b, caller_b]),
+    ):
+        ada_id = await connect_end_user(
+            backend_a, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
+        )
+        first_id, first = await mint_with_id(backend_a, ada_id)
+        _, second = await mint_with_id(backend_a, ada_id)
+        pinterest.get(f"{API}/user_account").respond(200, json=ADA)
+        assert await statuses(caller_a, first, second) == [200, 200]
+        assert await statuses(caller_b, first, second) == [200, 200]
+
+        revoked = await backend_b.delete(f"/v1/connections/{ada_id}/proxy-tokens/{first_id}")
+        assert revoked.status_code == 204
+        assert await statuses(caller_b, first, second) == [401, 200]  # B: at once
+        assert await statuses(caller_a, first) == [200]  # A: cached, until its next pass
+        done = await a.state.cache_revalidator.run_once()
+        assert done.dropped == 1
+        assert await statuses(caller_a, first, second) == [401, 200]
+
+        assert (await backend_b.delete(f"/v1/connections/{ada_id}/proxy-tokens")).status_code == 204
+        assert await statuses(caller_b, second) == [401]
+        await a.state.cache_revalidator.run_once()
+        assert await statuses(caller_a, second) == [401]

@@ -22,10 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from pinauth.app import create_app
 from pinauth.cache import ConnectionCache
 from pinauth.connections import ConnectionService
-from pinauth.crypto import CursorCodec, TokenCipher
+from pinauth.crypto import CursorCodec, TokenCipher, digest
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import InvalidProxyToken
-from pinauth.models import AuthSession, Connection
+from pinauth.models import AuthSession, Connection, ProxyToken
 from pinauth.proxytokens import ProxyTokenService
 from pinauth.repository import SessionRepository
 from pinauth.revalidation import BATCH_SIZE, CacheRevalidator
@@ -361,15 +361,15 @@ async def test_a_proxy_token_dies_with_a_connection_deleted_elsewhere(
     cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
     async with stage(settings) as s:
         connections = ConnectionService(s.sessionmaker, s.cache, CursorCodec(cipher))
-        tokens = ProxyTokenService(s.sessionmaker, s.cache, connections, TTL)
+        tokens = ProxyTokenService(s.sessionmaker, s.cache, connections)
         minted = [await tokens.mint(public_id, 3600) for public_id in ids]
         for token in minted:
             await tokens.connection_for(token.token)
-        s.clock.advance(TTL * 3)  # the map outlives the TTL; connections are re-read
+        s.clock.advance(TTL * 3)  # every entry ran out: each token is read again
         s.queries.clear()
         for token, public_id in zip(minted, ids, strict=True):
             assert (await tokens.connection_for(token.token)).public_id == public_id
-        assert len(s.queries) == 2  # one connection read each, no token lookup
+        assert len(s.queries) == 2  # one query each: the token with its connection
         for token in minted:  # served from the cache: in use, so revalidated
             await tokens.connection_for(token.token)
         await s.run(delete(Connection).where(Connection.public_id == ids[0]))
@@ -381,3 +381,93 @@ async def test_a_proxy_token_dies_with_a_connection_deleted_elsewhere(
         await s.run(delete(Connection).where(Connection.public_id == ids[1]))
         with pytest.raises(InvalidProxyToken):  # no pass ran: the entry's TTL did it
             await tokens.connection_for(minted[1].token)
+
+
+@asynccontextmanager
+async def token_stage(settings: Settings) -> AsyncIterator[tuple[Stage, ProxyTokenService]]:
+    cipher = TokenCipher([k.get_secret_value() for k in settings.encryption_keys])
+    async with stage(settings) as s:
+        connections = ConnectionService(s.sessionmaker, s.cache, CursorCodec(cipher))
+        yield s, ProxyTokenService(s.sessionmaker, s.cache, connections)
+
+
+async def test_proxy_tokens_in_use_outlive_the_ttl_and_a_revoked_one_is_dropped(
+    settings: Settings,
+) -> None:
+    """Guards revalidation of proxy tokens: tokens in use are confirmed each pass (one
+    query for them all) and never looked up again; one revoked on another replica (its
+    row deleted) is dropped at the next pass, long before its own expiry."""
+    [public_id] = await seeded(settings, 1)
+    async with token_stage(settings) as (s, tokens):
+        minted = [await tokens.mint(public_id, 3600) for _ in range(3)]
+        for token in minted:  # looked up: cached, not yet served from the cache
+            await tokens.connection_for(token.token)
+        for _ in range(4):  # 4 passes: twice the TTL
+            for token in minted:
+                await tokens.connection_for(token.token)
+            s.clock.advance(TTL / 2)
+            s.queries.clear()
+            done = await s.revalidator.run_once()
+            assert done.confirmed == 4  # the connection and the three tokens
+            assert len(s.queries) == 2  # one for the connection, one for the tokens
+        s.queries.clear()
+        for token in minted:
+            await tokens.connection_for(token.token)
+        assert s.queries == []  # all still cached after twice the TTL
+
+        await s.run(delete(ProxyToken).where(ProxyToken.public_id == minted[0].id))
+        assert (await s.revalidator.run_once()).dropped == 1
+        with pytest.raises(InvalidProxyToken):
+            await tokens.connection_for(minted[0].token)
+        assert (await tokens.connection_for(minted[1].token)).public_id == public_id
+
+
+async def test_a_proxy_token_revoked_elsewhere_is_refused_within_the_ttl_without_a_pass(
+    settings: Settings,
+) -> None:
+    """Guards the bound itself: a cached token entry lives PINAUTH_CACHE_TTL, not until
+    the token expires, so a revocation elsewhere is seen within the TTL even if no
+    revalidation pass runs (the database down for it, say)."""
+    [public_id] = await seeded(settings, 1)
+    async with token_stage(settings) as (s, tokens):
+        revoked, kept = [await tokens.mint(public_id, 3600) for _ in range(2)]
+        for token in (revoked, kept):
+            await tokens.connection_for(token.token)
+        await s.run(delete(ProxyToken).where(ProxyToken.public_id == revoked.id))
+        s.clock.advance(TTL / 2)
+        await tokens.connection_for(revoked.token)  # within the TTL: still the cached entry
+        s.clock.advance(TTL / 2)
+        with pytest.raises(InvalidProxyToken):
+            await tokens.connection_for(revoked.token)
+        assert (await tokens.connection_for(kept.token)).public_id == public_id
+
+
+async def test_a_revocation_here_during_a_token_lookup_is_not_undone(
+    settings: Settings,
+) -> None:
+    """Guards the generation check: a lookup whose query read the token just before this
+    process revoked it may answer that one request, but must not cache the row."""
+    [public_id] = await seeded(settings, 1)
+    async with token_stage(settings) as (s, tokens):
+        minted = await tokens.mint(public_id, 3600)
+        token_hash = digest(minted.token)
+        on_query(s.engine, lambda: s.cache.forget_proxy_token(token_hash))
+        await tokens.connection_for(minted.token)
+        assert s.cache.proxy_token(token_hash) is None
+        await tokens.connection_for(minted.token)  # no revocation meanwhile: cached
+        assert s.cache.proxy_token(token_hash) is not None
+
+
+async def test_a_revocation_here_during_the_pass_is_not_undone(settings: Settings) -> None:
+    """Guards 'renew, never re-add' for proxy tokens: revoked in this process while the
+    pass's query (which still saw the row) runs, the entry stays dropped."""
+    [public_id] = await seeded(settings, 1)
+    async with token_stage(settings) as (s, tokens):
+        minted = await tokens.mint(public_id, 3600)
+        token_hash = digest(minted.token)
+        await tokens.connection_for(minted.token)
+        await s.revalidator.run_once()  # the connection's use is confirmed and done with
+        assert s.cache.proxy_token(token_hash) is not None  # in use again, alone
+        on_query(s.engine, lambda: s.cache.forget_proxy_token(token_hash))
+        assert (await s.revalidator.run_once()).confirmed == 1  # the row was there
+        assert s.cache.proxy_token(token_hash) is None

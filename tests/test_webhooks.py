@@ -1465,7 +1465,8 @@ async def test_webhook_events_api(settings: Settings, pinterest: respx.MockRoute
     assert listing["next_cursor"] is None
     assert [e["id"] for e in only_failed["items"]] == [failed]
     assert [e["id"] for e in first["items"] + rest["items"]] == [delivered, failed]
-    assert bad_cursor.status_code == 422
+    assert bad_cursor.status_code == 400
+    assert bad_cursor.json()["error"] == "invalid_cursor"
     assert detail["status"] == "failed"
     assert detail["next_attempt_at"] is None
     assert detail["payload"]["id"] == failed

@@ -127,9 +127,7 @@ def create_app(
             ),
             metrics=metrics,
             schema_head=head,
-            proxy_tokens=ProxyTokenService(
-                sessionmaker, cache, connections, settings.cache_ttl_seconds
-            ),
+            proxy_tokens=ProxyTokenService(sessionmaker, cache, connections),
             webhook_events=WebhookEvents(sessionmaker, CursorCodec(cipher)),
         )
         if not settings.client_id:

@@ -27,7 +27,8 @@ TOMBSTONE_SECONDS = 3600
 
 
 class ConnectionCache:
-    """Session → connection, connection → newest row seen, and decrypted access tokens.
+    """Session → connection, connection → newest row seen, proxy token → connection, and
+    decrypted access tokens.
 
     Sessions and rows expire after `ttl` seconds, which bounds how long another replica's
     logout, disconnect or refresh can go unnoticed here. Each decrypted access token is
@@ -42,12 +43,17 @@ class ConnectionCache:
         self._connections: TTLCache[str, Connection] = TTLCache(MAX_ENTRIES, ttl, timer)
         self._tokens: LRUCache[str, tuple[str, str]] = LRUCache(MAX_ENTRIES)
         self._deleted: TTLCache[str, bool] = TTLCache(MAX_ENTRIES, TOMBSTONE_SECONDS, timer)
+        # Proxy token hash -> (its connection's public id, the token's expiry as Unix
+        # seconds). Kept a TTL like the rest, so that a token revoked on another replica
+        # is refused here within the TTL; revalidation renews the entries in use.
+        self._proxy_tokens: TTLCache[str, tuple[str, float]] = TTLCache(MAX_ENTRIES, ttl, timer)
         # Bumped by every logout and disconnect. A session load remembers its result only
         # if nothing was forgotten while it ran: it may have read a row just deleted.
         self._generation = 0
         # Entries served since the last revalidation: only these are worth confirming.
         self._used_sessions: set[str] = set()
         self._used_connections: set[str] = set()
+        self._used_proxy_tokens: set[str] = set()
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -107,6 +113,59 @@ class ConnectionCache:
 
     def is_deleted(self, public_id: str) -> bool:
         return public_id in self._deleted
+
+    # --- proxy tokens ------------------------------------------------------------------
+
+    def proxy_token(self, token_hash: str) -> tuple[str, float] | None:
+        """(connection's public id, expiry) of a token verified within the TTL."""
+        entry = self._proxy_tokens.get(token_hash)
+        if entry is not None:
+            self._used_proxy_tokens.add(token_hash)
+        return entry
+
+    def remember_proxy_token(
+        self, token_hash: str, connection: Connection, expires_at: float, generation: int
+    ) -> None:
+        """Keep a token just read, unless a revocation (or any forgetting) happened while
+        it was read: the row may be one just deleted."""
+        if not self._enabled or generation != self._generation:
+            return
+        if self.remember_connection(connection):
+            self._proxy_tokens[token_hash] = (connection.public_id, expires_at)
+
+    def forget_proxy_token(self, token_hash: str) -> None:
+        """The token was revoked here: refuse it from now on."""
+        self._generation += 1
+        self._proxy_tokens.pop(token_hash, None)
+
+    def forget_proxy_tokens(self, public_id: str) -> None:
+        """Every token of the connection was revoked here. A scan of at most MAX_ENTRIES,
+        for a rare call, rather than an index kept up to date on every use."""
+        self._generation += 1
+        for token_hash, (owner, _) in list(self._proxy_tokens.items()):
+            if owner == public_id:
+                self._proxy_tokens.pop(token_hash, None)
+
+    def drop_proxy_token(self, token_hash: str) -> None:
+        """The token expired, or the database no longer holds it (revoked elsewhere)."""
+        self._proxy_tokens.pop(token_hash, None)
+
+    def take_used_proxy_tokens(self) -> dict[str, str]:
+        """Tokens served since the last call, as hash -> connection's public id."""
+        used = {
+            token_hash: entry[0]
+            for token_hash in self._used_proxy_tokens
+            if (entry := self._proxy_tokens.get(token_hash)) is not None
+        }
+        self._used_proxy_tokens.clear()
+        return used
+
+    def confirm_proxy_token(self, token_hash: str, public_id: str) -> None:
+        """The database still holds this live token for this connection: keep it another
+        TTL (only if still here: never brings back one revoked meanwhile)."""
+        entry = self._proxy_tokens.get(token_hash)
+        if entry is not None and entry[0] == public_id:
+            self._proxy_tokens[token_hash] = entry
 
     # --- revalidation --------------------------------------------------------------------
 

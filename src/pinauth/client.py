@@ -53,6 +53,7 @@ __all__ = [
     "PinauthTransportError",
     "PinterestAPIError",
     "ProxyToken",
+    "ProxyTokenNotFoundError",
     "RateLimitError",
     "ReauthorizationRequiredError",
     "UnexpectedResponseError",
@@ -67,6 +68,8 @@ PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 # pinauth's connection ids: "conn_" and 26 base32 characters (models.new_public_id);
 # looser in length so an id pinauth may mint differently later still reaches it.
 _CONNECTION_ID = re.compile(r"conn_[a-z0-9]{1,35}")
+# Proxy token ids: "pt_" and 26 base32 characters, as loosely.
+_PROXY_TOKEN_ID = re.compile(r"pt_[a-z0-9]{1,35}")
 # RFC 9110: a header name is a token; a value visible ASCII, spaces and tabs.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
@@ -145,6 +148,12 @@ class ConnectionNotFoundError(PinauthAPIError):
     """
 
 
+class ProxyTokenNotFoundError(PinauthAPIError):
+    """The connection has no proxy token with this id (revoked, expired, or another
+    connection's): `proxy_token_not_found`. Also raised, without a request, for an id
+    that cannot be one of pinauth's (they look like `pt_…`)."""
+
+
 class ReauthorizationRequiredError(PinauthAPIError):
     """Pinterest no longer accepts the connection's tokens: the end user must connect
     again. Mint a new connect session for `end_user_id` (None for a browser-only login)
@@ -188,6 +197,7 @@ _PINAUTH_ERRORS: dict[str, type[PinauthAPIError]] = {
     "invalid_api_key": AuthenticationError,
     "invalid_proxy_token": AuthenticationError,
     "connection_not_found": ConnectionNotFoundError,
+    "proxy_token_not_found": ProxyTokenNotFoundError,
     "reauthorization_required": ReauthorizationRequiredError,
 }
 
@@ -306,16 +316,17 @@ class ProxyToken:
 
     Hand it to code that should call Pinterest for this one connection and nothing
     else (the official SDK, a worker): `Authorization: Bearer <token>` on
-    `<pinauth>/pinterest/...`.
+    `<pinauth>/pinterest/...`. `id` names it to revoke it (`revoke_proxy_token`).
     """
 
     token: str
     expires_at: datetime
     connection_id: str
+    id: str
 
     def __repr__(self) -> str:
         return (
-            f"ProxyToken(token=<hidden>, expires_at={self.expires_at!r}, "
+            f"ProxyToken(id={self.id!r}, token=<hidden>, expires_at={self.expires_at!r}, "
             f"connection_id={self.connection_id!r})"
         )
 
@@ -445,7 +456,19 @@ class PinauthClient:
             token=str(body["token"]),
             expires_at=_when(body["expires_at"]),
             connection_id=connection_id,
+            id=str(body["id"]),
         )
+
+    async def revoke_proxy_token(self, connection_id: str, token_id: str) -> None:
+        """Revoke the connection's proxy token `token_id` (a `ProxyToken.id`): refused
+        at once by the pinauth process that answers, by every other within its
+        PINAUTH_CACHE_TTL. ProxyTokenNotFoundError if the connection has no such token."""
+        path = f"/v1/connections/{_checked_id(connection_id)}/proxy-tokens"
+        await self._send("DELETE", f"{path}/{_checked_token_id(token_id)}")
+
+    async def revoke_proxy_tokens(self, connection_id: str) -> None:
+        """Revoke every proxy token of the connection (the connection itself stays)."""
+        await self._send("DELETE", f"/v1/connections/{_checked_id(connection_id)}/proxy-tokens")
 
     # --- Pinterest, through pinauth -------------------------------------------------
 
@@ -572,6 +595,15 @@ def _checked_id(connection_id: str) -> str:
         body = {"error": "connection_not_found", "message": message}
         raise ConnectionNotFoundError(httpx.Response(404, json=body), body)
     return connection_id
+
+
+def _checked_token_id(token_id: str) -> str:
+    """`token_id` if it can be one of pinauth's proxy token ids (so also one path segment)."""
+    if not _PROXY_TOKEN_ID.fullmatch(token_id):
+        message = f"No proxy token has the id {token_id[:60]!r}: ids look like 'pt_…'."
+        body = {"error": "proxy_token_not_found", "message": message}
+        raise ProxyTokenNotFoundError(httpx.Response(404, json=body), body)
+    return token_id
 
 
 def _checked_headers(headers: Mapping[str, str]) -> Mapping[str, str]:

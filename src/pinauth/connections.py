@@ -7,8 +7,8 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.cache import ConnectionCache
-from pinauth.crypto import CursorCodec
-from pinauth.errors import ConnectionNotFound, UnprocessableRequest
+from pinauth.crypto import CursorCodec, cursor_binding
+from pinauth.errors import ConnectionNotFound, InvalidCursor
 from pinauth.models import Connection, ConnectionStatus, ConnectionSummary
 from pinauth.repository import ConnectionRepository
 from pinauth.webhooks import EventType, record_event
@@ -58,19 +58,23 @@ class ConnectionService:
         status: ConnectionStatus | None,
     ) -> tuple[list[ConnectionSummary], str | None]:
         """A page of connections and the cursor of the next (None on the last page)."""
-        after = None if cursor is None else self._position(cursor)
+        # The next page's cursor is for this listing with these very filters.
+        binding = cursor_binding(
+            "connections", end_user_id=end_user_id, status=None if status is None else status.value
+        )
+        after = None if cursor is None else self._position(cursor, binding)
         async with self._sessionmaker() as db:
             rows = await ConnectionRepository(db).page(
                 limit=limit + 1, after=after, end_user_id=end_user_id, status=status
             )
         if len(rows) > limit:
-            return rows[:limit], self._cursors.dumps(rows[limit - 1].id)
+            return rows[:limit], self._cursors.dumps(rows[limit - 1].id, binding)
         return rows, None
 
-    def _position(self, cursor: str) -> int:
-        position = self._cursors.loads(cursor)
+    def _position(self, cursor: str, binding: str) -> int:
+        position = self._cursors.loads(cursor, binding)
         if position is None:
-            raise UnprocessableRequest("cursor is not one this API returned; start without it.")
+            raise InvalidCursor()
         return position
 
     async def delete(self, public_id: str) -> None:

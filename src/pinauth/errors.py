@@ -77,6 +77,15 @@ class UnprocessableRequest(InvalidRequest):
     status_code = 422
 
 
+class InvalidCursor(PinauthError):
+    status_code = 400
+    code = "invalid_cursor"
+    default_message = (
+        "This cursor was not issued by this listing with these filters, or is older than "
+        "24 hours; list again without it."
+    )
+
+
 class PayloadTooLarge(PinauthError):
     status_code = 413
     code = "payload_too_large"
@@ -269,6 +278,12 @@ class InvalidProxyToken(PinauthError):
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ProxyTokenNotFound(PinauthError):
+    status_code = 404
+    code = "proxy_token_not_found"
+    default_message = "This connection has no proxy token with that id (revoked, or expired)."
 
 
 class ProxyTokenNotAllowed(PinauthError):

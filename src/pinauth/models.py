@@ -65,6 +65,7 @@ class ConnectionStatus(enum.StrEnum):
 
 
 CONNECTION_ID_PREFIX = "conn_"
+PROXY_TOKEN_ID_PREFIX = "pt_"
 
 
 def new_public_id(prefix: str = CONNECTION_ID_PREFIX) -> str:
@@ -255,13 +256,18 @@ class ProxyToken(Base):
     """A short-lived credential acting for one connection on the proxy routes only.
 
     Handed to code the app's backend runs (the official Pinterest SDK, say) as its
-    "access token". Only a hash of it is stored; it dies at `expires_at` and, through
-    the foreign key, with its connection.
+    "access token". Only a hash of it is stored; it dies at `expires_at`, when revoked
+    by its `public_id` (or with all of its connection's), and, through the foreign key,
+    with its connection.
     """
 
     __tablename__ = "proxy_tokens"
 
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # What the API names it by (`pt_…`): random, so it says nothing about the token.
+    public_id: Mapped[str] = mapped_column(
+        String(40), unique=True, default=lambda: new_public_id(PROXY_TOKEN_ID_PREFIX)
+    )
     connection_id: Mapped[int] = mapped_column(
         ForeignKey("connections.id", ondelete="CASCADE"), index=True
     )

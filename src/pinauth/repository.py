@@ -429,6 +429,34 @@ class ProxyTokenRepository:
         result = await self._db.execute(delete(ProxyToken).where(ProxyToken.expires_at <= now))
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    async def revoke(self, connection_id: int, public_id: str) -> str | None:
+        """Delete the connection's token named `public_id`; its hash, or None if the
+        connection has no such token."""
+        stmt = select(ProxyToken.token_hash).where(
+            ProxyToken.public_id == public_id, ProxyToken.connection_id == connection_id
+        )
+        token_hash = (await self._db.execute(stmt)).scalar_one_or_none()
+        if token_hash is None:
+            return None
+        await self._db.execute(delete(ProxyToken).where(ProxyToken.token_hash == token_hash))
+        return token_hash
+
+    async def revoke_all(self, connection_id: int) -> int:
+        """Delete every token of the connection; how many there were."""
+        stmt = delete(ProxyToken).where(ProxyToken.connection_id == connection_id)
+        result = await self._db.execute(stmt)
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def live(self, token_hashes: list[str], now: datetime) -> dict[str, str]:
+        """Of `token_hashes`, the tokens still stored and unexpired, as hash -> their
+        connection's public id (one query): what revalidation confirms."""
+        stmt = (
+            select(ProxyToken.token_hash, Connection.public_id)
+            .join(Connection, ProxyToken.connection_id == Connection.id)
+            .where(ProxyToken.token_hash.in_(token_hashes), ProxyToken.expires_at > now)
+        )
+        return {token_hash: public_id for token_hash, public_id in await self._db.execute(stmt)}
+
 
 class KeeperRepository:
     """The keeper's queries (keeper.py). None of them bumps a row's version."""

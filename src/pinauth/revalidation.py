@@ -1,12 +1,12 @@
 """Revalidation: keeps the cache's entries in use alive with one query per batch of them.
 
-Without it, every cached session and connection runs out after PINAUTH_CACHE_TTL and its
-next request reads it again, one query each: a process serving a thousand active users
-makes two hundred such reads a second, each costing several proxied requests' worth of
-CPU (`make bench`, the hot set of 1,000). Instead, every half TTL, the entries served since
-the last pass are confirmed against the database in batches: still there, at the same row
-version, and they are kept another TTL; gone, and they are dropped at once; changed (a
-refresh elsewhere), and they run out and are read again.
+Without it, every cached session, connection and proxy token runs out after
+PINAUTH_CACHE_TTL and its next request reads it again, one query each: a process serving
+a thousand active users makes two hundred such reads a second, each costing several
+proxied requests' worth of CPU (`make bench`, the hot set of 1,000). Instead, every half
+TTL, the entries served since the last pass are confirmed against the database in batches:
+still there, at the same row version, and they are kept another TTL; gone, and they are
+dropped at once; changed (a refresh elsewhere), and they run out and are read again.
 
 What the TTL promises holds: an entry is served only while the database confirmed it
 within the last TTL, plus the confirming query's own duration (a pass whose query took
@@ -30,16 +30,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from pinauth.background import BackgroundLoop
 from pinauth.cache import ConnectionCache
 from pinauth.errors import DatabaseUnavailable
-from pinauth.repository import ConnectionRepository, SessionRepository
+from pinauth.repository import ConnectionRepository, ProxyTokenRepository, SessionRepository
 
 log = logging.getLogger(__name__)
 
 # Keys per query: far under every backend's bound-parameter limit, and one round trip
 # covers the hot set of a busy process.
 BATCH_SIZE = 500
-# What the cache holds about an entry: a session's (public id, row version), or a
-# connection's row version.
-_State = TypeVar("_State", tuple[str, int], int)
+# What the cache holds about an entry: a session's (public id, row version), a
+# connection's row version, or a proxy token's connection's public id.
+_State = TypeVar("_State", tuple[str, int], int, str)
 # Passes never come closer than this, whatever the TTL: a tiny TTL (tests) gets no
 # revalidation, only its entries running out, as before.
 MIN_INTERVAL_SECONDS = 0.5
@@ -105,6 +105,15 @@ class CacheRevalidator(BackgroundLoop):
             self._cache.forget_connection,
             done,
         )
+        # A proxy token gone from the database (or expired) was revoked, or its connection
+        # deleted, elsewhere: dropped here too.
+        await self._confirm(
+            self._cache.take_used_proxy_tokens(),
+            self._proxy_tokens,
+            self._cache.confirm_proxy_token,
+            self._cache.drop_proxy_token,
+            done,
+        )
         return done
 
     async def _sessions(self, hashes: list[str]) -> dict[str, tuple[str, int]]:
@@ -114,6 +123,10 @@ class CacheRevalidator(BackgroundLoop):
     async def _connections(self, public_ids: list[str]) -> dict[str, int]:
         async with self._sessionmaker() as db:
             return await ConnectionRepository(db).versions(public_ids)
+
+    async def _proxy_tokens(self, token_hashes: list[str]) -> dict[str, str]:
+        async with self._sessionmaker() as db:
+            return await ProxyTokenRepository(db).live(token_hashes, self._clock())
 
     async def _confirm(
         self,

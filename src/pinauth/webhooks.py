@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session
 
 from pinauth import __version__
 from pinauth.api.schemas import ConnectionObject
-from pinauth.crypto import CursorCodec
-from pinauth.errors import UnprocessableRequest, WebhookEventNotFound
+from pinauth.crypto import CursorCodec, cursor_binding
+from pinauth.errors import InvalidCursor, WebhookEventNotFound
 from pinauth.models import (
     Connection,
     WebhookAttempt,
@@ -568,17 +568,18 @@ class WebhookEvents:
         self, *, limit: int, cursor: str | None = None, status: WebhookEventStatus | None = None
     ) -> tuple[list[WebhookEvent], str | None]:
         """Newest first, and the cursor of the next page (None on the last page)."""
+        binding = cursor_binding("webhook-events", status=None if status is None else status.value)
         before = None
         if cursor is not None:
-            before = None if self._cursors is None else self._cursors.loads(cursor)
+            before = None if self._cursors is None else self._cursors.loads(cursor, binding)
             if before is None:
-                raise UnprocessableRequest("cursor is not one this API returned; start without it.")
+                raise InvalidCursor()
         async with self._sessionmaker() as db:
             rows = await WebhookEventRepository(db).page(
                 limit=limit + 1, before=before, status=status
             )
         if len(rows) > limit and self._cursors is not None:
-            return rows[:limit], self._cursors.dumps(rows[limit - 1].id)
+            return rows[:limit], self._cursors.dumps(rows[limit - 1].id, binding)
         return rows[:limit], None
 
     async def get(self, public_id: str) -> EventDetail:

@@ -246,6 +246,11 @@ class ProxyTokenRequest(BaseModel):
 
 
 class ProxyTokenResponse(BaseModel):
+    id: str = Field(
+        examples=["pt_3mzq7c2hk4xw5v6n7p8r9s2t3u"],
+        description="Names the token to revoke it: "
+        "DELETE /v1/connections/{id}/proxy-tokens/{token_id}.",
+    )
     token: str = Field(
         description="Send as `Authorization: Bearer <token>` to /pinterest/{path} and /boards; "
         "acts for this connection only. Shown once."

@@ -21,8 +21,10 @@ from pinauth.errors import (
     ConnectionNotFound,
     DatabaseUnavailable,
     InvalidApiKey,
+    InvalidCursor,
     PinauthError,
     ProxyTokenNotAllowed,
+    ProxyTokenNotFound,
     UnprocessableRequest,
 )
 from pinauth.models import ConnectionStatus
@@ -48,6 +50,10 @@ PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 ConnectionId = Annotated[
     str,
     Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The connection's public id."),
+]
+ProxyTokenId = Annotated[
+    str,
+    Path(max_length=64, pattern=PUBLIC_ID_PATTERN, description="The proxy token's id (pt_…)."),
 ]
 
 
@@ -75,14 +81,17 @@ async def create_connect_session(
 @router.get(
     "/connections",
     response_model=ConnectionPage,
-    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+    responses=error_responses(*BACKEND_ERRORS, InvalidCursor, UnprocessableRequest),
 )
 async def list_connections(
     services: ServicesDep,
     end_user_id: Annotated[EndUserId | None, Query()] = None,
     connection_status: Annotated[ConnectionStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="`next_cursor` of the previous page, with the same filters."),
+    ] = None,
 ) -> ConnectionPage:
     """Connections, oldest first, optionally of one end user or in one status."""
     rows, next_cursor = await services.connections.page(
@@ -132,4 +141,32 @@ async def create_proxy_token(
     """A token acting for this connection on /pinterest and /boards only, until it expires."""
     ttl = (body or ProxyTokenRequest()).ttl_seconds
     minted = await services.proxy_tokens.mint(connection_id, ttl)
-    return ProxyTokenResponse(token=minted.token, expires_at=minted.expires_at)
+    return ProxyTokenResponse(id=minted.id, token=minted.token, expires_at=minted.expires_at)
+
+
+@router.delete(
+    "/connections/{connection_id}/proxy-tokens/{token_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(
+        *BACKEND_ERRORS, ConnectionNotFound, ProxyTokenNotFound, UnprocessableRequest
+    ),
+)
+async def revoke_proxy_token(
+    services: ServicesDep, connection_id: ConnectionId, token_id: ProxyTokenId
+) -> Response:
+    """Revoke one of the connection's proxy tokens: refused at once by this process, and
+    by every other within PINAUTH_CACHE_TTL."""
+    await services.proxy_tokens.revoke(connection_id, token_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.delete(
+    "/connections/{connection_id}/proxy-tokens",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(*BACKEND_ERRORS, ConnectionNotFound, UnprocessableRequest),
+)
+async def revoke_proxy_tokens(services: ServicesDep, connection_id: ConnectionId) -> Response:
+    """Revoke every proxy token of the connection (the connection itself stays), as one
+    revocation each."""
+    await services.proxy_tokens.revoke_all(connection_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

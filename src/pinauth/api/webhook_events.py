@@ -16,7 +16,7 @@ from pinauth.api.schemas import (
     error_responses,
 )
 from pinauth.api.v1 import BACKEND_ERRORS, PUBLIC_ID_PATTERN
-from pinauth.errors import UnprocessableRequest, WebhookEventNotFound
+from pinauth.errors import InvalidCursor, UnprocessableRequest, WebhookEventNotFound
 from pinauth.models import WebhookEventStatus
 from pinauth.webhooks import EventDetail
 
@@ -52,13 +52,16 @@ def _detail(found: EventDetail) -> WebhookEventDetail:
 @router.get(
     "",
     response_model=WebhookEventPage,
-    responses=error_responses(*BACKEND_ERRORS, UnprocessableRequest),
+    responses=error_responses(*BACKEND_ERRORS, InvalidCursor, UnprocessableRequest),
 )
 async def list_webhook_events(
     services: ServicesDep,
     event_status: Annotated[WebhookEventStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="`next_cursor` of the previous page, with the same filters."),
+    ] = None,
 ) -> WebhookEventPage:
     """Webhook events, newest first, optionally in one status (e.g. `failed`)."""
     rows, next_cursor = await services.webhook_events.page(
