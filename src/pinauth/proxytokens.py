@@ -26,7 +26,7 @@ from pinauth.cache import ConnectionCache
 from pinauth.connections import ConnectionService
 from pinauth.crypto import digest
 from pinauth.errors import ConnectionNotFound, InvalidProxyToken
-from pinauth.models import Connection, ProxyToken
+from pinauth.models import Connection, ConnectionStatus, ProxyToken
 from pinauth.repository import ConnectionRepository, ProxyTokenRepository
 
 PROXY_TOKEN_PREFIX = "pinauth_pt_"
@@ -89,7 +89,8 @@ class ProxyTokenService:
         try:
             async with self._sessionmaker() as db, db.begin():
                 connection = await ConnectionRepository(db).get(public_id)
-                if connection is None:
+                # A pending connection acts for nobody until the backend confirms it.
+                if connection is None or connection.status is ConnectionStatus.PENDING:
                     raise ConnectionNotFound()
                 await ProxyTokenRepository(db).add(
                     ProxyToken(
