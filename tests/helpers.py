@@ -320,7 +320,7 @@ async def raw_http_upstream(answer: Callable[[str, str], bytes]) -> AsyncIterato
 
 async def count_rows(database_url: str, table: str, where: str = "") -> int:
     """Rows in one of pinauth's tables, read straight from the database."""
-    assert table in ("connections", "sessions", "login_states")
+    assert table in ("connections", "sessions", "login_states", "connect_results")
     engine = create_async_engine(database_url)
     try:
         async with engine.connect() as connection:
