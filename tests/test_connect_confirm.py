@@ -488,3 +488,29 @@ async def test_deleting_a_pending_connection_sends_no_webhook(
     assert deleted.status_code == 204
     assert confirmed.status_code == 400  # its result went with it
     assert await outbox_types(settings) == []
+
+
+def test_docs_show_the_confirm_route_and_its_answers(settings: Settings) -> None:
+    """/docs (the OpenAPI document) shows the route with its 200, 400 and 403."""
+    from pinauth.app import create_app
+
+    document = create_app(settings).openapi()
+    route = document["paths"]["/v1/connections/confirm"]["post"]
+    responses = route["responses"]
+    body = route["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    examples = {
+        status: set(responses[status]["content"]["application/json"]["examples"])
+        for status in ("400", "403")
+    }
+    assert route["security"] == [{"apiKey": []}]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ConnectionObject"
+    )
+    assert "invalid_connect_result" in examples["400"]
+    assert "connect_result_mismatch" in examples["403"]
+    assert set(document["components"]["schemas"][body.rsplit("/", 1)[1]]["required"]) == {
+        "result",
+        "end_user_id",
+    }
+    statuses = document["components"]["schemas"]["ConnectionStatus"]["enum"]
+    assert "pending" in statuses
