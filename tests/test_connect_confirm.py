@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import respx
+from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from pinauth.db import create_engine, create_sessionmaker
@@ -455,6 +456,10 @@ async def test_results_live_pinauth_connect_result_ttl_seconds(
 ) -> None:
     """PINAUTH_CONNECT_RESULT_TTL (default 600) is how long a result can be confirmed."""
     assert make_settings(database_url).connect_result_ttl_seconds == 600
+    for refused in ("0", "-5", "86401", "ten"):
+        monkeypatch.setenv("PINAUTH_CONNECT_RESULT_TTL", refused)
+        with pytest.raises(ValidationError, match=r"CONNECT_RESULT_TTL"):
+            make_settings(database_url)
     monkeypatch.setenv("PINAUTH_CONNECT_RESULT_TTL", "120")
     settings = make_settings(database_url)
     assert settings.connect_result_ttl_seconds == 120
