@@ -58,9 +58,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("result_hash", name=op.f("pk_connect_results")),
     )
-    op.create_index(
-        op.f("ix_connect_results_connection_id"), "connect_results", ["connection_id"]
-    )
+    op.create_index(op.f("ix_connect_results_connection_id"), "connect_results", ["connection_id"])
     op.create_index(op.f("ix_connect_results_expires_at"), "connect_results", ["expires_at"])
 
 
