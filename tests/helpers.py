@@ -320,7 +320,7 @@ async def raw_http_upstream(answer: Callable[[str, str], bytes]) -> AsyncIterato
 
 async def count_rows(database_url: str, table: str, where: str = "") -> int:
     """Rows in one of pinauth's tables, read straight from the database."""
-    assert table in ("connections", "sessions", "login_states")
+    assert table in ("connections", "sessions", "login_states", "connect_results")
     engine = create_async_engine(database_url)
     try:
         async with engine.connect() as connection:
@@ -751,8 +751,33 @@ async def connect_end_user(
     refresh: str,
 ) -> str:
     """The whole connect flow: the backend mints a connect session, the browser follows
-    it through consent; returns the connection id the backend then finds."""
-    minted = await backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+    it through consent, and the backend confirms the result for `end_user_id`; returns
+    the connection id the confirmation answers."""
+    result = await complete_connect_link(
+        backend, browser, pinterest, end_user_id, account, access, refresh
+    )
+    confirmed = await backend.post(
+        "/v1/connections/confirm", json={"result": result, "end_user_id": end_user_id}
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    return str(confirmed.json()["id"])
+
+
+async def complete_connect_link(
+    backend: httpx.AsyncClient,
+    browser: httpx.AsyncClient,
+    pinterest: respx.MockRouter,
+    minted_for: str,
+    account: dict[str, Any],
+    access: str,
+    refresh: str,
+    *,
+    return_to: str | None = None,
+) -> str:
+    """The backend mints a connect session for `minted_for`, and `browser` completes it
+    as Pinterest `account`; returns the `pinauth_connect_result` it came back with."""
+    body = {"end_user_id": minted_for} | ({"return_to": return_to} if return_to else {})
+    minted = await backend.post("/v1/connect-sessions", json=body)
     assert minted.status_code == 201, minted.text
     login = await browser.get(minted.json()["connect_url"])
     assert login.status_code == 302, login.text
@@ -763,8 +788,8 @@ async def connect_end_user(
     assert callback.status_code == 303, callback.text
     pinterest.reset()
     pinterest.routes.clear()
-    me = await browser.get("/me")
-    return str(me.json()["connection_id"])
+    query = parse_qs(urlsplit(callback.headers["location"]).query)
+    return str(query["pinauth_connect_result"][0])
 
 
 @asynccontextmanager

@@ -8,6 +8,7 @@ import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -287,13 +288,13 @@ async def test_two_end_users_with_one_pinterest_account_get_two_connections(
         assert (await backend.delete(f"/v1/connections/{alice_id}")).status_code == 204
         boards = pinterest.get(f"{API}/boards").respond(200, json={"items": []})
         proxied = await backend.get("/pinterest/boards", headers={"Pinauth-Connection-Id": bob_id})
-        bob_me = await bob.get("/me")
-        alice_me = await alice.get("/me")
+        bob_row = await backend.get(f"/v1/connections/{bob_id}")
+        alice_row = await backend.get(f"/v1/connections/{alice_id}")
 
     assert proxied.status_code == 200
     assert bearers(boards) == ["Bearer pina_BOB"]
-    assert bob_me.status_code == 200
-    assert alice_me.status_code == 401  # her browser session ended with her connection
+    assert bob_row.status_code == 200
+    assert alice_row.status_code == 404
 
 
 async def test_one_end_user_links_two_accounts_and_reconnects_in_place(
@@ -360,7 +361,8 @@ async def test_connect_session_response_and_return_to(
 ) -> None:
     async with backend_and_browsers(settings, pinterest, 1) as [backend, browser]:
         minted = await backend.post(
-            "/v1/connect-sessions", json={"end_user_id": "u", "return_to": "/settings"}
+            "/v1/connect-sessions",
+            json={"end_user_id": "u", "return_to": "/settings?tab=pinterest&x=1#top"},
         )
         body = minted.json()
         login = await browser.get(body["connect_url"])
@@ -376,7 +378,13 @@ async def test_connect_session_response_and_return_to(
     )
     expires = datetime.fromisoformat(body["expires_at"])
     assert timedelta(minutes=29) < expires - datetime.now(UTC) <= timedelta(minutes=30)
-    assert callback.headers["location"] == "/settings"
+    # return_to keeps its own query and fragment, and gains the one-time result.
+    location = urlsplit(callback.headers["location"])
+    query = parse_qsl(location.query)
+    assert (location.path, location.fragment) == ("/settings", "top")
+    assert query[:2] == [("tab", "pinterest"), ("x", "1")]
+    assert [name for name, _ in query[2:]] == ["pinauth_connect_result"]
+    assert query[2][1].startswith("pinauth_cr_")
 
 
 @pytest.mark.parametrize(
@@ -668,9 +676,9 @@ async def test_a_connection_deleted_elsewhere_is_404_for_a_backend(
 async def test_a_reconnect_during_a_refresh_hands_callers_the_new_login(
     settings: Settings, pinterest: respx.MockRouter
 ) -> None:
-    """Guards the refresh's lost write: a login that replaced the tokens while the refresh
-    waited for Pinterest wins, and the waiting call proceeds with the login's token (it
-    answered 503 "changed during the refresh")."""
+    """Guards the refresh's lost write: a reconnect confirmed (so the tokens replaced)
+    while the refresh waited for Pinterest wins, and the waiting call proceeds with the
+    login's token (it answered 503 "changed during the refresh")."""
     async with backend_and_browsers(settings, pinterest, 1) as [backend, browser]:
         ada = await connect_end_user(backend, browser, pinterest, "u", ADA, "pina_OLD", "pinr_O")
         refresh_arrived, release = asyncio.Event(), asyncio.Event()
@@ -697,10 +705,16 @@ async def test_a_reconnect_during_a_refresh_hands_callers_the_new_login(
         login = await browser.get(minted.json()["connect_url"])
         state = login.headers["location"].split("state=")[1].split("&")[0]
         callback = await browser.get("/auth/callback", params={"code": "c", "state": state})
+        result = parse_qs(urlsplit(callback.headers["location"]).query)
+        confirmed = await backend.post(
+            "/v1/connections/confirm",
+            json={"result": result["pinauth_connect_result"][0], "end_user_id": "u"},
+        )
         release.set()
         response = await call
 
     assert callback.status_code == 303
+    assert confirmed.status_code == 200, confirmed.text
     assert response.status_code == 200, response.text
     assert bearers(boards)[-1] == "Bearer pina_LOGIN"  # the stored pair, not the dropped one
 

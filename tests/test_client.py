@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -17,6 +18,8 @@ from pinauth.client import (
     APIError,
     AuthenticationError,
     ConnectionNotFoundError,
+    ConnectResultMismatchError,
+    InvalidConnectResultError,
     PinauthAPIError,
     PinauthClient,
     PinauthTimeoutError,
@@ -61,12 +64,21 @@ async def pinauth(served: ServedWithSandbox) -> AsyncIterator[PinauthClient]:
         yield client
 
 
+def connect_result_of(landed: httpx.Response) -> str:
+    """The `pinauth_connect_result` a connect session's browser came back with."""
+    query = parse_qs(urlsplit(landed.headers["location"]).query)
+    return query["pinauth_connect_result"][0]
+
+
 async def connect(pinauth: PinauthClient, served: ServedWithSandbox, end_user_id: str) -> None:
-    """`end_user_id`'s browser follows a fresh connect session through consent."""
+    """`end_user_id`'s browser follows a fresh connect session through consent, and the
+    backend confirms the result for `end_user_id`."""
     session = await pinauth.create_connect_session(end_user_id, return_to="/")
     async with httpx.AsyncClient(base_url=served.base) as browser:
         landed = await consent_in_sandbox(browser, session.url)
-    assert landed.headers["location"] == "/"
+    assert urlsplit(landed.headers["location"]).path == "/"
+    confirmed = await pinauth.confirm_connection(connect_result_of(landed), end_user_id)
+    assert confirmed.status == "active"
 
 
 async def all_connections(pinauth: PinauthClient, **filters: object) -> list[str]:
@@ -81,9 +93,17 @@ async def test_a_backend_connects_an_end_user_and_calls_pinterest_for_them(
     assert session.expires_at > datetime.now(UTC)
     assert session.token not in repr(session)
     async with httpx.AsyncClient(base_url=served.base) as browser:
-        await consent_in_sandbox(browser, session.connect_url)
+        landed = await consent_in_sandbox(browser, session.connect_url)
+    result = connect_result_of(landed)
+    assert await all_connections(pinauth, end_user_id="user_42") == []  # pending until confirmed
+    [pending] = [c async for c in pinauth.connections(status="pending")]
+    confirmed = await pinauth.confirm_connection(result, "user_42")
+    with pytest.raises(InvalidConnectResultError) as used:
+        await pinauth.confirm_connection(result, "user_42")
+    assert (used.value.status_code, used.value.error) == (400, "invalid_connect_result")
 
     [connection] = [c async for c in pinauth.connections(end_user_id="user_42")]
+    assert connection.id == confirmed.id == pending.id
     assert connection.end_user_id == "user_42"
     assert connection.status == "active"
     assert "pins:write" in connection.scopes
@@ -112,6 +132,22 @@ async def test_a_backend_connects_an_end_user_and_calls_pinterest_for_them(
     with pytest.raises(ConnectionNotFoundError):
         await pinauth.request(connection.id, "GET", "/boards")
     assert await all_connections(pinauth, end_user_id="user_42") == []
+
+
+async def test_a_link_completed_by_someone_else_is_refused_and_kept_by_nobody(
+    pinauth: PinauthClient, served: ServedWithSandbox
+) -> None:
+    """The login-swapping attack through the client: a link minted for `attacker`,
+    completed in another browser, confirmed for the end user logged in there."""
+    session = await pinauth.create_connect_session("attacker", return_to="/")
+    async with httpx.AsyncClient(base_url=served.base) as victim:
+        landed = await consent_in_sandbox(victim, session.connect_url)
+    with pytest.raises(ConnectResultMismatchError) as refused:
+        await pinauth.confirm_connection(connect_result_of(landed), "victim")
+
+    assert (refused.value.status_code, refused.value.error) == (403, "connect_result_mismatch")
+    assert await all_connections(pinauth, status="pending") == []
+    assert await all_connections(pinauth) == []
 
 
 async def test_connections_follows_cursors_across_pages(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -58,7 +59,33 @@ async def test_the_panel_connects_lists_and_posts_both_ways(
 
     async with httpx.AsyncClient(base_url=served.base) as browser:
         landed = await consent_in_sandbox(browser, connect_url)
-    assert landed.headers["location"] == "/?end_user_id=user_7#backend"
+    location = urlsplit(landed.headers["location"])
+    assert (location.path, location.fragment) == ("/", "backend")  # no end user in the URL
+    [result] = parse_qs(location.query)["pinauth_connect_result"]
+
+    # The page confirms for the end user logged in to the demo app; someone else: 403.
+    refused = await page.post(
+        "/demo/backend/confirm", json={"result": result, "end_user_id": "user_8"}
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "connect_result_mismatch"
+    [confirm_call] = exchanges_of(refused)
+    assert confirm_call["url"] == f"{served.base}/v1/connections/confirm"
+    assert (await page.get("/demo/backend/connections?end_user_id=user_7")).json()[
+        "connections"
+    ] == []
+    minted = await page.post("/demo/backend/connect-sessions", json={"end_user_id": "user_7"})
+    async with httpx.AsyncClient(base_url=served.base) as browser:
+        landed = await consent_in_sandbox(browser, minted.json()["connect_session"]["connect_url"])
+    [result] = parse_qs(urlsplit(landed.headers["location"]).query)["pinauth_connect_result"]
+    confirmed = await page.post(
+        "/demo/backend/confirm", json={"result": result, "end_user_id": "user_7"}
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    assert confirmed.json()["connection"]["status"] == "active"
+    [confirm_call] = exchanges_of(confirmed)
+    assert (confirm_call["method"], confirm_call["status"]) == ("POST", 200)
+    assert '"end_user_id": "user_7"' in confirm_call["request_body"]
 
     listed = await page.get("/demo/backend/connections", params={"end_user_id": "user_7"})
     assert listed.status_code == 200, listed.text

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -206,29 +207,41 @@ def test_the_demo_page_follows_only_same_origin_login_urls(demo_server: str) -> 
             browser.close()
 
 
-def test_a_backend_connects_its_user_and_posts_a_pin(demo_server: str, tmp_path: Path) -> None:
-    """Issue 10 end to end: the backend (this test) mints a connect session, Chromium
-    follows connect_url and approves, and the backend then finds the connection by its
-    end user and creates a pin for it through the proxy, with nothing but its API key."""
-    base = demo_server
+def api_key_of_demo(tmp_path: Path, name: str = "e2e") -> str:
+    """A new API key in the demo's database, made by `pinauth api-keys create`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PINAUTH_", "PINTEREST_"))}
     env["PINAUTH_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"
     created = subprocess.run(
-        [sys.executable, "-m", "pinauth", "api-keys", "create", "--name", "e2e"],
+        [sys.executable, "-m", "pinauth", "api-keys", "create", "--name", name],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    key = created.stdout.splitlines()[-1]
-    backend = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=15)
+    return created.stdout.splitlines()[-1]
+
+
+def test_a_backend_connects_its_user_and_posts_a_pin(demo_server: str, tmp_path: Path) -> None:
+    """Issue 10 end to end: the backend (this test) mints a connect session, Chromium
+    follows connect_url and approves, the backend confirms the result the browser came
+    back with, then finds the connection by its end user and creates a pin for it through
+    the proxy, with nothing but its API key."""
+    key = api_key_of_demo(tmp_path)
+    backend = httpx.Client(
+        base_url=demo_server, headers={"Authorization": f"Bearer {key}"}, timeout=15
+    )
     with backend:
         _connect_and_post_a_pin(backend)
 
 
+def landed_result(url: str) -> str:
+    """The `pinauth_connect_result` of the URL a connect link's browser came back to."""
+    [result] = parse_qs(urlsplit(url).query)["pinauth_connect_result"]
+    return result
+
+
 def _connect_and_post_a_pin(backend: httpx.Client) -> None:
-    minted = backend.post("/v1/connect-sessions", json={"end_user_id": "customer-7"}).json()
     with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -236,21 +249,32 @@ def _connect_and_post_a_pin(backend: httpx.Client) -> None:
             page.set_default_timeout(15_000)
             expect = playwright_sync.expect
 
-            def connect(end_user_id: str, account: str) -> None:
-                minted = backend.post("/v1/connect-sessions", json={"end_user_id": end_user_id})
+            def connect(end_user_id: str, account: str | None = None) -> None:
+                # Back to a page of the app's own (here a path the demo does not serve);
+                # the app, knowing its user is `end_user_id`, confirms.
+                minted = backend.post(
+                    "/v1/connect-sessions",
+                    json={"end_user_id": end_user_id, "return_to": "/app/connected"},
+                )
                 page.goto(minted.json()["connect_url"])
                 expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
-                page.get_by_label(account).check()
+                if account is not None:
+                    page.get_by_label(account).check()
                 page.get_by_role("button", name="Allow").click()
-                expect(page.locator("#username")).to_have_text(account)
+                page.wait_for_url("**/app/connected?pinauth_connect_result=*")
+                confirmed = backend.post(
+                    "/v1/connections/confirm",
+                    json={"result": landed_result(page.url), "end_user_id": end_user_id},
+                )
+                assert confirmed.status_code == 200, confirmed.text
+                assert confirmed.json()["username"] == (account or "sandbox_pinner")
 
-            page.goto(minted["connect_url"])
-            expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
-            page.get_by_role("button", name="Allow").click()
-            expect(page.locator("#username")).to_have_text("sandbox_pinner")
+            connect("customer-7")
             # One end user links a second account; another end user links the first.
             connect("customer-7", "sandbox_studio")
             connect("customer-8", "sandbox_pinner")
+            # The browser got no pinauth session from any of it.
+            assert page.request.get(str(backend.base_url.join("/me"))).status == 401
         finally:
             browser.close()
 
@@ -278,10 +302,13 @@ def _connect_and_post_a_pin(backend: httpx.Client) -> None:
     assert connection["end_user_id"] == "customer-7"
 
 
-def test_the_backend_panel_connects_lists_and_posts_both_ways(demo_server: str) -> None:
+def test_the_backend_panel_connects_lists_and_posts_both_ways(
+    demo_server: str, tmp_path: Path
+) -> None:
     """Issue 11: the demo page's backend panel, walked in Chromium. It mints a connect
-    session, the browser follows it, the panel lists the end user's connections and posts
-    a pin through the server route and through a proxy token, each exchange shown."""
+    session, the browser follows it, the panel confirms the result for its end user, lists
+    the end user's connections and posts a pin through the server route and through a
+    proxy token, each exchange shown."""
     base = demo_server
     with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -309,8 +336,13 @@ def test_the_backend_panel_connects_lists_and_posts_both_ways(demo_server: str) 
             page.get_by_role("link", name="Connect Pinterest as this end user").click()
             expect(page.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
             page.get_by_role("button", name="Allow").click()
-            # Back on the panel, which lists the end user's connections by itself.
+            # Back on the panel, which confirms for its end user and lists their connections.
             expect(page.get_by_label("End user id")).to_have_value("customer-e2e")
+            expect(page.locator("#message")).to_contain_text(
+                "Connected sandbox_pinner for customer-e2e"
+            )
+            expect(exchanges).to_contain_text("/v1/connections/confirm → 200")
+            assert "pinauth_connect_result" not in page.url  # one-time: not kept to reload
             connections = page.locator("#backend-connections li")
             expect(connections).to_have_count(1)
             expect(connections).to_contain_text("sandbox_pinner")
@@ -338,9 +370,16 @@ def test_the_backend_panel_connects_lists_and_posts_both_ways(demo_server: str) 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "demo-backend.png"), full_page=True)
 
-            # Both pins are really there: the browser (signed in by the connect flow)
-            # reads them back through its own cookie session.
-            pins = page.request.get(f"{base}/pinterest/pins?page_size=25").json()["items"]
+            # Both pins are really there, read back by another backend of the app.
+            connection_id = connections.locator("input").get_attribute("value")
+            assert connection_id is not None
+            pins = httpx.get(
+                f"{base}/pinterest/pins?page_size=25",
+                headers={
+                    "Authorization": f"Bearer {api_key_of_demo(tmp_path)}",
+                    "Pinauth-Connection-Id": connection_id,
+                },
+            ).json()["items"]
             titles = {pin["title"] for pin in pins}
             assert {"Pinned by key", "Pinned by proxy token"} <= titles
             content = page.content()
@@ -349,3 +388,76 @@ def test_the_backend_panel_connects_lists_and_posts_both_ways(demo_server: str) 
             assert csp_errors == []
         finally:
             browser.close()
+
+
+def test_a_connect_link_sent_to_someone_else_links_nothing(
+    demo_server: str, tmp_path: Path
+) -> None:
+    """Issue 18.1, the login-swapping attack end to end in Chromium, two browsers. The
+    attacker's browser presses the demo app's own "Connect" for the attacker's end user
+    and sends the link away; the victim's browser, with a pinauth session of its own and
+    the victim logged in to the app, opens it and approves with the victim's Pinterest
+    account. Back on the app, the app's backend confirms the result for its logged-in user,
+    the victim: 403 connect_result_mismatch, and nothing is kept for anyone. The victim's
+    own pinauth session is untouched throughout."""
+    base = demo_server
+    key = api_key_of_demo(tmp_path)
+    backend = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=15)
+    with playwright_sync.sync_playwright() as p, backend:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            expect = playwright_sync.expect
+            attacker = browser.new_context().new_page()
+            victim = browser.new_context().new_page()
+            for page in (attacker, victim):
+                page.set_default_timeout(15_000)
+
+            # The victim: logged in to the app as "victim", and to pinauth on their own.
+            victim.goto(f"{base}/")
+            victim.get_by_label("End user id").fill("victim")
+            victim.get_by_label("End user id").dispatch_event("change")
+            victim.get_by_role("link", name="Connect Pinterest", exact=True).click()
+            victim.get_by_role("button", name="Allow").click()
+            expect(victim.locator("#username")).to_have_text("sandbox_pinner")
+            own = victim.request.get(f"{base}/me").json()
+            own_cookies = victim.context.cookies()
+
+            # The attacker mints a link for their own end user and sends it.
+            attacker.goto(f"{base}/")
+            attacker.get_by_label("End user id").fill("attacker")
+            attacker.get_by_role("button", name="Mint connect session").click()
+            link = attacker.get_by_role("link", name="Connect Pinterest as this end user")
+            expect(link).to_be_visible()
+            connect_url = link.get_attribute("href")
+            assert connect_url is not None
+
+            # The victim approves on the genuine consent page, with their own account.
+            victim.goto(connect_url)
+            expect(victim.get_by_role("heading", name="Connect to Pinterest")).to_be_visible()
+            victim.get_by_label("sandbox_pinner").check()
+            victim.get_by_role("button", name="Allow").click()
+            expect(victim.locator("#message")).to_contain_text("connect_result_mismatch")
+            expect(victim.locator("#backend-exchanges")).to_contain_text(
+                "/v1/connections/confirm → 403"
+            )
+            expect(victim.locator("#username")).to_have_text("sandbox_pinner")
+            after = victim.request.get(f"{base}/me").json()
+            after_cookies = victim.context.cookies()
+
+            # The attacker's side finds nothing, whatever they try.
+            attacker.get_by_role("button", name="List connections").click()
+            expect(attacker.locator("#backend-no-connections")).to_be_visible()
+        finally:
+            browser.close()
+
+        of_attacker = backend.get("/v1/connections", params={"end_user_id": "attacker"})
+        pending = backend.get("/v1/connections", params={"status": "pending"})
+        everything = backend.get("/v1/connections")
+
+    assert after == own
+    assert [c for c in after_cookies if c["name"] == "pinauth_session"] == [
+        c for c in own_cookies if c["name"] == "pinauth_session"
+    ]
+    assert of_attacker.json()["items"] == []
+    assert pending.json()["items"] == []
+    assert [c["id"] for c in everything.json()["items"]] == [own["connection_id"]]

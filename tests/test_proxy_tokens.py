@@ -35,6 +35,7 @@ from tests.helpers import (
     browsers,
     connect_end_user,
     create_api_key,
+    log_in_as,
     make_settings,
 )
 
@@ -254,9 +255,9 @@ async def test_a_proxy_token_alongside_a_session_cookie_is_still_refused_on_me(
     key = await create_api_key(settings)
     async with browsers(settings, pinterest, 2) as [backend, ada]:
         backend.headers["Authorization"] = f"Bearer {key}"
-        ada_id = await connect_end_user(
-            backend, ada, pinterest, "u-ada", ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT"
-        )
+        # A browser's own login: connect-session logins give the browser no session.
+        await log_in_as(ada, pinterest, ADA, ADA_ACCESS, "pinr_REFRESH-ADA-PT")
+        ada_id = (await ada.get("/me")).json()["connection_id"]
         token = await mint(backend, ada_id)
         with_cookie_only = await ada.get("/me")
         with_both = await ada.get("/me", headers=bearer(token))

@@ -103,8 +103,8 @@ async def test_api_keys_and_connect_sessions_never_leak(
     settings: Settings, pinterest: respx.MockRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Guards the app's own credentials: after creation, an API key, a connect-session
-    token and a proxy token appear in no response, log line, metric or database column
-    in plain text (the proxy token used, refused and expired included)."""
+    token, a connect result and a proxy token appear in no response, log line, metric or
+    database column in plain text (the proxy token used, refused and expired included)."""
     caplog.set_level(logging.DEBUG)
     key = await create_api_key(settings)
     bodies: list[str] = []
@@ -121,8 +121,18 @@ async def test_api_keys_and_connect_sessions_never_leak(
         state = parse_qs(urlsplit(login.headers["location"]).query)["state"][0]
         mock_login_upstream(pinterest)
         callback = await browser.get("/auth/callback", params={"code": "c", "state": state})
+        # The connect result is handed to the browser once (in this Location), then only
+        # its hash exists.
+        landed = parse_qs(urlsplit(callback.headers["location"]).query)
+        connect_result = landed["pinauth_connect_result"][0]
+        confirmed = await backend.post(
+            "/v1/connections/confirm", json={"result": connect_result, "end_user_id": "u1"}
+        )
         for response in (
-            callback,
+            confirmed,
+            await backend.post(
+                "/v1/connections/confirm", json={"result": connect_result, "end_user_id": "u1"}
+            ),
             await browser.get("/auth/login", params={"connect_session": token}),  # used
             await browser.get("/me"),
             await backend.get("/v1/connections"),
@@ -130,8 +140,7 @@ async def test_api_keys_and_connect_sessions_never_leak(
             await backend.get("/pinterest/boards"),
         ):
             bodies.append(str(response.headers) + response.text)
-        me = await browser.get("/me")
-        connection_id = me.json()["connection_id"]
+        connection_id = confirmed.json()["id"]
         minted_proxy = await backend.post(f"/v1/connections/{connection_id}/proxy-tokens")
         proxy_token = minted_proxy.json()["token"]
         as_proxy = {"Authorization": f"Bearer {proxy_token}"}
@@ -161,7 +170,7 @@ async def test_api_keys_and_connect_sessions_never_leak(
         for record in caplog.records
         if not (record.name == "httpx" and f" {SERVICE}/" in record.getMessage())
     )
-    for secret in (key, token, unused_token, proxy_token):
+    for secret in (key, token, unused_token, proxy_token, connect_result):
         assert secret.encode() not in raw, f"{secret} stored in plaintext"
         assert secret not in logs, f"{secret} logged"
         for body in bodies:

@@ -65,6 +65,7 @@ from tests.helpers import (
     expire_refresh_leases,
     free_port,
     log_in,
+    log_in_as,
     make_settings,
     refuse_token_writes,
     run_client,
@@ -319,9 +320,9 @@ async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockR
         first = await connect_end_user(
             backend, ada, pinterest, "user_1", USER_ACCOUNT, ACCESS_1, REFRESH_1
         )
-        second = await connect_end_user(
-            backend, grace, pinterest, "user_2", USER_ACCOUNT, ACCESS_2, REFRESH_2
-        )
+        # A browser's own login, which the browser then disconnects.
+        await log_in_as(grace, pinterest, USER_ACCOUNT, ACCESS_2, REFRESH_2)
+        second = (await grace.get("/me")).json()["connection_id"]
         assert (await backend.delete(f"/v1/connections/{first}")).status_code == 204
         disconnect = await grace.delete("/auth/connection", headers={"Origin": SERVICE})
         assert disconnect.status_code == 204, disconnect.text
@@ -330,6 +331,7 @@ async def test_deletes_report_deleted(settings: Settings, pinterest: respx.MockR
     deleted = [e for e in events if e.type == "connection.deleted"]
     assert [e.connection_id for e in deleted] == [first, second]
     assert json.loads(deleted[0].body)["data"]["connection"]["end_user_id"] == "user_1"
+    assert json.loads(deleted[1].body)["data"]["connection"]["end_user_id"] is None
 
 
 # An outbox that refuses every event: a real error from the real database, raised by the

@@ -1,7 +1,7 @@
 """Proxy tokens get a public id (`pt_…`), so that one can be revoked by name.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-08
 
 Tokens already minted get an id here, as connections did in 0002; a token's hash stays
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0009"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -117,7 +117,7 @@ def create_app(
                 settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
             ),
             api_keys=api_keys,
-            connect_sessions=ConnectSessions(settings, sessionmaker),
+            connect_sessions=ConnectSessions(settings, sessionmaker, cache),
             connections=connections,
             tokens=tokens,
             proxy=ProxyService(

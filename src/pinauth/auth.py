@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
-from pinauth.connect import connect_session_hash
+from pinauth.connect import CONNECT_RESULT_PARAMETER, connect_session_hash, new_connect_result
 from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
 from pinauth.errors import (
     AccessDenied,
@@ -27,12 +27,13 @@ from pinauth.errors import (
     InvalidRequest,
     InvalidState,
 )
-from pinauth.frontend import PublicOrigin, with_error
-from pinauth.models import AuthSession, Connection, ConnectionStatus, LoginState
+from pinauth.frontend import PublicOrigin, with_error, with_parameter
+from pinauth.models import AuthSession, Connection, ConnectionStatus, ConnectResult, LoginState
 from pinauth.pinterest.api import PinterestAccount, PinterestAPI
 from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
 from pinauth.repository import (
     ConnectionRepository,
+    ConnectResultRepository,
     ConnectSessionRepository,
     LoginStateRepository,
     SessionRepository,
@@ -67,7 +68,8 @@ class LoginStart:
 
 @dataclass(frozen=True, slots=True)
 class LoginResult:
-    session_cookie: str
+    # None for a connect session's login: that browser gets no session (see connect.py).
+    session_cookie: str | None
     redirect_to: str
 
 
@@ -243,6 +245,15 @@ class AuthService:
             raise InvalidRequest("The callback has no code parameter.")
         tokens = await self._oauth.exchange_code(code)
         account = await self._api.user_account(tokens.access_token)
+        if end_user_id is not None:
+            # A connect session's login: pending until the app's backend confirms it, and
+            # this browser's own session (if any) stays exactly as it was.
+            result = await self._store_connect_login(account, tokens, end_user_id)
+            log.info("connect session login as Pinterest user %s awaits confirmation", account.id)
+            return LoginResult(
+                session_cookie=None,
+                redirect_to=with_parameter(payload.return_to, CONNECT_RESULT_PARAMETER, result),
+            )
         session_id = secrets.token_urlsafe(32)
         connection_id = await self._store_login(
             account, tokens, end_user_id, digest(session_id), previous_session_cookie
@@ -298,6 +309,70 @@ class AuthService:
             for ended in (*evicted, *([previous] if previous is not None else [])):
                 self._cache.forget_session(ended)
             return connection.public_id
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _store_connect_login(
+        self, account: PinterestAccount, tokens: TokenSet, end_user_id: str
+    ) -> str:
+        """Record a connect session's login for the backend to confirm; the one-time result.
+
+        Nothing anyone uses changes here. A new (end user, account) pair is inserted
+        pending; a pending row of the pair (an earlier unconfirmed attempt, which nothing
+        serves) takes the new tokens; an existing connection keeps serving its old tokens
+        while the new ones wait, encrypted, in the result.
+        """
+        result = new_connect_result()
+        ttl = timedelta(seconds=self._settings.connect_result_ttl_seconds)
+        scopes = ",".join(tokens.scopes if tokens.scopes is not None else self._settings.scopes)
+        for attempt in range(LOGIN_STORE_ATTEMPTS):
+            try:
+                async with self._sessionmaker() as db, db.begin():
+                    connections = ConnectionRepository(db)
+                    pending = ConnectResult(
+                        result_hash=digest(result),
+                        end_user_id=end_user_id,
+                        expires_at=datetime.now(UTC) + ttl,
+                    )
+                    connection = await connections.get_by_owner(end_user_id, account.id)
+                    if connection is None:
+                        connection = Connection(
+                            end_user_id=end_user_id,
+                            pinterest_user_id=account.id,
+                            username=account.username,
+                            scopes=scopes,
+                            refresh_token_encrypted=None,
+                            refresh_token_expires_at=None,
+                        )
+                        apply_token_set(connection, tokens, self._cipher)
+                        connection.status = ConnectionStatus.PENDING
+                        await connections.add(connection)
+                    elif connection.status is ConnectionStatus.PENDING:
+                        connection.username = account.username
+                        connection.scopes = scopes
+                        connection.refresh_token_encrypted = None
+                        connection.refresh_token_expires_at = None
+                        apply_token_set(connection, tokens, self._cipher)
+                        connection.status = ConnectionStatus.PENDING
+                        await db.flush()
+                    else:
+                        pending.username = account.username
+                        pending.scopes = scopes
+                        pending.access_token_encrypted = self._cipher.encrypt(tokens.access_token)
+                        pending.access_token_expires_at = tokens.access_token_expires_at
+                        if tokens.refresh_token is not None:
+                            pending.refresh_token_encrypted = self._cipher.encrypt(
+                                tokens.refresh_token
+                            )
+                            pending.refresh_token_expires_at = tokens.refresh_token_expires_at
+                    pending.connection_id = connection.id
+                    await ConnectResultRepository(db).add(pending)
+            except (IntegrityError, StaleDataError):
+                # Two attempts of one pair finished together: the first insert wins, the
+                # others read the (pending) row again and renew it, each with its result.
+                if attempt == LOGIN_STORE_ATTEMPTS - 1:
+                    raise
+                continue
+            return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _upsert_connection(

@@ -2,7 +2,9 @@
 
     async with PinauthClient("https://pinauth.example.com", api_key) as pinauth:
         session = await pinauth.create_connect_session("user_42", return_to="/settings")
-        # ... send the end user's browser to session.connect_url ...
+        # ... send the end user's browser to session.connect_url; it comes back to
+        # /settings?pinauth_connect_result=…, where your app knows who is logged in:
+        connection = await pinauth.confirm_connection(result, end_user_id="user_42")
         async for connection in pinauth.connections(end_user_id="user_42"):
             boards = await pinauth.request(connection.id, "GET", "/boards")
 
@@ -43,9 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "ConnectResultMismatchError",
     "ConnectSession",
     "Connection",
     "ConnectionNotFoundError",
+    "InvalidConnectResultError",
     "PinauthAPIError",
     "PinauthClient",
     "PinauthClientError",
@@ -154,6 +158,15 @@ class ProxyTokenNotFoundError(PinauthAPIError):
     that cannot be one of pinauth's (they look like `pt_…`)."""
 
 
+class InvalidConnectResultError(PinauthAPIError):
+    """The connect result is unknown, expired or already used: `invalid_connect_result`."""
+
+
+class ConnectResultMismatchError(PinauthAPIError):
+    """The connect result belongs to another end user's connect session (someone else
+    completed that link): `connect_result_mismatch`. pinauth discarded what it made."""
+
+
 class ReauthorizationRequiredError(PinauthAPIError):
     """Pinterest no longer accepts the connection's tokens: the end user must connect
     again. Mint a new connect session for `end_user_id` (None for a browser-only login)
@@ -199,6 +212,8 @@ _PINAUTH_ERRORS: dict[str, type[PinauthAPIError]] = {
     "connection_not_found": ConnectionNotFoundError,
     "proxy_token_not_found": ProxyTokenNotFoundError,
     "reauthorization_required": ReauthorizationRequiredError,
+    "invalid_connect_result": InvalidConnectResultError,
+    "connect_result_mismatch": ConnectResultMismatchError,
 }
 
 
@@ -401,13 +416,31 @@ class PinauthClient:
 
         Send the end user's browser to the result's `connect_url`; after consent it lands
         on `return_to` (a relative path or an allowed origin; default pinauth's
-        PINAUTH_FRONTEND_URL). Connecting the same account again renews the connection.
+        PINAUTH_FRONTEND_URL) with `?pinauth_connect_result=…`, which counts only once
+        `confirm_connection` presents it for the end user logged in to your app there.
+        Connecting the same account again renews the connection, once confirmed.
         """
         body: dict[str, Any] = {"end_user_id": end_user_id}
         if return_to is not None:
             body["return_to"] = return_to
         response = await self._send("POST", "/v1/connect-sessions", json=body)
         return ConnectSession.from_json(self._json(response))
+
+    async def confirm_connection(self, result: str, end_user_id: str) -> Connection:
+        """Confirm a connect session's login: `result` is the `pinauth_connect_result` the
+        browser came back with, `end_user_id` the user logged in to your app in it.
+
+        Returns the connection, now active. ConnectResultMismatchError if the connect
+        session was minted for another end user (whoever completed the link is not your
+        logged-in user: nothing is linked); InvalidConnectResultError for an unknown,
+        used or expired result.
+        """
+        response = await self._send(
+            "POST",
+            "/v1/connections/confirm",
+            json={"result": result, "end_user_id": end_user_id},
+        )
+        return Connection.from_json(self._json(response))
 
     async def connections(
         self,

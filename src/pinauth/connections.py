@@ -30,13 +30,14 @@ class ConnectionService:
         self._cursors = cursors
 
     async def get(self, public_id: str) -> Connection:
-        """The connection, from the cache on the hot path; ConnectionNotFound if none."""
+        """The connection to act for, from the cache on the hot path; ConnectionNotFound if
+        none, or if it is pending (nobody may act for it before the backend confirms it)."""
         cached = self._cache.cached_connection(public_id)
         if cached is not None:
             return cached
         async with self._sessionmaker() as db:
             connection = await ConnectionRepository(db).get(public_id)
-        if connection is None:
+        if connection is None or connection.status is ConnectionStatus.PENDING:
             raise ConnectionNotFound()
         self._cache.remember_connection(connection)
         return connection
@@ -84,8 +85,10 @@ class ConnectionService:
             stored = await connections.get(public_id)
             if stored is None:
                 raise ConnectionNotFound()
-            # First: the event's sequence is counted on the row the delete removes.
-            await record_event(db, EventType.DELETED, stored)
+            # The app never heard of a pending connection (no connection.created). The
+            # event goes first: its sequence is counted on the row the delete removes.
+            if stored.status is not ConnectionStatus.PENDING:
+                await record_event(db, EventType.DELETED, stored)
             await connections.delete(stored)
         # After the commit, so that a load or refresh that read the row before the delete
         # is older than the forgetting; the tombstone stops it caching the row again.

@@ -162,6 +162,10 @@ class DemoBackend:
             lambda client: client.create_connect_session(end_user_id, return_to=return_to)
         )
 
+    async def confirm(self, result: str, end_user_id: str) -> tuple[Connection, list[Exchange]]:
+        """Confirm a connect session's login for the end user logged in to the app."""
+        return await self._run(lambda client: client.confirm_connection(result, end_user_id))
+
     async def connections(self, end_user_id: str) -> tuple[list[Connection], list[Exchange]]:
         async def step(client: PinauthClient) -> list[Connection]:
             return [c async for c in client.connections(end_user_id=end_user_id)]

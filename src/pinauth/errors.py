@@ -215,6 +215,26 @@ class InvalidConnectSession(PinauthError):
     )
 
 
+class InvalidConnectResult(PinauthError):
+    status_code = 400
+    code = "invalid_connect_result"
+    default_message = (
+        "This connect result is unknown, expired or already used; the end user has to "
+        "connect again through a new connect session."
+    )
+
+
+class ConnectResultMismatch(PinauthError):
+    """A connect result confirmed for another end user than its connect session's."""
+
+    status_code = 403
+    code = "connect_result_mismatch"
+    default_message = (
+        "This connect result belongs to a connect session minted for another end user; "
+        "its connection was discarded, and nothing was linked to anyone."
+    )
+
+
 class ConnectionNotFound(PinauthError):
     status_code = 404
     code = "connection_not_found"

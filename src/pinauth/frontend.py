@@ -34,11 +34,14 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 def with_error(url: str, code: str) -> str:
     """`url` with `pinauth_error=<code>` in its query, replacing any it had."""
+    return with_parameter(url, ERROR_PARAMETER, code)
+
+
+def with_parameter(url: str, name: str, value: str) -> str:
+    """`url` with `name=<value>` in its query, replacing any it had, keeping the rest."""
     parts = urlsplit(url)
-    query = [
-        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != ERROR_PARAMETER
-    ]
-    query.append((ERROR_PARAMETER, code))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name]
+    query.append((name, value))
     # "https://app.example" is "https://app.example/" to a browser; say so.
     path = parts.path or ("/" if parts.netloc else "")
     return urlunsplit(parts._replace(path=path, query=urlencode(query)))

@@ -1,4 +1,5 @@
-"""Housekeeping: a background task that deletes expired sessions, logins and proxy tokens.
+"""Housekeeping: a background task that deletes expired sessions, logins and proxy tokens,
+and the pending connections of connect sessions nobody confirmed in time.
 
 Expired rows are already refused wherever they are read; deleting them keeps the
 tables (and their indexes) the size of what is live. Every replica runs the task;
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from pinauth.background import BackgroundLoop
 from pinauth.errors import DatabaseUnavailable
 from pinauth.repository import (
+    ConnectResultRepository,
     LoginStateRepository,
     ProxyTokenRepository,
     SessionRepository,
@@ -39,6 +41,8 @@ class Purged:
     login_states: int
     proxy_tokens: int = 0
     webhook_events: int = 0
+    pending_connections: int = 0
+    connect_results: int = 0
 
 
 class ExpiredRowPurger(BackgroundLoop):
@@ -62,12 +66,16 @@ class ExpiredRowPurger(BackgroundLoop):
         self.first_pass_done = asyncio.Event()
 
     async def purge_once(self) -> Purged:
-        """Delete every session, pending login and proxy token expired by the clock's now."""
+        """Delete every session, pending login, proxy token and connect result expired by
+        the clock's now, and the pending connections none of their results can confirm."""
         now = self._clock()
         async with self._sessionmaker() as db, db.begin():
             sessions = await SessionRepository(db).delete_expired(now)
             login_states = await LoginStateRepository(db).delete_expired(now)
             proxy_tokens = await ProxyTokenRepository(db).delete_expired(now)
+            # Unconfirmed connect-session logins: their connections and tokens, attached
+            # to nobody, and the waiting tokens of unconfirmed reconnects.
+            pending, results = await ConnectResultRepository(db).delete_expired(now)
             # The outbox is history once nothing can retry an event: kept this long for
             # `pinauth webhooks list` and /v1/webhook-events, then gone.
             events = await WebhookEventRepository(db).delete_retired(now - WEBHOOK_RETENTION)
@@ -76,6 +84,8 @@ class ExpiredRowPurger(BackgroundLoop):
             login_states=login_states,
             proxy_tokens=proxy_tokens,
             webhook_events=events,
+            pending_connections=pending,
+            connect_results=results,
         )
 
     async def _run(self) -> None:
@@ -95,11 +105,14 @@ class ExpiredRowPurger(BackgroundLoop):
                 if any(astuple(purged)):
                     log.info(
                         "purged %d expired sessions, %d expired pending logins, "
-                        "%d expired proxy tokens and %d retired webhook events",
+                        "%d expired proxy tokens, %d retired webhook events, "
+                        "%d unconfirmed connections and %d expired connect results",
                         purged.sessions,
                         purged.login_states,
                         purged.proxy_tokens,
                         purged.webhook_events,
+                        purged.pending_connections,
+                        purged.connect_results,
                     )
             self.passes += 1
             self.first_pass_done.set()

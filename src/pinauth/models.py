@@ -62,6 +62,9 @@ class Base(DeclarativeBase):
 class ConnectionStatus(enum.StrEnum):
     ACTIVE = "active"
     REAUTHORIZATION_REQUIRED = "reauthorization_required"
+    # Made through a connect session and not yet confirmed by the app's backend
+    # (POST /v1/connections/confirm): never served, listed only when asked for.
+    PENDING = "pending"
 
 
 CONNECTION_ID_PREFIX = "conn_"
@@ -250,6 +253,38 @@ class ConnectSession(Base):
     end_user_id: Mapped[str] = mapped_column(String(255))
     return_to: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ConnectResult(Base):
+    """The outcome of a connect session's login, waiting for the app's backend to confirm it.
+
+    A connect link is a bearer link: whoever completes it picks the Pinterest account.
+    Only the app knows who is logged in to it, so the login's result is handed back to the
+    browser (one-time, stored only as a hash) and counts only once the app confirms it
+    for the end user the connect session was minted for.
+
+    For a new connection, `connection_id` is a row in status pending and the token
+    columns are empty. For a reconnect of an existing connection, that row keeps serving
+    its old tokens, and the new login's tokens wait here (encrypted) until confirmation.
+    Deleting the connection deletes its results; deleting a result of a reconnect is what
+    drops its token set.
+    """
+
+    __tablename__ = "connect_results"
+
+    result_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    end_user_id: Mapped[str] = mapped_column(String(255))
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), index=True
+    )
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    # A reconnect's new login, applied to the connection on confirmation.
+    username: Mapped[str | None] = mapped_column(String(255))
+    scopes: Mapped[str | None] = mapped_column(Text)
+    access_token_encrypted: Mapped[str | None] = mapped_column(Text)
+    refresh_token_encrypted: Mapped[str | None] = mapped_column(Text)
+    access_token_expires_at: Mapped[datetime | None]
+    refresh_token_expires_at: Mapped[datetime | None]
 
 
 class ProxyToken(Base):

@@ -27,7 +27,13 @@ from pinauth.cache import ConnectionCache
 from pinauth.connections import ConnectionService
 from pinauth.crypto import digest
 from pinauth.errors import ConnectionNotFound, InvalidProxyToken, ProxyTokenNotFound
-from pinauth.models import PROXY_TOKEN_ID_PREFIX, Connection, ProxyToken, new_public_id
+from pinauth.models import (
+    PROXY_TOKEN_ID_PREFIX,
+    Connection,
+    ConnectionStatus,
+    ProxyToken,
+    new_public_id,
+)
 from pinauth.repository import ConnectionRepository, ProxyTokenRepository
 
 log = logging.getLogger(__name__)
@@ -90,7 +96,8 @@ class ProxyTokenService:
         try:
             async with self._sessionmaker() as db, db.begin():
                 connection = await ConnectionRepository(db).get(public_id)
-                if connection is None:
+                # A pending connection acts for nobody until the backend confirms it.
+                if connection is None or connection.status is ConnectionStatus.PENDING:
                     raise ConnectionNotFound()
                 await ProxyTokenRepository(db).add(
                     ProxyToken(

@@ -17,6 +17,7 @@ from pinauth.models import (
     Connection,
     ConnectionStatus,
     ConnectionSummary,
+    ConnectResult,
     ConnectSession,
     LoginState,
     ProxyToken,
@@ -39,6 +40,9 @@ class ConnectionRepository:
     async def get(self, public_id: str) -> Connection | None:
         stmt = select(Connection).where(Connection.public_id == public_id)
         return (await self._db.execute(stmt)).scalar_one_or_none()
+
+    async def get_by_id(self, key: int) -> Connection | None:
+        return await self._db.get(Connection, key)
 
     async def versions(self, public_ids: list[str]) -> dict[str, int]:
         """Public id -> row version of those of `public_ids` that exist."""
@@ -173,6 +177,9 @@ class ConnectionRepository:
             stmt = stmt.where(Connection.end_user_id == end_user_id)
         if status is not None:
             stmt = stmt.where(Connection.status == status)
+        else:
+            # Unconfirmed connections are listed only when asked for by their status.
+            stmt = stmt.where(Connection.status != ConnectionStatus.PENDING)
         if after is not None:
             stmt = stmt.where(Connection.id > after)
         return stmt
@@ -402,6 +409,67 @@ class ConnectSessionRepository:
             delete(ConnectSession).where(ConnectSession.expires_at <= now)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class ConnectResultRepository:
+    def __init__(self, db: AsyncSession) -> None:
+        self._db = db
+
+    async def add(self, result: ConnectResult) -> None:
+        self._db.add(result)
+        await self._db.flush()
+
+    async def consume(self, result_hash: str, now: datetime) -> ConnectResult | None:
+        """Delete a live result and return it; None for everyone but the one caller that
+        deleted it (a single DELETE … RETURNING is atomic everywhere)."""
+        r = ConnectResult
+        stmt = (
+            delete(r)
+            .where(r.result_hash == result_hash, r.expires_at > now)
+            .returning(
+                r.end_user_id,
+                r.connection_id,
+                r.expires_at,
+                r.username,
+                r.scopes,
+                r.access_token_encrypted,
+                r.refresh_token_encrypted,
+                r.access_token_expires_at,
+                r.refresh_token_expires_at,
+            )
+        )
+        row = (await self._db.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return ConnectResult(result_hash=result_hash, **row._asdict())
+
+    async def delete_expired(self, now: datetime) -> tuple[int, int]:
+        """Delete the pending connections no live result can confirm any more (with their
+        tokens, sessions-free by construction), then the expired results; both counts.
+
+        A pending row another login is renewing meanwhile comes with a new live result
+        in the same transaction, so it is either seen with it or not seen at all.
+        """
+        live = (
+            select(ConnectResult.result_hash)
+            .where(
+                ConnectResult.connection_id == Connection.id,
+                ConnectResult.expires_at > now,
+            )
+            .exists()
+        )
+        connections = await self._db.execute(
+            delete(Connection)
+            .where(Connection.status == ConnectionStatus.PENDING, ~live)
+            .execution_options(synchronize_session=False)
+        )
+        results = await self._db.execute(
+            delete(ConnectResult).where(ConnectResult.expires_at <= now)
+        )
+        return (
+            int(connections.rowcount),  # type: ignore[attr-defined]
+            int(results.rowcount),  # type: ignore[attr-defined]
+        )
 
 
 class ProxyTokenRepository:

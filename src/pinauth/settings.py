@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     connect_session_ttl_seconds: int = Field(
         1800, gt=0, le=86400, validation_alias="PINAUTH_CONNECT_SESSION_TTL"
     )
+    # How long the app's backend has to confirm a connect session's login
+    # (POST /v1/connections/confirm) before the pending connection is deleted.
+    connect_result_ttl_seconds: int = Field(
+        600, gt=0, le=86400, validation_alias="PINAUTH_CONNECT_RESULT_TTL"
+    )
     # Refresh this long before the access token expires, so a request never races expiry.
     refresh_margin_seconds: int = Field(300, ge=0, validation_alias="PINAUTH_REFRESH_MARGIN")
     http_connect_timeout: float = Field(5.0, gt=0, validation_alias="PINAUTH_HTTP_CONNECT_TIMEOUT")

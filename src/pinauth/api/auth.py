@@ -118,7 +118,9 @@ async def login(
     response_class=RedirectResponse,
     responses={
         303: {
-            "description": "Logged in: redirect to return_to with a session cookie. Failed: "
+            "description": "Logged in: redirect to return_to with a session cookie; through a "
+            "connect session, with `?pinauth_connect_result=<one-time value>` for the app's "
+            "backend to confirm (POST /v1/connections/confirm) and no session cookie. Failed: "
             "redirect to return_to (or PINAUTH_FRONTEND_URL) with `?pinauth_error=<code>`; "
             "the errors below are answered as JSON only to `Accept: application/json`."
         },
@@ -177,9 +179,14 @@ async def callback(
     response = RedirectResponse(
         result.redirect_to, status_code=status.HTTP_303_SEE_OTHER, headers=_VARY_ACCEPT
     )
-    _set_cookie(
-        response, settings, SESSION_COOKIE, result.session_cookie, settings.session_max_age_seconds
-    )
+    if result.session_cookie is not None:
+        _set_cookie(
+            response,
+            settings,
+            SESSION_COOKIE,
+            result.session_cookie,
+            settings.session_max_age_seconds,
+        )
     _clear_cookie(response, settings, LOGIN_COOKIE)
     return response
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import JSONResponse
@@ -27,6 +26,12 @@ _SOME_TEXT = Field(max_length=1_000)
 
 class MintRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    end_user_id: Annotated[str, _SOME_TEXT]
+
+
+class ConfirmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    result: Annotated[str, _SOME_TEXT]
     end_user_id: Annotated[str, _SOME_TEXT]
 
 
@@ -70,14 +75,29 @@ def demo_backend_router(backend: DemoBackend) -> APIRouter:
 
     @router.post("/connect-sessions")
     async def mint(body: MintRequest) -> JSONResponse:
-        """Mint a connect session for an end user; the browser comes back to the panel."""
-        return_to = "/?" + urlencode({"end_user_id": body.end_user_id}) + "#backend"
+        """Mint a connect session for an end user; the browser comes back to the panel.
+
+        The end user is not in return_to: the page confirms the result for the end user
+        logged in to the demo app in the browser that comes back (its own storage), so a
+        link sent to someone else is refused, as it must be in any app."""
+        return_to = "/#backend"
         try:
             session, exchanges = await backend.mint_connect_session(body.end_user_id, return_to)
         except DemoBackendFailed as e:
             return _failed(e)
         minted = {"connect_url": session.connect_url, "expires_at": session.expires_at.isoformat()}
         return _ok({"connect_session": minted}, exchanges, status.HTTP_201_CREATED)
+
+    @router.post("/confirm")
+    async def confirm(body: ConfirmRequest) -> JSONResponse:
+        """Confirm the browser's `pinauth_connect_result` for the end user logged in to the
+        app (in the demo, the one in the panel); anyone else gets 403 from pinauth."""
+        try:
+            connection, exchanges = await backend.confirm(body.result, body.end_user_id)
+        except DemoBackendFailed as e:
+            return _failed(e)
+        confirmed = {"id": connection.id, "username": connection.username}
+        return _ok({"connection": confirmed | {"status": connection.status}}, exchanges)
 
     @router.get("/connections")
     async def connections(

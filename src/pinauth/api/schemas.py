@@ -186,6 +186,21 @@ class ConnectSessionResponse(BaseModel):
     expires_at: datetime
 
 
+class ConnectResultConfirmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    result: str = Field(
+        min_length=1,
+        max_length=256,
+        description="The `pinauth_connect_result` the browser came back to return_to with.",
+        examples=["pinauth_cr_…"],
+    )
+    end_user_id: EndUserId = Field(
+        description="The end user logged in to your app in the browser that came back; "
+        "must be the connect session's."
+    )
+
+
 class ConnectionObject(BaseModel):
     id: str = Field(examples=["conn_6kq3w2rj5vb4oj2y5c7nbb3xqe"])
     end_user_id: str | None = Field(

@@ -10,6 +10,7 @@ from pinauth.api.deps import ServicesDep, require_api_key
 from pinauth.api.schemas import (
     ConnectionObject,
     ConnectionPage,
+    ConnectResultConfirmRequest,
     ConnectSessionRequest,
     ConnectSessionResponse,
     EndUserId,
@@ -19,8 +20,10 @@ from pinauth.api.schemas import (
 )
 from pinauth.errors import (
     ConnectionNotFound,
+    ConnectResultMismatch,
     DatabaseUnavailable,
     InvalidApiKey,
+    InvalidConnectResult,
     InvalidCursor,
     PinauthError,
     ProxyTokenNotAllowed,
@@ -78,6 +81,38 @@ async def create_connect_session(
     )
 
 
+@router.post(
+    "/connections/confirm",
+    response_model=ConnectionObject,
+    responses={
+        200: {
+            "description": "Confirmed: the connection, now `active` (`connection.created` "
+            "sent), or renewed with the new login's tokens for a reconnect."
+        },
+        **error_responses(
+            *BACKEND_ERRORS, InvalidConnectResult, ConnectResultMismatch, UnprocessableRequest
+        ),
+    },
+)
+async def confirm_connection(
+    services: ServicesDep, body: ConnectResultConfirmRequest
+) -> ConnectionObject:
+    """Confirm a connect session's login for the end user logged in to your app.
+
+    The browser comes back to the connect session's return_to with
+    `?pinauth_connect_result=…`; send that value with the end user logged in to your app in
+    that browser. The connection counts only then: until confirmed it is `pending` (not
+    listed unless asked for, not proxied, no proxy token, no webhook; a reconnect keeps
+    serving its old tokens). For another end user than the connect session's, the answer
+    is `403 connect_result_mismatch` and what the login made is discarded: whoever
+    completed the link was not your logged-in user.
+    """
+    connection = await services.connect_sessions.confirm(body.result, body.end_user_id)
+    return ConnectionObject.of(
+        connection, next_refresh_at=next_refresh_at(connection, services.settings)
+    )
+
+
 @router.get(
     "/connections",
     response_model=ConnectionPage,
@@ -93,7 +128,10 @@ async def list_connections(
         Query(description="`next_cursor` of the previous page, with the same filters."),
     ] = None,
 ) -> ConnectionPage:
-    """Connections, oldest first, optionally of one end user or in one status."""
+    """Connections, oldest first, optionally of one end user or in one status.
+
+    Pending connections (awaiting POST /v1/connections/confirm) are listed only with
+    `status=pending`."""
     rows, next_cursor = await services.connections.page(
         limit=limit, cursor=cursor, end_user_id=end_user_id, status=connection_status
     )

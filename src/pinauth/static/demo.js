@@ -215,6 +215,8 @@ function connectionItem(connection, checked) {
   return li;
 }
 
+const END_USER_KEY = "pinauth-demo-end-user";
+
 function endUserId() {
   return $("backend-mint").elements.end_user_id.value.trim();
 }
@@ -235,9 +237,13 @@ async function startBackend() {
   }
   $("backend").hidden = false;
   const mint = $("backend-mint");
-  const returning = new URLSearchParams(location.search).get("end_user_id");
-  if (returning) mint.elements.end_user_id.value = returning;
+  // The demo app's "logged-in user" lives in this browser's storage, as an app's session
+  // would: never in a URL, which anyone can send to anyone.
+  const field = mint.elements.end_user_id;
+  field.value = localStorage.getItem(END_USER_KEY) || field.value;
+  field.addEventListener("change", () => localStorage.setItem(END_USER_KEY, endUserId()));
   mint.addEventListener("submit", busy(mint.querySelector("button"), async () => {
+    localStorage.setItem(END_USER_KEY, endUserId());
     const data = await backendStep("POST", "/demo/backend/connect-sessions",
                                    { end_user_id: endUserId() });
     // From our own backend, not from Pinterest; still, only ever a web address.
@@ -273,9 +279,29 @@ async function startBackend() {
       button.disabled = false;
     }
   });
-  if (returning) {
+  if (await confirmReturningConnect()) {
     try { await listConnections(); } catch (error) { explain(error); }
   }
+}
+
+// Back from a connect link with ?pinauth_connect_result=…: the connection counts once the
+// app's backend confirms it for the user logged in to the app, never for whoever pressed
+// "Connect". Here the logged-in user is the panel's end user; a link minted for another
+// end user (sent to this browser by someone else) is refused with 403 and discarded.
+async function confirmReturningConnect() {
+  const url = new URL(location.href);
+  const result = url.searchParams.get("pinauth_connect_result");
+  if (result === null) return false;
+  url.searchParams.delete("pinauth_connect_result");  // one-time: not again on reload
+  history.replaceState(null, "", url.pathname + url.search + url.hash);
+  try {
+    const data = await backendStep("POST", "/demo/backend/confirm",
+                                   { result, end_user_id: endUserId() });
+    show(`Connected ${data.connection.username} for ${endUserId()} (${data.connection.id}).`, "info");
+  } catch (error) {
+    explain(error);
+  }
+  return true;
 }
 
 // A login that failed comes back as ?pinauth_error=<code>; the rest is the frontend's.
