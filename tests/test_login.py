@@ -155,6 +155,17 @@ async def test_absurd_lifetimes_are_clamped_and_the_tokens_kept(
         ("/ok\r\nSet-Cookie: x=1", "/"),
         ("https://app.example.com@evil.com/", "/"),
         ("https://app.example.com/after", "https://app.example.com/after"),
+        # Dot segments a browser removes, leaving "//evil.com": plain and percent-encoded.
+        ("/.//evil.com", "/"),
+        ("/..//evil.com", "/"),
+        ("/%2e//evil.com", "/"),
+        ("/%2E%2e//evil.com", "/"),
+        ("/a/.%2e//evil.com", "/"),
+        ("https://app.example.com/.//evil.com", "/"),
+        ("https://app.example.com//evil.com", "/"),
+        ("/a/../b/./c", "/a/../b/./c"),
+        ("/%2e%2f/x", "/%2e%2f/x"),  # "%2f" separates nothing: "%2e%2f" is a name
+        ("//..", "/"),  # a host named "..", not a path
         # Unparseable (urlsplit raises on them): the frontend URL, not a 500.
         ("https://[", "/"),
         ("https://[host]", "/"),
