@@ -200,6 +200,7 @@ async def test_new_session_id_at_every_login(
 
     assert first != second
     # The session the browser had before is ended, not left usable.
+    client.cookies.clear()
     client.cookies.set("pinauth_session", first)
     assert (await client.get("/me")).status_code == 401
 
@@ -210,7 +211,7 @@ async def test_secure_cookies_when_served_over_https(
     settings = make_settings(database_url, redirect_uri="https://auth.example.com/auth/callback")
     async with run_client(settings, pinterest) as client:
         response = await client.get("/auth/login")
-    assert "Secure" in set_cookies(response)["pinauth_login"]
+    assert "Secure" in set_cookies(response)["__Host-pinauth_login"]
 
 
 # --- every bad state: a clear 4xx, no token request, no session ---------------------

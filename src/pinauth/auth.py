@@ -85,6 +85,27 @@ def _without_dot_segments(url: str) -> str:
     return "/" + "/".join(kept)
 
 
+SESSION_COOKIE = "pinauth_session"
+LOGIN_COOKIE = "pinauth_login"
+# A cookie so named is accepted by a browser only if it is Secure, has Path=/ and no
+# Domain: no sibling subdomain can set (toss) one that pinauth would read.
+HOST_PREFIX = "__Host-"
+
+
+@dataclass(frozen=True, slots=True)
+class CookieNames:
+    """The names of the session and login cookies: `__Host-` ones whenever cookies are
+    Secure (pinauth served over https), plain ones otherwise (http://localhost)."""
+
+    session: str
+    login: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> CookieNames:
+        prefix = HOST_PREFIX if settings.secure_cookies else ""
+        return cls(session=prefix + SESSION_COOKIE, login=prefix + LOGIN_COOKIE)
+
+
 class _StatePayload(BaseModel):
     nonce_hash: str
     return_to: str
@@ -123,6 +144,7 @@ class AuthService:
         self._cipher = cipher
         self._states = state_serializer(settings.secret_key.get_secret_value())
         self.session_signer = CookieSigner(settings.secret_key.get_secret_value(), "session")
+        self.cookie_names = CookieNames.of(settings)
         origins = set(settings.cors_origins)
         for url in (settings.frontend_url, settings.redirect_uri):
             parts = urlsplit(url)
