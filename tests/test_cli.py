@@ -246,6 +246,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
         httpx.post(
             f"{base}/sandbox/_sandbox/faults",
             json={"path_prefix": "/v5/boards", "status": 200, "body": {"items": []}, "delay": 1.5},
+            headers={"Host": f"localhost:{port}"},  # the demo's public host
         ).raise_for_status()
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.get, f"{base}/sandbox/v5/boards", timeout=10)

@@ -181,6 +181,24 @@ async def require_trusted_origin(request: Request, services: ServicesDep) -> Non
 TrustedOrigin = Depends(require_trusted_origin)
 
 
+async def require_public_host(request: Request) -> None:
+    """Refuse any Host but pinauth's public one (the redirect URI's): for the demo's routes.
+
+    The Origin check compares Origin with Host, so a DNS-rebinding page (its own name
+    resolving to this server) passes it: it is same-origin with itself. Only the Host
+    header tells it from the demo page.
+    """
+    services: Services = request.state.services
+    public = services.auth.public_origin
+    if not public.is_public_host(request):
+        raise ForbiddenOrigin(
+            f"The demo answers on pinauth's public origin only ({public.origin})."
+        )
+
+
+PublicHostOnly = Depends(require_public_host)
+
+
 def bearer_token(request: Request) -> str | None:
     """The credential of `Authorization: Bearer <credential>`, if the request has one."""
     authorization = request.headers.get("authorization")
