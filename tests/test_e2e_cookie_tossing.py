@@ -6,17 +6,22 @@ real cookie rules across the two names (one registrable domain, example.test). T
 sets `pinauth_session` or `pinauth_login` for all of example.test; the victim's next
 request to pinauth carries two of that cookie, and is refused with 400
 `ambiguous_session` instead of acting for the attacker's connection or finishing the
-attacker's login. (Plain http: over https the `__Host-` names make the toss impossible,
-see tests/test_cookie_tossing.py.)
+attacker's login. Over https (a self-signed certificate Chromium is told to accept) the
+cookies are `__Host-` ones: Chromium refuses the sibling's `Domain=` one outright, and the
+plain-named one it can set is not read by pinauth.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from pinauth.sandbox import SandboxConfig
 from tests.helpers import (
@@ -34,6 +43,7 @@ from tests.helpers import (
     clean_env,
     free_port,
     require_chromium,
+    wait_until_serving,
 )
 
 require_chromium()
@@ -51,7 +61,7 @@ class Sites:
 
 
 @contextmanager
-def sibling_page(port: int) -> Iterator[None]:
+def sibling_page(port: int, tls: ssl.SSLContext | None = None) -> Iterator[None]:
     """The attacker's site: an empty page, from which the test runs the page's script."""
     page = b"<!doctype html><title>A sibling subdomain</title><p>nothing to see</p>"
 
@@ -67,6 +77,8 @@ def sibling_page(port: int) -> Iterator[None]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -115,13 +127,111 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
         print(service.output())  # pytest shows it when a test failed
 
 
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for auth. and evil.example.test (Chromium is told to accept it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"*.{DOMAIN}")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(f"auth.{DOMAIN}"), x509.DNSName(f"evil.{DOMAIN}")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+# pinauth as `pinauth serve` runs it (migration, pinauth's uvicorn options), over TLS.
+SERVE_TLS = """
+import sys, uvicorn
+from pinauth import preflight
+from pinauth.app import create_app
+from pinauth.server import uvicorn_options
+from pinauth.settings import Settings
+settings = Settings()
+preflight.migrate(settings)
+uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+            ssl_certfile=sys.argv[2], ssl_keyfile=sys.argv[3], **uvicorn_options(settings))
+"""
+
+
+@pytest.fixture(scope="module")
+def https_sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    """pinauth at https://auth.example.test (so its cookies are Secure and `__Host-`), and an
+    https page at evil.example.test, which may set Secure cookies too."""
+    tmp_path: Path = tmp_path_factory.mktemp("tossing-https")
+    cert, key = self_signed(tmp_path)
+    port, sandbox_port, evil_port = free_port(), free_port(), free_port()
+    pinauth = f"https://auth.{DOMAIN}:{port}"
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    config = SandboxConfig()
+    sandbox = PinauthProcess(
+        ["sandbox", "--port", str(sandbox_port), "--redirect-uri", f"{pinauth}/auth/callback"],
+        clean_env(),
+        tmp_path,
+        f"{sandbox_url}/_sandbox/counters",
+    )
+    env = clean_env(
+        PINTEREST_CLIENT_ID=config.client_id,
+        PINTEREST_CLIENT_SECRET=config.client_secret,
+        PINTEREST_REDIRECT_URI=f"{pinauth}/auth/callback",
+        PINTEREST_AUTHORIZE_URL=f"{sandbox_url}/oauth/",
+        PINTEREST_API_URL=f"{sandbox_url}/v5",
+        PINAUTH_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'tossing.db'}",
+        PINAUTH_SECRET_KEY="tossing-test-secret-" + "t" * 32,
+        PINAUTH_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    sandbox.start()
+    service = subprocess.Popen(
+        [sys.executable, "-c", SERVE_TLS, str(port), str(cert), str(key)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_serving(f"https://127.0.0.1:{port}/healthz", service, verify=False)
+        with sibling_page(evil_port, tls):
+            yield Sites(pinauth=pinauth, evil=f"https://evil.{DOMAIN}:{evil_port}")
+    finally:
+        service.kill()
+        print(service.communicate()[0])  # pytest shows it when a test failed
+        sandbox.stop()
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1"],
+            args=[
+                *CHROMIUM_ARGS,
+                f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1",
+                "--ignore-certificate-errors",  # the test's self-signed certificate
+            ],
         )
         try:
             yield browser
@@ -183,15 +293,20 @@ def cookie(page: Any, name: str) -> str:
     return str(found)
 
 
-def toss(page: Any, sites: Sites, name: str, value: str) -> None:
+def set_for_the_domain(page: Any, sites: Sites, name: str, value: str) -> None:
     """The attacker's page, opened in the victim's browser, sets a cookie for the whole
-    registrable domain; Chromium keeps it beside pinauth's own host-only one."""
+    registrable domain (Secure when the page is https)."""
     page.goto(f"{sites.evil}/")
     page.evaluate(
-        "([name, value, domain]) => { document.cookie = "
-        "`${name}=${value}; Domain=${domain}; Path=/; Max-Age=600`; }",
+        "([name, value, domain]) => { document.cookie = `${name}=${value}; Domain=${domain}; "
+        "Path=/; Max-Age=600${location.protocol === 'https:' ? '; Secure' : ''}`; }",
         [name, value, DOMAIN],
     )
+
+
+def toss(page: Any, sites: Sites, name: str, value: str) -> None:
+    """The cookie tossed: Chromium keeps it beside pinauth's own host-only one."""
+    set_for_the_domain(page, sites, name, value)
     jar = [c for c in page.context.cookies() if c["name"] == name]
     assert sorted(c["domain"] for c in jar) == [f".{DOMAIN}", f"auth.{DOMAIN}"], jar
 
@@ -239,3 +354,32 @@ def test_a_tossed_login_cookie_does_not_finish_the_attackers_login(
     assert json.loads(victim.locator("body").inner_text())["error"] == AMBIGUOUS
     assert not [c for c in victim.context.cookies() if c["name"] == "pinauth_session"]
     assert me(victim, sites) == (401, "not_authenticated")
+
+
+# --- https: __Host- cookies, which no sibling can set -----------------------------------
+
+
+def test_over_https_a_sibling_cannot_toss_a_session_cookie_at_all(
+    chromium: Any, https_sites: Sites
+) -> None:
+    """Guards the `__Host-` names in Chromium: the sibling page's `__Host-pinauth_session`
+    with `Domain=` is dropped by the browser, and the plain `pinauth_session` it can set is
+    not read by pinauth, so the victim stays the victim, and is not even locked out
+    (with plain names over https the toss would make every request ambiguous)."""
+    sites = https_sites
+    attacker = new_page(chromium)
+    log_in(attacker, sites, "sandbox_studio")
+    victim = new_page(chromium)
+    log_in(victim, sites, "sandbox_pinner")
+    [own] = [c for c in victim.context.cookies() if c["name"] == "__Host-pinauth_session"]
+    assert (own["domain"], own["secure"], own["path"]) == (f"auth.{DOMAIN}", True, "/")
+    tossed = cookie(attacker, "__Host-pinauth_session")
+
+    set_for_the_domain(victim, sites, "__Host-pinauth_session", tossed)
+    set_for_the_domain(victim, sites, "pinauth_session", tossed)
+
+    jar = {(c["name"], c["domain"]) for c in victim.context.cookies()}
+    assert ("__Host-pinauth_session", f".{DOMAIN}") not in jar  # Chromium refused it
+    assert ("pinauth_session", f".{DOMAIN}") in jar  # accepted, and ignored by pinauth
+    assert me(victim, sites) == (200, "sandbox_pinner")
+    assert me(attacker, sites) == (200, "sandbox_studio")
