@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pinauth.apikeys import ApiKeyService
-from pinauth.auth import LOGIN_COOKIE, SESSION_COOKIE, AuthService
+from pinauth.auth import AuthService
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.errors import (
@@ -32,8 +32,6 @@ from pinauth.proxytokens import ProxyTokenService, looks_like_proxy_token
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 from pinauth.webhooks import WebhookEvents
-
-__all__ = ["LOGIN_COOKIE", "SESSION_COOKIE"]  # the base names; see CookieNames
 
 CONNECTION_ID_HEADER = "pinauth-connection-id"
 
@@ -95,8 +93,9 @@ def request_cookie(request: Request, name: str) -> str | None:
         if key != b"cookie" or encoded not in raw:
             continue
         for chunk in raw.decode("latin-1").split(";"):
-            # As Starlette parses: a chunk without "=" is a nameless cookie's value; a
-            # nameless cookie whose value is "<name>=…" is sent as that very pair.
+            # Split as Starlette splits. A chunk without "=" is a nameless cookie, never
+            # ours; a nameless one whose value is "<name>=…" is sent as that very pair,
+            # and counts like any other.
             cookie_name, has_value, value = chunk.partition("=")
             if has_value and cookie_name.strip() == name:
                 if found is not None:
