@@ -199,15 +199,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """Poll `url` until it answers 200; fail early, with its output, if `process` dies."""
+def wait_until_serving(
+    url: str, process: subprocess.Popen[Any], timeout: float = 30, *, verify: bool = True
+) -> None:
+    """Poll `url` until it answers 200; fail early, with its output, if `process` dies.
+    `verify=False` for a test's self-signed certificate."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             output = process.stdout.read() if process.stdout else ""
             pytest.fail(f"{process.args!r} exited with {process.returncode}:\n{output}")
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass

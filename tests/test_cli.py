@@ -89,6 +89,34 @@ def test_serve_migrates_then_serves_docs_and_stops_cleanly(
     }
 
 
+def test_serve_creates_the_sqlite_database_for_its_user_only(tmp_path: Path) -> None:
+    """Guards the file mode: `pinauth serve` on a fresh SQLite file, under the common umask
+    022 that would make it 0644, creates the database, its -wal and its -shm 0600."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pinauth", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=service_env(tmp_path)
+        | {"PINTEREST_REDIRECT_URI": f"http://127.0.0.1:{port}/auth/callback"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        umask=0o022,
+    )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
+        # A write (the pending login), so the write-ahead log and its index exist.
+        assert httpx.get(f"http://127.0.0.1:{port}/auth/login").status_code == 302
+        modes = {
+            path.name: oct(path.stat().st_mode & 0o777)
+            for path in tmp_path.iterdir()
+            if path.name.startswith("cli.db") and not path.name.endswith(".lock")
+        }
+    finally:
+        process.kill()
+        process.wait()
+    assert modes == {"cli.db": "0o600", "cli.db-wal": "0o600", "cli.db-shm": "0o600"}
+
+
 def test_serve_caps_request_heads(served: tuple[str, subprocess.Popen[str]]) -> None:
     """Guards that `pinauth serve` runs uvicorn with pinauth's protocol: a 64 KiB header
     is refused with 431 by the real process, which goes on serving."""
@@ -218,6 +246,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
         httpx.post(
             f"{base}/sandbox/_sandbox/faults",
             json={"path_prefix": "/v5/boards", "status": 200, "body": {"items": []}, "delay": 1.5},
+            headers={"Host": f"localhost:{port}"},  # the demo's public host
         ).raise_for_status()
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.get, f"{base}/sandbox/v5/boards", timeout=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -177,6 +178,49 @@ async def test_a_rebound_host_name_cannot_read_the_demo_backend(served: ServedWi
         assert response.status_code == 403
         assert response.json()["error"] == "forbidden_origin"
         assert "pinauth_sk_" not in response.text
+
+
+async def test_a_rebound_host_name_cannot_read_the_demo_webhook_events(
+    served: ServedWithSandbox, page: httpx.AsyncClient
+) -> None:
+    """Guards the Host check on /demo/webhook-events: the events name connections, their
+    usernames and end users, and a DNS-rebinding page passes an Origin check."""
+    rebound = "rebind.attacker.example:" + served.base.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(
+        base_url=served.base, headers={"Host": rebound, "Origin": f"http://{rebound}"}
+    ) as attacker:
+        refused = await attacker.get("/demo/webhook-events")
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "forbidden_origin"
+    assert (await page.get("/demo/webhook-events")).json() == {"items": []}
+
+
+FULL_API_KEY = re.compile(r"pinauth_sk_[A-Za-z0-9_-]{20,}")
+
+
+async def test_exchanges_show_the_api_key_redacted(
+    served: ServedWithSandbox, page: httpx.AsyncClient
+) -> None:
+    """Guards the redaction: the panel shows that the API key is sent, never the key (the
+    prefix `pinauth api-keys list` shows), on success and on failure alike."""
+    shown = [
+        await page.post("/demo/backend/connect-sessions", json={"end_user_id": "user_9"}),
+        await page.get("/demo/backend/connections", params={"end_user_id": "user_9"}),
+        await page.post("/demo/backend/pins", json={"connection_id": "conn_x", "via": "api_key"}),
+    ]
+    prefixes = set()
+    for response in shown:
+        assert not FULL_API_KEY.search(response.text), response.text
+        for exchange in exchanges_of(response):
+            authorization = exchange["request_headers"]["authorization"]
+            assert re.fullmatch(r"Bearer pinauth_sk_[A-Za-z0-9_-]{6}…", authorization)
+            prefixes.add(authorization)
+    assert len(prefixes) == 1  # one key, the demo's
+    # What is shown cannot call pinauth.
+    key = prefixes.pop().removeprefix("Bearer ").removesuffix("…")
+    async with httpx.AsyncClient(base_url=served.base) as backend:
+        listed = await backend.get("/v1/connections", headers={"Authorization": f"Bearer {key}"})
+    assert listed.status_code == 401
 
 
 async def test_the_panel_exists_only_in_demo_mode_and_its_key_dies_with_it(

@@ -39,8 +39,11 @@ def demo_server(tmp_path: Path) -> Iterator[str]:
 
 
 def sandbox(base: str, method: str, control: str) -> httpx.Response:
+    # Reached on 127.0.0.1, named by the demo's public host, the only one its controls serve.
     response = httpx.request(
-        method, f"{base.replace('localhost', '127.0.0.1')}/sandbox/_sandbox/{control}"
+        method,
+        f"{base.replace('localhost', '127.0.0.1')}/sandbox/_sandbox/{control}",
+        headers={"Host": base.removeprefix("http://")},
     )
     response.raise_for_status()
     return response
@@ -174,6 +177,7 @@ def test_the_demo_page_follows_only_same_origin_login_urls(demo_server: str) -> 
             # "Pinterest" answers the next boards call with a body naming a script URL.
             httpx.post(
                 f"{base.replace('localhost', '127.0.0.1')}/sandbox/_sandbox/faults",
+                headers={"Host": base.removeprefix("http://")},  # the demo's public host
                 json={
                     "path_prefix": "/v5/boards",
                     "status": 403,

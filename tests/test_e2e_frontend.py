@@ -76,7 +76,9 @@ class Deployment:
 
     def add_fault(self, **fault: Any) -> None:
         url = f"{self.pinauth.replace('localhost', '127.0.0.1')}/sandbox/_sandbox/faults"
-        httpx.post(url, json=fault).raise_for_status()
+        # The demo's controls serve its public host only.
+        public_host = self.pinauth.removeprefix("http://")
+        httpx.post(url, json=fault, headers={"Host": public_host}).raise_for_status()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from pinauth.settings import Settings
 from tests.helpers import SERVICE, log_in, mock_login_upstream, run_client, start_login
@@ -62,8 +63,24 @@ NASTY_URLS = [
     "%",
     "%ZZ",
     "\ud7ff",
+    # Dot segments a browser removes, plain and percent-encoded, leaving "//evil.com".
+    "/.//evil.com",
+    "/..//evil.com",
+    "/%2e//evil.com",
+    "/%2E%2e//evil.com",
+    "/.%2e//evil.com",
+    "/a/..//evil.com",
+    "/a/%2e%2E//evil.com?x=1",
+    f"{SERVICE}/.//evil.com",
+    f"{SERVICE}//evil.com",
 ]
 url_like = st.one_of(st.sampled_from(NASTY_URLS), query_values)
+# Paths of dot segments, empty ones and names, as a browser would resolve them.
+dotted_paths = st.lists(
+    st.sampled_from([".", "..", "%2e", "%2E", ".%2e", "%2e.", "%2e%2E", "", "evil.com", "a"]),
+    min_size=1,
+    max_size=6,
+).map(lambda segments: "/" + "/".join(segments))
 
 
 @dataclass(frozen=True)
@@ -182,12 +199,17 @@ def running_app(
 
 def assert_confined(location: str) -> None:
     """A redirect goes to Pinterest's consent page or stays on pinauth's own site (the
-    fuzzed app's frontend is "/"): never to a host the request chose."""
+    fuzzed app's frontend is "/"): never to a host the request chose, nor to a path a
+    browser resolves to "//host" ("/.//evil.com" is "//evil.com" once "." is removed)."""
     if location.startswith("/"):
         assert not location.startswith(("//", "/\\")), location
         assert not _UNSAFE.search(location), location
     else:
         assert location.startswith(("https://www.pinterest.com/oauth/?", f"{SERVICE}/")), location
+    # yarl resolves like a browser: dot segments removed, %2e taken for ".".
+    resolved = URL(f"{SERVICE}/").join(URL(location))
+    if resolved.host != "www.pinterest.com":
+        assert not resolved.raw_path.startswith("//"), location
 
 
 _UNSAFE = re.compile(r"[\\\x00-\x1f\x7f]")
@@ -212,3 +234,25 @@ def test_no_input_to_auth_routes_yields_a_server_error(
                 assert_confined(response.headers["location"])
 
         answers_without_a_server_error()
+
+
+def test_return_to_never_resolves_to_another_site(
+    settings: Settings, pinterest: respx.MockRouter
+) -> None:
+    """Guards return_to's check: whatever a login starts with, the callback's redirect
+    stays on the site, dot segments (plain or percent-encoded) resolved as a browser does."""
+    with running_app(settings, pinterest) as (portal, client, _known):
+
+        async def login_and_land(return_to: str) -> str:
+            client.cookies.clear()
+            state = await start_login(client, return_to=return_to)
+            response = await client.get("/auth/callback", params={"code": "c", "state": state})
+            assert response.status_code == 303, response.text
+            return response.headers["location"]
+
+        @FUZZ
+        @given(return_to=st.one_of(dotted_paths, url_like))
+        def lands_on_the_site(return_to: str) -> None:
+            assert_confined(portal.call(login_and_land, return_to))
+
+        lands_on_the_site()

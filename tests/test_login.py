@@ -155,6 +155,17 @@ async def test_absurd_lifetimes_are_clamped_and_the_tokens_kept(
         ("/ok\r\nSet-Cookie: x=1", "/"),
         ("https://app.example.com@evil.com/", "/"),
         ("https://app.example.com/after", "https://app.example.com/after"),
+        # Dot segments a browser removes, leaving "//evil.com": plain and percent-encoded.
+        ("/.//evil.com", "/"),
+        ("/..//evil.com", "/"),
+        ("/%2e//evil.com", "/"),
+        ("/%2E%2e//evil.com", "/"),
+        ("/a/.%2e//evil.com", "/"),
+        ("https://app.example.com/.//evil.com", "/"),
+        ("https://app.example.com//evil.com", "/"),
+        ("/a/../b/./c", "/a/../b/./c"),
+        ("/%2e%2f/x", "/%2e%2f/x"),  # "%2f" separates nothing: "%2e%2f" is a name
+        ("//..", "/"),  # a host named "..", not a path
         # Unparseable (urlsplit raises on them): the frontend URL, not a 500.
         ("https://[", "/"),
         ("https://[host]", "/"),
@@ -189,6 +200,7 @@ async def test_new_session_id_at_every_login(
 
     assert first != second
     # The session the browser had before is ended, not left usable.
+    client.cookies.clear()
     client.cookies.set("pinauth_session", first)
     assert (await client.get("/me")).status_code == 401
 
@@ -199,7 +211,7 @@ async def test_secure_cookies_when_served_over_https(
     settings = make_settings(database_url, redirect_uri="https://auth.example.com/auth/callback")
     async with run_client(settings, pinterest) as client:
         response = await client.get("/auth/login")
-    assert "Secure" in set_cookies(response)["pinauth_login"]
+    assert "Secure" in set_cookies(response)["__Host-pinauth_login"]
 
 
 # --- every bad state: a clear 4xx, no token request, no session ---------------------

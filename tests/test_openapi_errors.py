@@ -19,7 +19,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 
-from pinauth.api.deps import SESSION_COOKIE, get_acting_connection, get_current_connection
+from pinauth.api.deps import get_acting_connection, get_current_connection, read_session_cookie
 from pinauth.errors import (
     ForbiddenOrigin,
     PayloadTooLarge,
@@ -223,7 +223,8 @@ def test_cookie_routes_name_the_cookie_scheme(app: FastAPI, spec: dict[str, Any]
             analysis.reaches(call, get_acting_connection)
             for call in dependency_calls(route.dependant)
         )
-        reads_cookie = any(p.alias == SESSION_COOKIE for p in route.dependant.cookie_params)
+        calls = list(dependency_calls(route.dependant))
+        reads_cookie = any(analysis.reaches(call, read_session_cookie) for call in calls)
         if not reads_cookie:  # reading it without requiring it (logout, callback): either
             assert ({"sessionCookie": []} in security) == uses_cookie, route.path
         elif {"sessionCookie": []} in security and not uses_cookie:

@@ -110,3 +110,64 @@ async def test_demo_mode_controls_refuse_other_origins(settings: Settings) -> No
 
     assert foreign.status_code == 403
     assert own.status_code == 200
+
+
+# --- DNS rebinding: only the sandbox's public Host ---------------------------------------
+
+REBOUND = "rebind.attacker.example:8000"
+
+
+@pytest.fixture
+async def public_sandbox() -> AsyncIterator[httpx.AsyncClient]:
+    """A sandbox whose public host is sandbox.test, as `pinauth sandbox` and demo mode set."""
+    app = create_sandbox_app(SandboxConfig(control_hosts=("sandbox.test",)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=OWN) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("method", "path"), CONTROLS)
+async def test_controls_refuse_a_rebound_host_name(
+    public_sandbox: httpx.AsyncClient, method: str, path: str
+) -> None:
+    """Guards the Host check on every control: a DNS-rebinding page is same-origin with
+    itself (Origin equals Host), so it passed the Origin check; its Host is not ours."""
+    for headers in ({"Host": REBOUND, "Origin": f"http://{REBOUND}"}, {"Host": REBOUND}):
+        response = await public_sandbox.request(
+            method, path, json=BODIES.get(path), headers=headers
+        )
+        assert response.status_code == 403, response.text
+        assert "own host" in response.json()["message"]
+    own = await public_sandbox.request(method, path, json=BODIES.get(path))
+    assert own.status_code < 300, own.text
+
+
+async def test_demo_mode_controls_answer_on_the_public_host_only(settings: Settings) -> None:
+    """Guards demo mode's wiring: pinauth's public host (the redirect URI's, localhost:<port>)
+    is the controls' one; the red team's rebound `revoke-refresh-tokens` is refused."""
+    from pinauth.demo import demo_settings
+
+    demo, config = demo_settings(settings, "127.0.0.1", 8000)
+    assert config.control_hosts == ("localhost:8000",)
+    async with serve_app(create_app(demo, sandbox=config)) as client:  # at localhost:8000
+        rebound = await client.post(
+            "/sandbox/_sandbox/revoke-refresh-tokens",
+            headers={"Host": REBOUND, "Origin": f"http://{REBOUND}"},
+        )
+        loopback = await client.post(
+            "/sandbox/_sandbox/revoke-refresh-tokens", headers={"Host": "127.0.0.1:8000"}
+        )
+        own = await client.post(
+            "/sandbox/_sandbox/revoke-refresh-tokens", headers={"Origin": SERVICE}
+        )
+    assert rebound.status_code == 403
+    assert loopback.status_code == 403  # not the public host either
+    assert own.status_code == 200
+    assert own.json() == {"revoked": 0}
+
+
+def test_pinauth_sandbox_controls_answer_on_its_loopback_names() -> None:
+    """`pinauth sandbox` on loopback (or every address): the names a local client uses."""
+    from pinauth.demo import loopback_hosts
+
+    assert loopback_hosts("127.0.0.1", 8001) == ("localhost:8001", "127.0.0.1:8001", "[::1]:8001")
+    assert loopback_hosts("10.1.2.3", 8001) == ("10.1.2.3:8001",)

@@ -35,7 +35,7 @@ from pinauth.api.deps import Services
 from pinauth.api.pinterest import ProxyFastPath, is_proxy_request
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.apikeys import ApiKeyService
-from pinauth.auth import AuthService
+from pinauth.auth import AuthService, CookieNames
 from pinauth.cache import ConnectionCache
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
@@ -223,7 +223,7 @@ def create_app(
     app.include_router(
         docs_routes.docs_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json")
     )
-    docs_routes.install_openapi(app)
+    docs_routes.install_openapi(app, CookieNames.of(settings).session)
     if settings.demo_page:
         # The demo page's own files: nothing else serves from here.
         app.mount("/static", StaticFiles(directory=demo_routes.STATIC_DIR), name="static")

@@ -55,6 +55,58 @@ MAX_RETURN_TO_LENGTH = 2048
 MAX_STATE_LENGTH = 4 * MAX_RETURN_TO_LENGTH
 
 
+# What a browser takes for "." and ".." in a path (the URL Standard's single- and
+# double-dot segments), compared in lower case.
+_SINGLE_DOT = frozenset({".", "%2e"})
+_DOUBLE_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
+
+
+def _without_dot_segments(url: str) -> str:
+    """The path of `url` (one starting with "/") as a browser resolves it: "." and ".."
+    segments, percent-encoded ones included, removed as the URL Standard does.
+
+    "/.//evil.com" and "/%2e%2e//evil.com" become "//evil.com".
+    """
+    path = url.split("?", 1)[0].split("#", 1)[0]
+    segments = path[1:].split("/")
+    kept: list[str] = []
+    for position, segment in enumerate(segments, start=1):
+        last = position == len(segments)
+        lowered = segment.lower()
+        if lowered in _DOUBLE_DOT:
+            if kept:
+                kept.pop()
+            if last:
+                kept.append("")
+        elif lowered in _SINGLE_DOT:
+            if last:
+                kept.append("")
+        else:
+            kept.append(segment)
+    return "/" + "/".join(kept)
+
+
+SESSION_COOKIE = "pinauth_session"
+LOGIN_COOKIE = "pinauth_login"
+# A cookie so named is accepted by a browser only if it is Secure, has Path=/ and no
+# Domain: no sibling subdomain can set (toss) one that pinauth would read.
+HOST_PREFIX = "__Host-"
+
+
+@dataclass(frozen=True, slots=True)
+class CookieNames:
+    """The names of the session and login cookies: `__Host-` ones whenever cookies are
+    Secure (pinauth served over https), plain ones otherwise (http://localhost)."""
+
+    session: str
+    login: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> CookieNames:
+        prefix = HOST_PREFIX if settings.secure_cookies else ""
+        return cls(session=prefix + SESSION_COOKIE, login=prefix + LOGIN_COOKIE)
+
+
 class _StatePayload(BaseModel):
     nonce_hash: str
     return_to: str
@@ -94,6 +146,7 @@ class AuthService:
         self._cipher = cipher
         self._states = state_serializer(settings.secret_key.get_secret_value())
         self.session_signer = CookieSigner(settings.secret_key.get_secret_value(), "session")
+        self.cookie_names = CookieNames.of(settings)
         origins = set(settings.cors_origins)
         for url in (settings.frontend_url, settings.redirect_uri):
             parts = urlsplit(url)
@@ -140,9 +193,11 @@ class AuthService:
     def is_trusted_destination(self, url: str) -> bool:
         if len(url) > MAX_RETURN_TO_LENGTH or _UNSAFE_IN_PATH.search(url):
             return False
-        # Browsers treat "//host" (and "/\host", excluded above) as another site.
+        # Browsers treat "//host" (and "/\host", excluded above) as another site, and so
+        # does whatever later takes the path of "https://app.example.com//evil.com" (or
+        # of "/.//evil.com", which a browser resolves to that) for one of its own.
         if url.startswith("/"):
-            return not url.startswith("//")
+            return not url.startswith("//") and not _without_dot_segments(url).startswith("//")
         try:
             parts = urlsplit(url)
         except ValueError:  # "https://[", "https://[host]", hosts that NFKC would change
@@ -153,6 +208,7 @@ class AuthService:
             and bool(parts.netloc)
             and "@" not in parts.netloc
             and origin in self.trusted_origins()
+            and not _without_dot_segments(parts.path or "/").startswith("//")
         )
 
     def trusted_origins(self) -> frozenset[str]:

@@ -84,9 +84,13 @@ def _serve(args: argparse.Namespace) -> None:
 def _sandbox(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from pinauth.demo import loopback_hosts
     from pinauth.sandbox import SandboxConfig, create_sandbox_app
 
-    config = SandboxConfig(redirect_uris=tuple(args.redirect_uri or SandboxConfig.redirect_uris))
+    config = SandboxConfig(
+        redirect_uris=tuple(args.redirect_uri or SandboxConfig.redirect_uris),
+        control_hosts=loopback_hosts(args.host, args.port),
+    )
     print(
         f"pinauth sandbox on http://{args.host}:{args.port}: client_id={config.client_id} "
         f"client_secret={config.client_secret} redirect_uris={','.join(config.redirect_uris)}",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -36,6 +38,42 @@ class _Pool(AsyncAdaptedQueuePool):
             raise DatabaseUnavailable() from e
 
 
+# Tokens are encrypted and keys hashed, but the file is nobody else's business either.
+SQLITE_FILE_MODE = 0o600
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite database; None for other databases and in-memory ones."""
+    url = make_url(database_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or url.query.get("mode") == "memory":
+        return None
+    if url.query.get("uri") == "true":
+        database = database.removeprefix("file:")
+    if database in ("", ":memory:"):
+        return None
+    return Path(database)
+
+
+def create_private_sqlite_file(database_url: str) -> None:
+    """Create a SQLite database's file readable by this user only, if it does not exist.
+
+    SQLite would create it with the umask's mode (0644 as a rule), and then its -wal and
+    -shm files with the same mode as the database file: creating the file 0600 before
+    SQLite opens it makes all three private. An existing file is left as it is.
+    """
+    path = sqlite_file(database_url)
+    if path is None or not path.parent.is_dir():
+        return  # nothing to make, or preflight reports the missing directory
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE)
+    except FileExistsError:
+        return
+    # The umask can only take bits away from 0600, never add any; the mode is exact anyway.
+    os.fchmod(fd, SQLITE_FILE_MODE)
+    os.close(fd)
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     common: dict[str, Any] = {
         # Error messages and logs show the SQL but never its parameters (tokens, hashes).
@@ -46,6 +84,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         "pool_timeout": settings.database_timeout_seconds,
     }
     if settings.is_sqlite:
+        create_private_sqlite_file(settings.database_url)
         engine = create_async_engine(
             settings.database_url,
             # sqlite3's own busy wait, so concurrent writers queue instead of failing.

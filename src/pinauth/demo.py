@@ -40,6 +40,13 @@ def public_base_url(host: str, port: int) -> str:
     return f"http://{'localhost' if host in _LOCAL_OR_ANY else host}:{port}"
 
 
+def loopback_hosts(host: str, port: int) -> tuple[str, ...]:
+    """The Host headers a client on this machine reaches a server bound to `host` with."""
+    if host in _LOCAL_OR_ANY:
+        return (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}")
+    return (f"{host}:{port}",)
+
+
 def self_url(host: str, port: int) -> str:
     """Where the service reaches itself: loopback, unless bound to one specific address."""
     return f"http://{'127.0.0.1' if host in _LOCAL_OR_ANY else host}:{port}"
@@ -51,7 +58,10 @@ def demo_settings(settings: Settings, host: str, port: int) -> tuple[Settings, S
     frontend = urlsplit(settings.frontend_url)
     landing = [f"{frontend.scheme}://{frontend.netloc}"] if frontend.netloc else []
     sandbox = SandboxConfig(
-        redirect_uris=(redirect_uri,), landing_origins=(*landing, *settings.cors_origins)
+        redirect_uris=(redirect_uri,),
+        landing_origins=(*landing, *settings.cors_origins),
+        # The controls, like every demo route, answer on the demo's public host only.
+        control_hosts=(urlsplit(base).netloc,),
     )
     updates: dict[str, object] = {
         "client_id": sandbox.client_id,

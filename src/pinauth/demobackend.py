@@ -6,9 +6,11 @@ of its own, exactly as a separate backend process would be, so every exchange th
 shows is one that really crossed the wire (method, URL, headers that matter, bodies).
 Calling the services in-process would be cheaper but would show nothing true.
 
-The API key is made when the demo starts and revoked when it stops. It, the connect
-session and the proxy tokens are pinauth's own credentials and may be shown; Pinterest's
-tokens never leave pinauth, so no exchange can contain one.
+The API key is made when the demo starts and revoked when it stops; an exchange shows
+only its first characters, as `pinauth api-keys list` does, so that the page never holds
+a key that could call pinauth's /v1 API. The connect session and the proxy tokens, short-
+lived and bound to one end user or connection, are shown whole; Pinterest's tokens never
+leave pinauth, so no exchange can contain one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from pinauth.apikeys import ApiKeyService
+from pinauth.apikeys import SHOWN_PREFIX_LENGTH, ApiKeyService, looks_like_api_key
 from pinauth.client import (
     APIError,
     Connection,
@@ -88,6 +90,14 @@ def _shown_body(content: bytes) -> str | None:
     return text
 
 
+def _shown_header(value: str) -> str:
+    """A request header as an exchange shows it: an API key cut to its listed prefix."""
+    scheme, _, credential = value.partition(" ")
+    if scheme.lower() == "bearer" and looks_like_api_key(credential):
+        return f"{scheme} {credential[:SHOWN_PREFIX_LENGTH]}…"
+    return value
+
+
 async def _record(response: httpx.Response) -> None:
     """httpx response hook: note the exchange in the transcript of the demo request."""
     transcript = _TRANSCRIPT.get()
@@ -100,7 +110,9 @@ async def _record(response: httpx.Response) -> None:
             method=request.method,
             url=str(request.url),
             request_headers={
-                k: request.headers[k] for k in SHOWN_REQUEST_HEADERS if k in request.headers
+                k: _shown_header(request.headers[k])
+                for k in SHOWN_REQUEST_HEADERS
+                if k in request.headers
             },
             request_body=_shown_body(request.content),
             status=response.status_code,

@@ -53,6 +53,17 @@ class InvalidState(PinauthError):
     default_message = "The login could not be verified; start again from /auth/login."
 
 
+class AmbiguousSession(PinauthError):
+    """Two cookies of one name: whichever is served, one was set by someone else."""
+
+    status_code = 400
+    code = "ambiguous_session"
+    default_message = (
+        "The request carries more than one pinauth session or login cookie: another site "
+        "(a sibling subdomain) may have set one. Clear this site's cookies and log in again."
+    )
+
+
 class AccessDenied(PinauthError):
     status_code = 403
     code = "access_denied"

@@ -10,7 +10,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from filelock import FileLock
-from sqlalchemy import make_url
+
+from pinauth.db import create_private_sqlite_file, sqlite_file
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -35,21 +36,18 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade_to_head(database_url: str) -> None:
     """Bring the schema to the newest revision. Blocking: call it outside the event loop."""
+    # The first start creates the database here, before alembic's engine opens it.
+    create_private_sqlite_file(database_url)
     with _sqlite_migration_lock(database_url):
         command.upgrade(alembic_config(database_url), "head")
 
 
 def sqlite_lock_path(database_url: str) -> Path | None:
     """The lock file beside a SQLite database file; None for other databases or memory."""
-    url = make_url(database_url)
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or url.query.get("mode") == "memory":
+    database = sqlite_file(database_url)
+    if database is None:
         return None
-    if url.query.get("uri") == "true":
-        database = database.removeprefix("file:")
-    if database in ("", ":memory:"):
-        return None
-    return Path(database).with_name(Path(database).name + ".migrate.lock")
+    return database.with_name(database.name + ".migrate.lock")
 
 
 @contextmanager

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Cookie, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from pinauth.api.deps import (
-    LOGIN_COOKIE,
-    SESSION_COOKIE,
     CurrentConnection,
+    LoginCookie,
     ServicesDep,
     SessionCookie,
     TrustedOrigin,
@@ -19,6 +18,7 @@ from pinauth.api.deps import (
 from pinauth.api.schemas import COOKIE_SECURITY, RefreshResponse, error_responses
 from pinauth.errors import (
     AccessDenied,
+    AmbiguousSession,
     AuthorizationFailed,
     ConnectionNotFound,
     DatabaseUnavailable,
@@ -108,7 +108,8 @@ async def login(
         raise NotConfigured()
     start = await services.auth.start_login(return_to, connect_session)
     response = RedirectResponse(start.authorize_url, status_code=status.HTTP_302_FOUND)
-    _set_cookie(response, settings, LOGIN_COOKIE, start.nonce, settings.state_max_age_seconds)
+    login_cookie = services.auth.cookie_names.login
+    _set_cookie(response, settings, login_cookie, start.nonce, settings.state_max_age_seconds)
     return response
 
 
@@ -122,9 +123,11 @@ async def login(
             "connect session, with `?pinauth_connect_result=<one-time value>` for the app's "
             "backend to confirm (POST /v1/connections/confirm) and no session cookie. Failed: "
             "redirect to return_to (or PINAUTH_FRONTEND_URL) with `?pinauth_error=<code>`; "
-            "the errors below are answered as JSON only to `Accept: application/json`."
+            "the errors below are answered as JSON only to `Accept: application/json`, but "
+            "`ambiguous_session` (two session or login cookies), which is always refused."
         },
         **error_responses(
+            AmbiguousSession,
             InvalidState,
             InvalidRequest,
             AuthorizationFailed,
@@ -140,8 +143,8 @@ async def login(
 async def callback(
     request: Request,
     services: ServicesDep,
-    session_cookie: SessionCookie = None,
-    login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE, include_in_schema=False)] = None,
+    session_cookie: SessionCookie,
+    login_cookie: LoginCookie,
     code: str | None = None,
     state: str | None = None,
     error: str | None = None,
@@ -176,6 +179,7 @@ async def callback(
             headers=_VARY_ACCEPT,
         )
     settings = services.settings
+    names = services.auth.cookie_names
     response = RedirectResponse(
         result.redirect_to, status_code=status.HTTP_303_SEE_OTHER, headers=_VARY_ACCEPT
     )
@@ -183,11 +187,11 @@ async def callback(
         _set_cookie(
             response,
             settings,
-            SESSION_COOKIE,
+            names.session,
             result.session_cookie,
             settings.session_max_age_seconds,
         )
-    _clear_cookie(response, settings, LOGIN_COOKIE)
+    _clear_cookie(response, settings, names.login)
     return response
 
 
@@ -196,6 +200,7 @@ async def callback(
     response_model=RefreshResponse,
     responses=error_responses(
         NotAuthenticated,
+        AmbiguousSession,
         ProxyTokenNotAllowed,
         ReauthorizationRequired,
         ForbiddenOrigin,
@@ -218,15 +223,17 @@ async def refresh(services: ServicesDep, connection: CurrentConnection) -> Refre
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[TrustedOrigin],
-    responses=error_responses(ForbiddenOrigin, ProxyTokenNotAllowed, DatabaseUnavailable),
+    responses=error_responses(
+        AmbiguousSession, ForbiddenOrigin, ProxyTokenNotAllowed, DatabaseUnavailable
+    ),
     # The cookie is optional: without one there is nothing to end.
     openapi_extra={"security": [{"sessionCookie": []}, {}]},
 )
-async def logout(services: ServicesDep, session_cookie: SessionCookie = None) -> Response:
+async def logout(services: ServicesDep, session_cookie: SessionCookie) -> Response:
     """End this browser's session; the Pinterest connection stays stored."""
     await services.auth.logout(session_cookie)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
-    _clear_cookie(response, services.settings, SESSION_COOKIE)
+    _clear_cookie(response, services.settings, services.auth.cookie_names.session)
     return response
 
 
@@ -235,6 +242,7 @@ async def logout(services: ServicesDep, session_cookie: SessionCookie = None) ->
     status_code=status.HTTP_204_NO_CONTENT,
     responses=error_responses(
         NotAuthenticated,
+        AmbiguousSession,
         ProxyTokenNotAllowed,
         ForbiddenOrigin,
         ConnectionNotFound,
@@ -246,5 +254,5 @@ async def disconnect(services: ServicesDep, connection: CurrentConnection) -> Re
     """Disconnect Pinterest: delete the stored tokens and end every session using them."""
     await services.connections.delete(connection.public_id)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
-    _clear_cookie(response, services.settings, SESSION_COOKIE)
+    _clear_cookie(response, services.settings, services.auth.cookie_names.session)
     return response

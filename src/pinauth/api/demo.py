@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from pinauth import __version__
-from pinauth.api.deps import ServicesDep
+from pinauth.api.deps import PublicHostOnly, ServicesDep
 from pinauth.demo import DEMO_RECEIVER_PATH, DemoReceiver
 from pinauth.security_headers import DEMO_PAGE_CSP
 from pinauth.webhooks import SIGNATURE_HEADER
@@ -60,7 +60,10 @@ async def receive_webhook(request: Request) -> Response:
     return Response(status_code=204)
 
 
-@receiver_router.get("/demo/webhook-events")
+# The page's own origin only: a DNS-rebinding page would read connection ids, usernames
+# and end user ids. (The receiver above is pinauth's dispatcher calling itself on
+# loopback; it keeps only what its signature verifies.)
+@receiver_router.get("/demo/webhook-events", dependencies=[PublicHostOnly])
 async def received_webhooks(request: Request) -> dict[str, Any]:
     """What the demo's receiver got, newest first, for the demo page."""
     receiver: DemoReceiver = request.app.state.demo_receiver

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pinauth.api.deps import ServicesDep, TrustedOrigin
+from pinauth.api.deps import PublicHostOnly, TrustedOrigin
 from pinauth.api.v1 import PUBLIC_ID_PATTERN
 from pinauth.demobackend import DemoBackend, DemoBackendFailed, Exchange
-from pinauth.errors import ForbiddenOrigin
 
 # Long enough for anything pinauth accepts, so that pinauth, not this route, refuses
 # what it would refuse, and the panel shows that exchange.
@@ -50,22 +49,12 @@ def _failed(e: DemoBackendFailed) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-async def public_host_only(request: Request, services: ServicesDep) -> None:
-    """Refuse the panel to any other Host: the Origin check compares Origin with Host, so
-    a DNS-rebinding page (its own name resolving to this server) would pass it and read
-    the demo's API key out of the exchanges."""
-    if not services.auth.public_origin.is_public_host(request):
-        raise ForbiddenOrigin(
-            "The demo's backend panel answers on pinauth's public origin only "
-            f"({services.auth.public_origin.origin})."
-        )
-
-
 def demo_backend_router(backend: DemoBackend) -> APIRouter:
     router = APIRouter(
         prefix="/demo/backend",
         include_in_schema=False,
-        dependencies=[Depends(public_host_only), TrustedOrigin],
+        # The Host check first: a DNS-rebinding page passes the Origin check.
+        dependencies=[PublicHostOnly, TrustedOrigin],
     )
 
     @router.get("")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from http.cookies import _unquote  # what Starlette uses
 from typing import Annotated
 
-from fastapi import Cookie, Depends, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -15,6 +16,7 @@ from pinauth.auth import AuthService
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.errors import (
+    AmbiguousSession,
     ConnectionIdAmbiguous,
     ConnectionIdRequired,
     ForbiddenOrigin,
@@ -31,8 +33,6 @@ from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
 from pinauth.webhooks import WebhookEvents
 
-SESSION_COOKIE = "pinauth_session"
-LOGIN_COOKIE = "pinauth_login"
 CONNECTION_ID_HEADER = "pinauth-connection-id"
 
 
@@ -74,7 +74,51 @@ ApiKeyScheme = Annotated[
         )
     ),
 ]
-SessionCookie = Annotated[str | None, Cookie(alias=SESSION_COOKIE, include_in_schema=False)]
+
+
+def request_cookie(request: Request, name: str) -> str | None:
+    """The cookie `name`, read from every Cookie header of the request; AmbiguousSession
+    (400) if it is there more than once.
+
+    A browser sends two cookies of one name when another site of the same registrable
+    domain set one with `Domain=` (cookie tossing), and Starlette's `request.cookies`
+    would quietly keep the last (and read the first Cookie header only). Neither is
+    served: a tossed session cookie would act for the attacker's connection, a tossed
+    login cookie finish the attacker's login. Cheap on the proxy's path: a header that
+    does not contain the name is not split.
+    """
+    encoded = name.encode("latin-1")
+    found: str | None = None
+    for key, raw in request.scope["headers"]:
+        if key != b"cookie" or encoded not in raw:
+            continue
+        for chunk in raw.decode("latin-1").split(";"):
+            # Split as Starlette splits. A chunk without "=" is a nameless cookie, never
+            # ours; a nameless one whose value is "<name>=…" is sent as that very pair,
+            # and counts like any other.
+            cookie_name, has_value, value = chunk.partition("=")
+            if has_value and cookie_name.strip() == name:
+                if found is not None:
+                    raise AmbiguousSession()
+                found = _unquote(value.strip())
+    return found
+
+
+async def read_session_cookie(request: Request) -> str | None:
+    """The session cookie (AmbiguousSession if there are two), for routes that read it
+    without requiring a session (logout, the login callback)."""
+    services: Services = request.state.services
+    return request_cookie(request, services.auth.cookie_names.session)
+
+
+async def read_login_cookie(request: Request) -> str | None:
+    """The login cookie (AmbiguousSession if there are two), for the login callback."""
+    services: Services = request.state.services
+    return request_cookie(request, services.auth.cookie_names.login)
+
+
+SessionCookie = Annotated[str | None, Depends(read_session_cookie)]
+LoginCookie = Annotated[str | None, Depends(read_login_cookie)]
 
 
 # Methods that cannot change anything; every other method acting on a session cookie
@@ -91,7 +135,8 @@ async def get_current_connection(request: Request) -> Connection:
     services: Services = request.state.services
     if request.method not in SAFE_METHODS:
         check_origin(request, services)
-    connection = await services.auth.connection_for_session(request.cookies.get(SESSION_COOKIE))
+    cookie = request_cookie(request, services.auth.cookie_names.session)
+    connection = await services.auth.connection_for_session(cookie)
     if connection is None:
         raise NotAuthenticated()
     CONNECTION_ID.set(connection.public_id)  # for this request's log lines
@@ -133,6 +178,24 @@ async def require_trusted_origin(request: Request, services: ServicesDep) -> Non
 
 
 TrustedOrigin = Depends(require_trusted_origin)
+
+
+async def require_public_host(request: Request) -> None:
+    """Refuse any Host but pinauth's public one (the redirect URI's): for the demo's routes.
+
+    The Origin check compares Origin with Host, so a DNS-rebinding page (its own name
+    resolving to this server) passes it: it is same-origin with itself. Only the Host
+    header tells it from the demo page.
+    """
+    services: Services = request.state.services
+    public = services.auth.public_origin
+    if not public.is_public_host(request):
+        raise ForbiddenOrigin(
+            f"The demo answers on pinauth's public origin only ({public.origin})."
+        )
+
+
+PublicHostOnly = Depends(require_public_host)
 
 
 def bearer_token(request: Request) -> str | None:

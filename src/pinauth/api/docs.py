@@ -22,8 +22,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
-from pinauth.api.deps import SESSION_COOKIE
 from pinauth.api.schemas import ErrorResponse, PinterestErrorResponse
+from pinauth.auth import HOST_PREFIX, SESSION_COOKIE
 
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 ASSET_PREFIX = "/docs/"
@@ -132,17 +132,20 @@ def _asset(name: str, media_type: str) -> Callable[[], Any]:
     return asset
 
 
-# The session cookie as a security scheme: routes that act for a browser name it.
-SESSION_COOKIE_SCHEME = {
-    "type": "apiKey",
-    "in": "cookie",
-    "name": SESSION_COOKIE,
-    "description": "The HttpOnly session cookie set by /auth/callback; browsers send it "
-    "themselves (same origin, or cross-origin with credentials from an allowed origin).",
-}
+def session_cookie_scheme(name: str) -> dict[str, str]:
+    """The session cookie as a security scheme: routes that act for a browser name it."""
+    return {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": name,
+        "description": "The HttpOnly session cookie set by /auth/callback; browsers send it "
+        "themselves (same origin, or cross-origin with credentials from an allowed origin). "
+        f"Named `{HOST_PREFIX}{SESSION_COOKIE}` when pinauth is served over https. A request "
+        "carrying it twice is refused with 400 `ambiguous_session`.",
+    }
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, session_cookie: str = SESSION_COOKIE) -> None:
     """Make /openapi.json describe the wire: pinauth's error shape, the cookie scheme.
 
     FastAPI documents a 422 `{"detail": […]}` on every route with parameters, but pinauth
@@ -154,14 +157,14 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            _finish(schema)
+            _finish(schema, session_cookie)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _finish(schema: dict[str, Any]) -> None:
+def _finish(schema: dict[str, Any], session_cookie: str) -> None:
     fastapi_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
@@ -178,4 +181,6 @@ def _finish(schema: dict[str, Any]) -> None:
         schemas.setdefault(
             model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}")
         )
-    components.setdefault("securitySchemes", {})["sessionCookie"] = SESSION_COOKIE_SCHEME
+    components.setdefault("securitySchemes", {})["sessionCookie"] = session_cookie_scheme(
+        session_cookie
+    )

@@ -6,7 +6,12 @@ from fastapi import APIRouter
 
 from pinauth.api.deps import CurrentConnection
 from pinauth.api.schemas import COOKIE_SECURITY, MeResponse, error_responses
-from pinauth.errors import DatabaseUnavailable, NotAuthenticated, ProxyTokenNotAllowed
+from pinauth.errors import (
+    AmbiguousSession,
+    DatabaseUnavailable,
+    NotAuthenticated,
+    ProxyTokenNotAllowed,
+)
 
 router = APIRouter(tags=["account"])
 
@@ -14,7 +19,9 @@ router = APIRouter(tags=["account"])
 @router.get(
     "/me",
     response_model=MeResponse,
-    responses=error_responses(NotAuthenticated, ProxyTokenNotAllowed, DatabaseUnavailable),
+    responses=error_responses(
+        NotAuthenticated, AmbiguousSession, ProxyTokenNotAllowed, DatabaseUnavailable
+    ),
     openapi_extra=COOKIE_SECURITY,
 )
 async def me(connection: CurrentConnection) -> MeResponse:

@@ -17,6 +17,7 @@ from pinauth.api.deps import Caller, Services, ServicesDep, get_acting_connectio
 from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import API_KEY_OR_COOKIE, BoardsPage, error_responses
 from pinauth.errors import (
+    AmbiguousSession,
     ConnectionIdAmbiguous,
     ConnectionIdRequired,
     ConnectionNotFound,
@@ -163,6 +164,7 @@ _CALL_ERRORS: tuple[type[PinauthError], ...] = (
     ConnectionIdRequired,
     ConnectionIdAmbiguous,
     NotAuthenticated,
+    AmbiguousSession,
     ReauthorizationRequired,
     ConnectionNotFound,
     UpstreamError,

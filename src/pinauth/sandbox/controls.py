@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -45,22 +46,36 @@ class TokenHold(BaseModel):
     times: int = Field(1, ge=1, le=10_000, description="how many refresh answers to hold")
 
 
-async def refuse_cross_origin(request: Request) -> None:
-    """Only the sandbox's own origin (or a client that sends no Origin) may use a control.
+def same_origin_only(control_hosts: tuple[str, ...] | None) -> Callable[[Request], Awaitable[None]]:
+    """The check every control passes: the sandbox's public Host, and its own origin.
 
     In demo mode the controls share an origin with the demo page, and none needs a
     body a form could not send: any page could otherwise reset the sandbox, expire
     or revoke its tokens with a simple text/plain POST. Browsers send Origin on every
-    cross-origin request that could change something; curl and tests send none.
+    cross-origin request that could change something; curl and tests send none. A
+    DNS-rebinding page (its own name resolving to this server) is same-origin with
+    itself, so the Host it names must be the sandbox's own, too.
     """
-    origin = request.headers.get("origin")
-    if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host')}":
-        raise PinterestError(403, 403, "The sandbox's controls refuse cross-origin requests.")
+    hosts = None if control_hosts is None else frozenset(h.lower() for h in control_hosts)
+
+    async def refuse_cross_origin(request: Request) -> None:
+        host = request.headers.get("host")
+        if hosts is not None and (host is None or host.lower() not in hosts):
+            raise PinterestError(
+                403, 403, "The sandbox's controls answer on the sandbox's own host only."
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and origin != f"{request.url.scheme}://{host}":
+            raise PinterestError(403, 403, "The sandbox's controls refuse cross-origin requests.")
+
+    return refuse_cross_origin
 
 
 def controls_router(holder: StateHolder) -> APIRouter:
     router = APIRouter(
-        prefix="/_sandbox", tags=["controls"], dependencies=[Depends(refuse_cross_origin)]
+        prefix="/_sandbox",
+        tags=["controls"],
+        dependencies=[Depends(same_origin_only(holder.config.control_hosts))],
     )
 
     def current() -> SandboxState:

@@ -62,6 +62,10 @@ class SandboxConfig:
     # several accounts can be linked, tested and demoed.
     username: str = "sandbox_pinner"
     other_usernames: tuple[str, ...] = ("sandbox_studio",)
+    # The Host headers (host:port, lower case) the /_sandbox/ controls answer to: the
+    # sandbox's public host. A DNS-rebinding page names its own host, and would pass an
+    # Origin check (it is same-origin with itself). None: any (an in-process sandbox).
+    control_hosts: tuple[str, ...] | None = None
 
     @property
     def usernames(self) -> tuple[str, ...]:
