@@ -15,8 +15,9 @@ import pytest
 import respx
 from sqlalchemy import update
 
-from pinauth.api.deps import CONNECTION_ID_HEADER, SESSION_COOKIE
+from pinauth.api.deps import CONNECTION_ID_HEADER
 from pinauth.apikeys import ApiKeyService
+from pinauth.auth import SESSION_COOKIE
 from pinauth.cli import main
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import InvalidApiKey
