@@ -56,7 +56,9 @@ async def test_the_panel_connects_lists_and_posts_both_ways(
     assert mint["request_headers"]["authorization"].startswith("Bearer pinauth_sk_")
     assert '"end_user_id": "user_7"' in mint["request_body"]
     connect_url = minted.json()["connect_session"]["connect_url"]
-    assert connect_url in mint["response_body"]
+    # The page gets the link to follow; the exchange shows it as it shows every credential.
+    assert connect_url.split("pinauth_cs_")[0] + "pinauth_cs_" in mint["response_body"]
+    assert not FULL_CREDENTIAL.search(minted.text.replace(connect_url, "")), minted.text
 
     async with httpx.AsyncClient(base_url=served.base) as browser:
         landed = await consent_in_sandbox(browser, connect_url)
@@ -121,6 +123,9 @@ async def test_the_panel_connects_lists_and_posts_both_ways(
         assert call["request_headers"]["authorization"].startswith("Bearer pinauth_pt_")
         assert "pinauth-connection-id" not in call["request_headers"]
     assert (pin["status"], by_token.json()["pin"]["title"]) == (201, "By token")
+    # The proxy token is live for minutes: the page shows it as the key, cut to its prefix.
+    assert not FULL_CREDENTIAL.search(by_token.text), by_token.text
+    assert re.search(r'"token": "pinauth_pt_[A-Za-z0-9_-]{6}…"', mint_token["response_body"])
 
 
 async def test_failures_come_back_with_the_exchanges_that_failed(
@@ -196,6 +201,7 @@ async def test_a_rebound_host_name_cannot_read_the_demo_webhook_events(
 
 
 FULL_API_KEY = re.compile(r"pinauth_sk_[A-Za-z0-9_-]{20,}")
+FULL_CREDENTIAL = re.compile(r"pinauth_(sk|pt|cs|cr)_[A-Za-z0-9_-]{20,}")
 
 
 async def test_exchanges_show_the_api_key_redacted(

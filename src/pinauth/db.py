@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from pinauth.errors import DatabaseUnavailable
 from pinauth.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class _Pool(AsyncAdaptedQueuePool):
@@ -60,7 +63,8 @@ def create_private_sqlite_file(database_url: str) -> None:
 
     SQLite would create it with the umask's mode (0644 as a rule), and then its -wal and
     -shm files with the same mode as the database file: creating the file 0600 before
-    SQLite opens it makes all three private. An existing file is left as it is.
+    SQLite opens it makes all three private. An existing file that others may read (made
+    by an earlier pinauth, or copied in) is made private too, with a warning.
     """
     path = sqlite_file(database_url)
     if path is None or not path.parent.is_dir():
@@ -68,10 +72,27 @@ def create_private_sqlite_file(database_url: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE)
     except FileExistsError:
+        _make_private(path)
         return
     # The umask can only take bits away from 0600, never add any; the mode is exact anyway.
     os.fchmod(fd, SQLITE_FILE_MODE)
     os.close(fd)
+
+
+def _make_private(database: Path) -> None:
+    for path in (database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))):
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if not mode & ~SQLITE_FILE_MODE:
+            continue
+        try:
+            path.chmod(SQLITE_FILE_MODE)
+        except PermissionError:
+            log.warning("%s is mode %o, and not this user's to make private", path, mode)
+            continue
+        log.warning("%s was mode %o, readable by others: made it 600", path, mode)
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from pinauth.apikeys import SHOWN_PREFIX_LENGTH, ApiKeyService, looks_like_api_key
+from pinauth.apikeys import ApiKeyService
 from pinauth.client import (
     APIError,
     Connection,
@@ -38,6 +38,7 @@ from pinauth.client import (
     PinterestAPIError,
     error_for,
 )
+from pinauth.redact import redact_credentials
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -80,7 +81,7 @@ class Exchange:
 def _shown_body(content: bytes) -> str | None:
     if not content:
         return None
-    text = content.decode("utf-8", errors="replace")
+    text = redact_credentials(content.decode("utf-8", errors="replace"))
     try:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except ValueError:
@@ -88,14 +89,6 @@ def _shown_body(content: bytes) -> str | None:
     if len(text) > MAX_SHOWN_BODY:
         return text[:MAX_SHOWN_BODY] + f"\n… ({len(text) - MAX_SHOWN_BODY} more characters)"
     return text
-
-
-def _shown_header(value: str) -> str:
-    """A request header as an exchange shows it: an API key cut to its listed prefix."""
-    scheme, _, credential = value.partition(" ")
-    if scheme.lower() == "bearer" and looks_like_api_key(credential):
-        return f"{scheme} {credential[:SHOWN_PREFIX_LENGTH]}…"
-    return value
 
 
 async def _record(response: httpx.Response) -> None:
@@ -108,16 +101,18 @@ async def _record(response: httpx.Response) -> None:
     transcript.append(
         Exchange(
             method=request.method,
-            url=str(request.url),
+            url=redact_credentials(str(request.url)),
             request_headers={
-                k: _shown_header(request.headers[k])
+                k: redact_credentials(request.headers[k])
                 for k in SHOWN_REQUEST_HEADERS
                 if k in request.headers
             },
             request_body=_shown_body(request.content),
             status=response.status_code,
             response_headers={
-                k: response.headers[k] for k in SHOWN_RESPONSE_HEADERS if k in response.headers
+                k: redact_credentials(response.headers[k])
+                for k in SHOWN_RESPONSE_HEADERS
+                if k in response.headers
             },
             response_body=_shown_body(response.content),
         )

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pinauth.pinterest.endpoints import OTHER, resource
+from pinauth.redact import redact_credentials
 from pinauth.security_headers import secured
 
 # Set per request; the JSON log formatter adds them to every line logged meanwhile.
@@ -170,12 +171,13 @@ class RequestContextMiddleware:
                 route, method if method in _METHODS else OTHER, status, duration
             )
             if self.log_requests:
-                # The path only: query strings carry OAuth codes, states and user data.
+                # The path only: query strings carry OAuth codes, states and user data; and no
+                # credential a caller put into the path.
                 access_log.info(
                     "request",
                     extra={
                         "method": method,
-                        "path": scope["path"],
+                        "path": redact_credentials(scope["path"]),
                         "route": route,
                         "status": status,
                         "duration_ms": round(duration * 1000, 2),
