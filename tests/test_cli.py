@@ -17,7 +17,7 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from pinauth.migrations import schema_head
+from pinauth.migrations import schema_head, upgrade_to_head
 from tests.helpers import exchange, free_port, status_of, wait_until_serving
 
 
@@ -115,6 +115,26 @@ def test_serve_creates_the_sqlite_database_for_its_user_only(tmp_path: Path) -> 
         process.kill()
         process.wait()
     assert modes == {"cli.db": "0o600", "cli.db-wal": "0o600", "cli.db-shm": "0o600"}
+
+
+def test_a_database_an_earlier_version_left_readable_is_made_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the upgrade path of the file mode: a database, -wal and -shm that an earlier
+    pinauth created 0644 are made 0600 at the next start's migration, with a warning."""
+    database = tmp_path / "old.db"
+    sqlite3.connect(database).close()
+    for path in (database, tmp_path / "old.db-wal", tmp_path / "old.db-shm"):
+        path.touch()
+        path.chmod(0o644)
+    upgrade_to_head(f"sqlite+aiosqlite:///{database}")
+    modes = {
+        p.name: oct(p.stat().st_mode & 0o777)
+        for p in tmp_path.glob("old.db*")
+        if not p.name.endswith(".lock")
+    }
+    assert modes == {"old.db": "0o600", "old.db-wal": "0o600", "old.db-shm": "0o600"}
+    assert caplog.text.count("readable by others: made it 600") == 3
 
 
 def test_serve_caps_request_heads(served: tuple[str, subprocess.Popen[str]]) -> None:
