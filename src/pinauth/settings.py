@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urljoin, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pinauth.errors import ConfigurationError
@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_BODY_BYTES")
+    # Proxied request bodies this process holds at once, from their first byte read until
+    # Pinterest has answered; past it, 503 busy (with Retry-After) before a body is read.
+    max_inflight_body_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_INFLIGHT_BODY_BYTES"
+    )
     # The request line and headers together; beyond this the server answers 431 before
     # the app sees the request (an ASGI app only hears of a request once it is parsed).
     max_header_bytes: int = Field(
@@ -160,6 +165,16 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         10.0, gt=0, le=60, validation_alias="PINAUTH_WEBHOOK_TIMEOUT"
     )
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> Settings:
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"PINAUTH_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes}) is below "
+                f"PINAUTH_MAX_BODY_BYTES ({self.max_body_bytes}): a body of the largest "
+                "accepted size would always be refused as busy"
+            )
+        return self
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod
