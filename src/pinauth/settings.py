@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     request_read_timeout_seconds: float = Field(
         30.0, gt=0, validation_alias="PINAUTH_REQUEST_READ_TIMEOUT"
     )
+    # A new connection has this long to send its request's first byte (at most the read
+    # timeout), or it is closed without a word: idle sockets cannot pile up.
+    first_byte_timeout_seconds: float = Field(
+        5.0, gt=0, validation_alias="PINAUTH_FIRST_BYTE_TIMEOUT"
+    )
+    # Connections from one client address that have not sent a whole request head yet;
+    # beyond this, a new one from that address is closed at once.
+    max_pending_per_client: int = Field(64, ge=1, validation_alias="PINAUTH_MAX_PENDING_PER_CLIENT")
     # Automatic retries of idempotent proxied calls on 429/502/503/504 and connection errors.
     max_retries: int = Field(2, ge=0, le=10, validation_alias="PINAUTH_MAX_RETRIES")
     # Total seconds a proxied call may spend waiting between retries (incl. Retry-After).
