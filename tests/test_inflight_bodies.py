@@ -5,6 +5,7 @@ is read, and every request gives its share back however it ends."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -143,3 +144,27 @@ def test_a_cap_below_one_largest_body_is_refused_at_configuration() -> None:
             PINAUTH_MAX_INFLIGHT_BODY_BYTES=1999,
         )
     assert Settings(_env_file=None).max_inflight_body_bytes == 64 * 1024 * 1024
+
+
+async def test_a_large_declared_body_reaches_pinterest_byte_for_byte(
+    database_url: str, pinterest: respx.MockRouter
+) -> None:
+    """A declared body over 256 KiB is read into one buffer of its size (pinterest.py);
+    sent in uneven chunks, it arrives whole and unchanged, and its share is returned."""
+    size = 700_001
+    settings = make_settings(database_url, max_body_bytes=size, max_inflight_body_bytes=size)
+    body = os.urandom(size)
+
+    async def uneven() -> AsyncIterator[bytes]:
+        for start, end in ((0, 1), (1, 65_537), (65_537, 400_000), (400_000, size)):
+            yield body[start:end]
+
+    async with run_client(settings, pinterest) as client:
+        await log_in(client, pinterest)
+        route = pinterest.post(f"{API}/pins").respond(201, json={})
+        for _ in range(2):  # the second fits only if the first gave its share back
+            response = await client.post(
+                "/pinterest/pins", content=uneven(), headers={"Content-Length": str(size)}
+            )
+            assert response.status_code == 201, response.text
+            assert route.calls.last.request.content == body

@@ -14,8 +14,11 @@ file descriptors.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import os
+import platform
 import sys
 from typing import Any, ClassVar
 
@@ -347,3 +350,25 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # Keeps `Server` banners off responses; the service's name is no one's business.
         "server_header": False,
     }
+
+
+# glibc's mallopt parameter number, and the size from which allocations get pages of
+# their own (the proxied bodies, up to PINAUTH_MAX_BODY_BYTES).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1024 * 1024
+
+
+def map_large_allocations() -> None:
+    """Give every allocation of 1 MiB or more (request bodies) pages of its own, which go
+    back to the system when it is freed.
+
+    glibc otherwise raises that threshold to the largest block freed so far, so after the
+    first large upload, bodies come from the heap, and uploads arriving together leave it
+    fragmented: with 40 concurrent 9 MB uploads, peak memory grew some 15-25 MiB more.
+    Only under glibc, and not if MALLOC_MMAP_THRESHOLD_ is set (the operator's choice).
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES):
+        log.warning("could not set malloc's mmap threshold")

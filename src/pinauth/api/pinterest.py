@@ -79,6 +79,8 @@ async def _read_body(request: Request, limit: int, reservation: BodyReservation)
         if size > limit:
             raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
         reservation.grow(size)  # the server delivers no more than the declared length
+    if size is not None and size > _ONE_BUFFER_BYTES:
+        return await _read_into_one_buffer(request, size)
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
@@ -89,6 +91,20 @@ async def _read_body(request: Request, limit: int, reservation: BodyReservation)
             reservation.grow(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# A declared body larger than this is read into one buffer of its size as it arrives.
+_ONE_BUFFER_BYTES = 256 * 1024
+
+
+async def _read_into_one_buffer(request: Request, size: int) -> bytes:
+    buffer = bytearray(size)
+    received = 0
+    async for chunk in request.stream():
+        buffer[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    del buffer[received:]
+    return bytes(buffer)
 
 
 def _relay(upstream: httpx.Response) -> Response:
