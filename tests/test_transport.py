@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +28,17 @@ async def echo(request: web.Request) -> web.Response:
     return response
 
 
+async def received(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {
+            "length": request.headers.get("Content-Length"),
+            "chunked": "Transfer-Encoding" in request.headers,
+            "digest": hashlib.sha256(body).hexdigest(),
+        }
+    )
+
+
 async def slow(_request: web.Request) -> web.Response:
     await asyncio.sleep(2)
     return web.json_response({})
@@ -39,9 +52,10 @@ async def reset(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    app = web.Application()
+    app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_get("/v5/echo", echo)
     app.router.add_get("/v5/slow", slow)
+    app.router.add_post("/v5/received", received)
     app.router.add_get("/v5/reset", reset)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -87,3 +101,19 @@ async def test_slow_pinterest_is_a_timeout(upstream: str) -> None:
     async with create_transport() as transport:
         with pytest.raises(UpstreamTimeout):
             await PinterestClient(transport, settings).send(UpstreamRequest("GET", "slow"), "t")
+
+
+async def test_a_large_body_arrives_whole_with_its_length(upstream: str) -> None:
+    """A body over 256 KiB goes out in slices (transport.py), still framed by its
+    Content-Length, byte for byte; so does a small one, whole."""
+    settings = settings_for(upstream)
+    async with create_transport() as transport:
+        client = PinterestClient(transport, settings)
+        for size in (3 * 1024 * 1024 + 7, 1000):
+            body = os.urandom(size)
+            response = await client.send(UpstreamRequest("POST", "received", body=body), "t")
+            assert response.json() == {
+                "length": str(size),
+                "chunked": False,
+                "digest": hashlib.sha256(body).hexdigest(),
+            }

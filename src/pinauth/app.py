@@ -55,7 +55,7 @@ from pinauth.pinterest.api import PinterestAPI
 from pinauth.pinterest.client import PinterestClient
 from pinauth.pinterest.http import create_http_client, create_transport
 from pinauth.pinterest.oauth import PinterestOAuth
-from pinauth.proxy import ProxyService
+from pinauth.proxy import InflightBodies, ProxyService
 from pinauth.proxytokens import ProxyTokenService
 from pinauth.revalidation import CacheRevalidator
 from pinauth.sandbox import SandboxConfig, create_sandbox_app
@@ -129,6 +129,7 @@ def create_app(
             schema_head=head,
             proxy_tokens=ProxyTokenService(sessionmaker, cache, connections),
             webhook_events=WebhookEvents(sessionmaker, CursorCodec(cipher)),
+            bodies=InflightBodies(settings.max_inflight_body_bytes),
         )
         if not settings.client_id:
             log.warning("PINTEREST_CLIENT_ID is not set: /auth/login will answer 503 until it is")

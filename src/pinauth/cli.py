@@ -33,6 +33,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from pinauth.server import map_large_allocations, raise_open_file_limit
     from pinauth.workers import serve_many, serve_one
 
     settings, found = preflight.load_settings()
@@ -71,6 +72,11 @@ def _serve(args: argparse.Namespace) -> None:
             args.host,
         )
     preflight.migrate(settings)
+    # Each connection is a descriptor: the usual soft limit (1,024) is too few to serve
+    # through a crowd of idle sockets. Workers inherit it.
+    raise_open_file_limit()
+    # Request bodies get pages of their own, returned when freed (see server.py).
+    map_large_allocations()
     if args.workers > 1:
         status = serve_many(settings, args.host, args.port, args.workers)
     else:

@@ -281,6 +281,20 @@ class DatabaseUnavailable(PinauthError):
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
 
 
+class Busy(PinauthError):
+    """This process holds as many proxied request bodies as it may (in bytes) right now."""
+
+    status_code = 503
+    sends_retry_after = True
+    code = "busy"
+    default_message = (
+        "pinauth is holding as many request bodies as it may at the moment; retry shortly."
+    )
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+
+
 class ShuttingDown(PinauthError):
     """The process stopped before this request finished (its shutdown timeout ran out)."""
 

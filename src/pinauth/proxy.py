@@ -6,6 +6,7 @@ import logging
 
 import httpx
 
+from pinauth.errors import Busy
 from pinauth.governor import RateGovernor
 from pinauth.models import Connection
 from pinauth.pinterest.client import PinterestClient, UpstreamRequest
@@ -58,3 +59,44 @@ class ProxyService:
             if fresh:
                 break
         return response
+
+
+class InflightBodies:
+    """The proxied request bodies this process holds, in bytes, kept under a cap.
+
+    A body is in memory from its first byte read until Pinterest has answered (a retry
+    sends it again), so each request reserves its bytes before reading them, all of a
+    declared Content-Length at once, a chunked body's as its chunks arrive, and gives
+    them back when its call ends. Past the cap the request is refused with 503 busy
+    rather than read. Every request of a process runs on its one event loop and nothing
+    awaits between the check and the reservation, so no lock is needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def reservation(self) -> BodyReservation:
+        return BodyReservation(self)
+
+
+class BodyReservation:
+    """One request's share of InflightBodies; `release` (in a finally) gives it all back."""
+
+    __slots__ = ("_bodies", "size")
+
+    def __init__(self, bodies: InflightBodies) -> None:
+        self._bodies = bodies
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Reserve `size` more bytes, or raise Busy (reserving nothing) if they do not fit."""
+        bodies = self._bodies
+        if bodies.in_flight + size > bodies.limit:
+            raise Busy()
+        bodies.in_flight += size
+        self.size += size
+
+    def release(self) -> None:
+        self._bodies.in_flight -= self.size
+        self.size = 0

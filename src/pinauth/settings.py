@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urljoin, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pinauth.errors import ConfigurationError
@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_BODY_BYTES")
+    # Proxied request bodies this process holds at once, from their first byte read until
+    # Pinterest has answered; past it, 503 busy (with Retry-After) before a body is read.
+    max_inflight_body_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_INFLIGHT_BODY_BYTES"
+    )
     # The request line and headers together; beyond this the server answers 431 before
     # the app sees the request (an ASGI app only hears of a request once it is parsed).
     max_header_bytes: int = Field(
@@ -116,6 +121,14 @@ class Settings(BaseSettings):
     request_read_timeout_seconds: float = Field(
         30.0, gt=0, validation_alias="PINAUTH_REQUEST_READ_TIMEOUT"
     )
+    # A new connection has this long to send its request's first byte (at most the read
+    # timeout), or it is closed without a word: idle sockets cannot pile up.
+    first_byte_timeout_seconds: float = Field(
+        5.0, gt=0, validation_alias="PINAUTH_FIRST_BYTE_TIMEOUT"
+    )
+    # Connections from one client address that have not sent a whole request head yet;
+    # beyond this, a new one from that address is closed at once.
+    max_pending_per_client: int = Field(64, ge=1, validation_alias="PINAUTH_MAX_PENDING_PER_CLIENT")
     # Automatic retries of idempotent proxied calls on 429/502/503/504 and connection errors.
     max_retries: int = Field(2, ge=0, le=10, validation_alias="PINAUTH_MAX_RETRIES")
     # Total seconds a proxied call may spend waiting between retries (incl. Retry-After).
@@ -170,6 +183,16 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         8, ge=1, le=100, validation_alias="PINAUTH_WEBHOOK_CONCURRENCY"
     )
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> Settings:
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"PINAUTH_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes}) is below "
+                f"PINAUTH_MAX_BODY_BYTES ({self.max_body_bytes}): a body of the largest "
+                "accepted size would always be refused as busy"
+            )
+        return self
 
     @field_validator("scopes", "cors_origins", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from pinauth.errors import (
 )
 from pinauth.models import Connection
 from pinauth.observability import CONNECTION_ID, Metrics
-from pinauth.proxy import ProxyService
+from pinauth.proxy import InflightBodies, ProxyService
 from pinauth.proxytokens import ProxyTokenService, looks_like_proxy_token
 from pinauth.settings import Settings
 from pinauth.tokens import TokenManager
@@ -52,6 +52,8 @@ class Services:
     schema_head: str
     proxy_tokens: ProxyTokenService
     webhook_events: WebhookEvents
+    # Proxied request bodies held at once (PINAUTH_MAX_INFLIGHT_BODY_BYTES).
+    bodies: InflightBodies
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs plain `def`

@@ -18,6 +18,7 @@ from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.api.schemas import API_KEY_OR_COOKIE, BoardsPage, error_responses
 from pinauth.errors import (
     AmbiguousSession,
+    Busy,
     ConnectionIdAmbiguous,
     ConnectionIdRequired,
     ConnectionNotFound,
@@ -42,6 +43,7 @@ from pinauth.outage import OutageTracker
 from pinauth.pinterest import headers
 from pinauth.pinterest.client import UpstreamRequest
 from pinauth.pinterest.paths import InvalidPath, confine
+from pinauth.proxy import BodyReservation
 from pinauth.security_headers import LOCKED_DOWN_CSP
 
 router = APIRouter(tags=["pinterest"])
@@ -67,21 +69,44 @@ def _raw_path(request: Request) -> str:
     return path[len(prefix) :]
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, reservation: BodyReservation) -> bytes:
+    """The whole body, its bytes reserved in the process's in-flight budget before they
+    are read: a declared length all at once (413 or 503 busy without reading a byte), a
+    chunked body chunk by chunk."""
     declared = request.headers.get("content-length")
     if declared is None and "transfer-encoding" not in request.headers:
         return b""  # HTTP/1.1: a request without either header has no body
     size = None if declared is None else ascii_int(declared)
-    if size is not None and size > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    if size is not None:
         if size > limit:
             raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        reservation.grow(size)  # the server delivers no more than the declared length
+    if size is not None and size > _ONE_BUFFER_BYTES:
+        return await _read_into_one_buffer(request, size)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        if size is None:
+            reservation.grow(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# A declared body larger than this is read into one buffer of its size as it arrives.
+_ONE_BUFFER_BYTES = 256 * 1024
+
+
+async def _read_into_one_buffer(request: Request, size: int) -> bytes:
+    buffer = bytearray(size)
+    received = 0
+    async for chunk in request.stream():
+        buffer[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    del buffer[received:]
+    return bytes(buffer)
 
 
 def _relay(upstream: httpx.Response) -> Response:
@@ -100,15 +125,20 @@ async def proxy(request: Request) -> Response:
     # resolution was the largest single cost of a proxied call (see bench/).
     connection, caller = await get_acting_connection(request)
     services: Services = request.state.services
-    upstream = UpstreamRequest(
-        method=request.method,
-        path=confine(_raw_path(request)),
-        query=request.scope.get("query_string", b""),
-        headers=headers.request_headers(request.headers.items()),
-        body=await _read_body(request, services.settings.max_body_bytes),
-    )
-    with _reconnect_hint(connection, caller):
-        return _relay(await services.proxy.call(connection, upstream))
+    # Held until Pinterest has answered: the body stays in memory that long.
+    reservation = services.bodies.reservation()
+    try:
+        upstream = UpstreamRequest(
+            method=request.method,
+            path=confine(_raw_path(request)),
+            query=request.scope.get("query_string", b""),
+            headers=headers.request_headers(request.headers.items()),
+            body=await _read_body(request, services.settings.max_body_bytes, reservation),
+        )
+        with _reconnect_hint(connection, caller):
+            return _relay(await services.proxy.call(connection, upstream))
+    finally:
+        reservation.release()
 
 
 @contextmanager
@@ -209,6 +239,7 @@ def _proxy_errors(method: str) -> dict[int | str, dict[str, Any]]:
         *origin,
         InvalidPath,
         PayloadTooLarge,
+        Busy,
         pinterest=_PINTEREST_ERRORS,
     )
 

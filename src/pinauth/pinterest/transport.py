@@ -11,6 +11,7 @@ from a timeout.
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
 from functools import lru_cache
 
 import aiohttp
@@ -25,6 +26,19 @@ _NETWORK_ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], .
     (aiohttp.ClientOSError, httpx.ReadError),
     (aiohttp.ClientError, httpx.TransportError),
 )
+
+
+# Bodies larger than this go out in slices of it, each written once the socket has taken
+# the last: handed over whole, the part the socket cannot take at once is copied into
+# the connection's write buffer, a second copy of a large upload per request in flight.
+_WHOLE_BODY_BYTES = 256 * 1024
+
+
+async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+    """`body` in slices, without copying (the request's Content-Length frames them)."""
+    view = memoryview(body)
+    for start in range(0, len(view), _WHOLE_BODY_BYTES):
+        yield view[start : start + _WHOLE_BODY_BYTES]
 
 
 @lru_cache(maxsize=16)
@@ -71,7 +85,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method,
                 str(request.url),
                 headers=request.headers.multi_items(),
-                data=body or None,
+                data=_pieces(body) if len(body) > _WHOLE_BODY_BYTES else body or None,
                 allow_redirects=False,
                 timeout=_client_timeout(
                     timeout.get("connect"), timeout.get("read"), timeout.get("pool")
