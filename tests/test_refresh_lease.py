@@ -66,14 +66,9 @@ class Pacer:
         await asyncio.wait_for(self.pausing.wait(), 10)
 
 
-def aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without a zone; they are stored in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=SimClock().now().tzinfo)
-
-
 async def lease_until(settings: Settings, public_id: str) -> datetime | None:
-    until = (await stored_connections(settings))[public_id]["refresh_lease_until"]
-    return None if until is None else aware(until)
+    until: datetime | None = (await stored_connections(settings))[public_id]["refresh_lease_until"]
+    return until
 
 
 async def row(one: Replica, public_id: str) -> Connection:
