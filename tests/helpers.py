@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
     AsyncExitStack,
@@ -1189,9 +1189,15 @@ class Replica:
 
 @asynccontextmanager
 async def replica(
-    settings: Settings, pinterest: respx.MockRouter, clock: SimClock, seed: int = 0
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    clock: SimClock,
+    seed: int = 0,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> AsyncIterator[Replica]:
-    """A process's engine, TokenManager and Keeper, Pinterest reached through `pinterest`."""
+    """A process's engine, TokenManager and Keeper, Pinterest reached through `pinterest`;
+    leases are stamped with `clock` and renewed after `sleep`."""
     engine = create_engine(settings)
     sessionmaker = create_sessionmaker(engine)
     metrics = Metrics()
@@ -1205,6 +1211,8 @@ async def replica(
         ConnectionCache(settings.cache_ttl_seconds),
         metrics,
         clock=clock.monotonic,
+        wall_clock=clock.now,
+        sleep=sleep,
     )
     keeper = Keeper(
         settings, sessionmaker, tokens, metrics, clock=clock.now, rng=random.Random(seed)

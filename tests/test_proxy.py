@@ -387,21 +387,6 @@ async def test_401_refreshes_once_and_retries(
     assert token.call_count == 1
 
 
-async def test_second_401_is_returned_not_looped(
-    client: httpx.AsyncClient, pinterest: respx.MockRouter
-) -> None:
-    await log_in(client, pinterest)
-    token = pinterest.post(TOKEN_URL).respond(200, json=token_json(ACCESS_2, REFRESH_2))
-    api = pinterest.get(f"{API}/boards").respond(401, json={"code": 2, "message": "nope"})
-
-    response = await client.get("/pinterest/boards")
-
-    assert response.status_code == 401
-    assert response.json() == {"code": 2, "message": "nope"}
-    assert token.call_count == 1
-    assert api.call_count == 2
-
-
 async def test_insufficient_scope_401_does_not_refresh(
     client: httpx.AsyncClient, pinterest: respx.MockRouter
 ) -> None:

@@ -25,6 +25,12 @@ every active connection whose refresh token expires within PINAUTH_KEEPALIVE_DAY
   claims nothing; a connection whose refresh met that refusal is handed back untouched (no
   failure counted, no event), to be taken again by the first pass after it ends. Only the
   one try per cooldown that checks the credentials is made.
+- Dead leases: a refresh lease that ran out with no result stored means its holder died
+  mid-refresh (kill -9) and nobody knows whether Pinterest rotated the refresh token. The
+  keeper finds out at start and on every pass instead of waiting for a call: it tries the
+  stored refresh token (the only move: only the holder's call may have spent it). Rejected:
+  the connection becomes reauthorization_required with its event; accepted: the new tokens
+  are stored. See `_resolve_dead_leases` for what "no result stored" means.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from pinauth.observability import Metrics
 from pinauth.repository import ConnectionRepository, KeeperRepository
 from pinauth.schedule import Schedule
 from pinauth.settings import Settings
-from pinauth.tokens import TokenManager
+from pinauth.tokens import WRITE_RETRY_MAX, TokenManager
 from pinauth.webhooks import EventType, record_event
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,8 @@ BATCH_PER_WORKER = 8
 NEXT_DUE_SAMPLE = 50
 # Wake-ups are spread by this fraction of the interval, so replicas drift apart.
 INTERVAL_JITTER = 0.1
+# Dead leases looked at per pass, at most.
+DEAD_LEASE_BATCH = 500
 
 
 def utc_now() -> datetime:
@@ -108,6 +116,8 @@ class KeeperPass:
     scheduled: int = 0
     # Handed back untouched because Pinterest refuses the app's client credentials.
     client_rejected: int = 0
+    # Dead leases resolved: the stored refresh token tried (its outcome is counted above).
+    dead_leases: int = 0
     seen: set[str] = field(default_factory=set)
 
 
@@ -139,6 +149,14 @@ class Keeper(BackgroundLoop):
         self.passes = 0
         # Set after each pass: what a test waits on instead of sleeping.
         self.pass_done = asyncio.Event()
+        # Dead leases seen, by (connection, lease owner, version): when first seen.
+        self._dead_seen: dict[tuple[str, str, int], datetime] = {}
+        # Long enough for a live process holding unsaved tokens to store them once the
+        # database answers again: its write retries pause WRITE_RETRY_MAX at most, and one
+        # attempt may wait PINAUTH_DATABASE_TIMEOUT for a connection.
+        self._lease_grace = timedelta(seconds=WRITE_RETRY_MAX + settings.database_timeout_seconds)
+        # When the soonest dead lease seen but not yet resolved may be resolved.
+        self._next_dead_lease: datetime | None = None
 
     # --- running ---------------------------------------------------------------------
     # start, stop and request_stop come from BackgroundLoop. `stop` waits for the refreshes
@@ -180,7 +198,13 @@ class Keeper(BackgroundLoop):
                     )
             self.passes += 1
             self.pass_done.set()
-            await self._pause(self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER))
+            pause = self._interval * (1 + self._random.uniform(-1, 1) * INTERVAL_JITTER)
+            if self._next_dead_lease is not None:
+                # Back when a dead lease seen in this pass may be resolved, not a whole
+                # interval later.
+                until = (self._next_dead_lease - self._clock()).total_seconds()
+                pause = min(pause, max(until, 0.0) + 0.1)
+            await self._pause(pause)
 
     # --- one pass --------------------------------------------------------------------
 
@@ -188,6 +212,7 @@ class Keeper(BackgroundLoop):
         """Claim due connections batch by batch and look after each; then set the gauge."""
         done = KeeperPass()
         limit = asyncio.Semaphore(self._concurrency)
+        await self._resolve_dead_leases(limit, done)
         while not self._stopping.is_set():
             if self._tokens.client_credentials.waiting():
                 # Every refresh would be refused: leave the rows for a pass after it ends.
@@ -276,6 +301,101 @@ class Keeper(BackgroundLoop):
         async with self._sessionmaker() as db, db.begin():
             await KeeperRepository(db).schedule(public_id, not_before, keeper_failures=0)
         if refreshed:
+            self._metrics.refreshes.labels("refreshed").inc()
+            done.refreshed += 1
+
+    # --- dead leases ------------------------------------------------------------------
+
+    async def _resolve_dead_leases(self, limit: asyncio.Semaphore, done: KeeperPass) -> None:
+        """Try the stored refresh token of each connection whose lease ran out unresolved.
+
+        A lease is cleared by every outcome its holder stores (new tokens, a rejection) and
+        by the holder letting it go (a transient failure, shutdown). One still set after
+        it ran out means no result was stored: the holder died mid-refresh, or it is alive
+        but the database refused the write of its new tokens, which it then keeps in
+        memory (and serves) while retrying the write (tokens.py, `_write_until_stored`).
+        Trying the stored token in the second case would spend nothing (it is already
+        spent) but would mark a working connection reauthorization_required until that
+        write lands over the mark. So "no result stored" means: still unresolved after the
+        database has answered this keeper for `_lease_grace`, the longest a live holder
+        takes to land its write once the database answers (its retries pause at most
+        WRITE_RETRY_MAX). A dead lease is therefore resolved on the first pass at least
+        that long after it was first seen. Tokens held in this very process are found by
+        the TokenManager itself (its unsaved rows), which makes no call for them. Left
+        open: a holder cut off from a database that answers everyone else, for longer
+        than a lease and the grace; its write still wins over the mark when it lands
+        (with `connection.recovered`).
+        """
+        now = self._clock()
+        async with self._sessionmaker() as db:
+            dead = await KeeperRepository(db).dead_leases(now, DEAD_LEASE_BATCH)
+        seen: dict[tuple[str, str, int], datetime] = {}
+        ripe: list[Connection] = []
+        for connection in dead:
+            assert connection.refresh_lease_owner is not None
+            key = (connection.public_id, connection.refresh_lease_owner, connection.version)
+            first = seen[key] = self._dead_seen.get(key, now)
+            if now - first >= self._lease_grace:
+                ripe.append(connection)
+        # Forget leases resolved meanwhile, by anyone: the map stays as small as the batch.
+        self._dead_seen = seen
+        # Those that failed to resolve wait for the next interval, as any failure does.
+        waiting = [at for first in seen.values() if (at := first + self._lease_grace) > now]
+        self._next_dead_lease = min(waiting) if waiting else None
+        if not ripe:
+            return
+        log.warning("keeper: resolving %d refresh leases left by dead processes", len(ripe))
+        async with asyncio.TaskGroup() as group:
+            for connection in ripe:
+                group.create_task(self._resolve_guarded(connection, limit, done))
+
+    async def _resolve_guarded(
+        self, connection: Connection, limit: asyncio.Semaphore, done: KeeperPass
+    ) -> None:
+        async with limit:
+            if self._stopping.is_set():
+                return
+            try:
+                await self._resolve(connection, done)
+            except (DatabaseUnavailable, DBAPIError, OSError) as e:
+                # Still unresolved in the database: a later pass finds it again.
+                log.warning(
+                    "keeper could not resolve connection %s's dead lease: %s",
+                    connection.public_id,
+                    type(e).__name__,
+                )
+
+    async def _resolve(self, connection: Connection, done: KeeperPass) -> None:
+        public_id = connection.public_id
+        done.dead_leases += 1
+        try:
+            _, refreshed = await self._tokens.refresh_reporting(connection)
+        except ReauthorizationRequired:
+            # Pinterest rejected it: the holder's call had spent it. The TokenManager
+            # marked the row and recorded its event in one transaction.
+            log.warning("connection %s's refresh was lost with its process", public_id)
+            self._metrics.refreshes.labels("reauthorization_required").inc()
+            done.reauthorization_required += 1
+            return
+        except NotAuthenticated:
+            return  # deleted meanwhile
+        except PinauthError as e:
+            # Pinterest's token endpoint failing (the TokenManager let its lease go), or
+            # another process's refresh outlasting our wait: still unresolved, so the row
+            # is put back as it was found, unless it moved on meanwhile. The TokenManager's
+            # cooldown keeps the next passes from calling a failing endpoint at once.
+            async with self._sessionmaker() as db, db.begin():
+                await KeeperRepository(db).restore_dead_lease(connection)
+            log.warning(
+                "keeper could not resolve connection %s's dead lease: %s",
+                public_id,
+                type(e).__name__,
+            )
+            self._metrics.refreshes.labels("failed").inc()
+            done.failed += 1
+            return
+        if refreshed:
+            log.warning("connection %s's refresh lost with its process is recovered", public_id)
             self._metrics.refreshes.labels("refreshed").inc()
             done.refreshed += 1
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 import httpx
 
-from pinauth.errors import Busy
+from pinauth.errors import Busy, UpstreamUnavailable
 from pinauth.governor import RateGovernor
 from pinauth.models import Connection
 from pinauth.pinterest.client import PinterestClient, UpstreamRequest
@@ -17,9 +18,6 @@ log = logging.getLogger(__name__)
 # Pinterest's error code for a token lacking a scope: a new token has the same scopes,
 # so refreshing on it would only turn every such call into a refresh.
 INSUFFICIENT_SCOPE_CODE = 3
-# A rejected token is replaced by the row's newer one if it has moved on (not proven
-# good), then by a refresh: two replacements reach a freshly issued token.
-MAX_TOKEN_REPLACEMENTS = 2
 
 
 def _token_rejected(response: httpx.Response) -> bool:
@@ -48,16 +46,29 @@ class ProxyService:
         credential = await self._tokens.usable_credential(connection)
         response = await self._client.send(request, credential.access_token, connection)
         # A 401 means Pinterest did not act on the request, so sending it again is safe
-        # for every method, POST included. The call ends with the answer to a token
-        # Pinterest issued after the rejection, unless the tokens keep changing under it.
-        for _ in range(MAX_TOKEN_REPLACEMENTS):
-            if not _token_rejected(response):
+        # for every method, POST included. Pinterest's 401 never reaches the client: the
+        # call ends with Pinterest's answer to a token issued after the rejection, or in
+        # pinauth's own reauthorization_required or 503. A row that had already moved on
+        # (another replica refreshed) offers its newer token first, which saves spending
+        # a refresh token; if that is rejected too, only a fresh token is tried.
+        fresh = False
+        for offered in (False, True):
+            if not _token_rejected(response) or fresh:
                 break
             log.info("Pinterest rejected connection %s's token", connection.public_id)
-            credential, fresh = await self._tokens.replace_rejected(credential)
+            credential, fresh = await self._tokens.replace_rejected(
+                credential, datetime.now(UTC), fresh_only=offered
+            )
             response = await self._client.send(request, credential.access_token, connection)
-            if fresh:
-                break
+        if _token_rejected(response):
+            # Pinterest refused a token it issued after the rejection: nothing newer can
+            # be had, and its 401 would read as the caller's own failure.
+            log.warning(
+                "Pinterest rejected connection %s's freshly issued token", connection.public_id
+            )
+            raise UpstreamUnavailable(
+                "Pinterest rejected a token it had just issued; retry shortly."
+            )
         return response
 
 

@@ -89,6 +89,17 @@ class ConnectionRepository:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def renew_refresh_lease(self, public_id: str, owner: str, until: datetime) -> bool:
+        """Extend `owner`'s lease to `until`; False if it is no longer `owner`'s."""
+        result = await self._db.execute(
+            update(_connections)
+            .where(
+                _connections.c.public_id == public_id, _connections.c.refresh_lease_owner == owner
+            )
+            .values(refresh_lease_until=until)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
     async def release_refresh_lease(self, public_id: str, owner: str) -> None:
         await self._db.execute(
             update(_connections)
@@ -569,6 +580,39 @@ class KeeperRepository:
             return []
         stmt = select(Connection).where(Connection.id.in_(ids))
         return list((await self._db.execute(stmt)).scalars())
+
+    async def dead_leases(self, now: datetime, limit: int) -> list[Connection]:
+        """Active connections whose refresh lease ran out with no result stored: every
+        outcome its holder stores, and its holder letting go, clears the lease."""
+        c = _connections.c
+        stmt = (
+            select(Connection)
+            .where(
+                Connection.status == ConnectionStatus.ACTIVE,
+                Connection.refresh_lease_owner.is_not(None),
+                Connection.refresh_lease_until < now,
+            )
+            .order_by(c.refresh_lease_until, c.id)
+            .limit(limit)
+        )
+        return list((await self._db.execute(stmt)).scalars())
+
+    async def restore_dead_lease(self, seen: Connection) -> None:
+        """Put back the dead lease `seen` had, if nothing happened to the row since but a
+        lease taken and let go (so the next pass tries again)."""
+        c = _connections.c
+        await self._db.execute(
+            update(_connections)
+            .where(
+                c.public_id == seen.public_id,
+                c.version == seen.version,
+                c.refresh_lease_owner.is_(None),
+            )
+            .values(
+                refresh_lease_owner=seen.refresh_lease_owner,
+                refresh_lease_until=seen.refresh_lease_until,
+            )
+        )
 
     async def schedule(self, public_id: str, not_before: datetime | None, **values: Any) -> None:
         """Put the connection off until `not_before` (None: until it is due again)."""

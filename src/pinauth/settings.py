@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     refresh_lock_timeout_seconds: float = Field(
         10.0, gt=0, validation_alias="PINAUTH_REFRESH_LOCK_TIMEOUT"
     )
+    # A refresh's lease on its connection lasts this long and is renewed every third of
+    # it while the token call is in flight, so a process killed mid-refresh holds the
+    # connection (callers get 503) for at most this long.
+    refresh_lease_seconds: float = Field(
+        15.0, ge=3, le=60, validation_alias="PINAUTH_REFRESH_LEASE"
+    )
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias="PINAUTH_MAX_BODY_BYTES")
     # Proxied request bodies this process holds at once, from their first byte read until
     # Pinterest has answered; past it, 503 busy (with Retry-After) before a body is read.

@@ -10,7 +10,10 @@ log the user out for good. Hence:
   and committed before the call. No transaction or
   connection is held while Pinterest answers: a cancelled request, a dead pool or a
   failed commit cannot roll the answer back with it, and a waiting process polls the row
-  instead of queueing on a lock. The lease outlasts the longest possible token call.
+  instead of queueing on a lock. The lease is short (PINAUTH_REFRESH_LEASE, 15 s) and its
+  holder renews it every third of it while the token call is in flight, so a live holder
+  keeps it for as long as the call takes and a dead one (kill -9) frees it within one
+  lease.
 - The task is owned by the TokenManager, not the request (callers wait through
   `asyncio.shield`), and shutdown waits for it.
 - The answer is written with a compare-and-swap on the version the refresh started from.
@@ -20,7 +23,9 @@ log the user out for good. Hence:
 What no code can close: the process dies (kill -9) after Pinterest rotated the token and
 before the write. The lease then runs out, the next refresh spends the dead refresh
 token, Pinterest rejects it, and the connection asks for a new login (401 with
-login_url); meanwhile callers get 503 with Retry-After.
+login_url); meanwhile callers get 503 with Retry-After. The keeper does not wait for a
+call to find this out: it tries the stored refresh token of every connection whose lease
+ran out with no result stored (keeper.py, `resolve_dead_leases`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -77,12 +82,18 @@ LOCK_NOT_AVAILABLE = "55P03"
 # database into DatabaseUnavailable (see outage.py); anything else the driver raises
 # (a trigger, a constraint) still means the tokens are not stored.
 DATABASE_DOWN = (DatabaseUnavailable, DBAPIError, OSError)
-# A lease outlives the token call by this much: the write of its answer, and clock skew
-# between processes (leases are stamped with each process's own clock).
+# The longest token call is waited for this much longer at shutdown: the write of its
+# answer.
 LEASE_MARGIN_SECONDS = 5.0
+# A lease is renewed this many times per lease length while its token call is in flight:
+# two renewals can fail (a database hiccup) before it runs out under a live holder.
+LEASE_RENEWALS_PER_LEASE = 3
 # Polling another process's lease: first pause and the longest one.
 LEASE_POLL_FIRST = 0.02
 LEASE_POLL_MAX = 0.5
+# Attempts at a token issued after a rejection: each either refreshes or finds the row
+# moved on; two reach a fresh token unless the row keeps changing under the caller.
+REPLACEMENT_STEPS = 3
 # Retrying the write of tokens the database would not take.
 WRITE_RETRY_FIRST = 0.25
 WRITE_RETRY_MAX = 5.0
@@ -135,12 +146,17 @@ class TokenManager:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._metrics = metrics
         # What times the cooldown after a failed token call (tests move it instead of waiting).
         self._clock = clock
         # Whether Pinterest accepts the app's own credentials (see clientstate.py).
         self.client_credentials = ClientCredentials(clock)
+        # What stamps leases, and what paces their renewal (tests drive both).
+        self._wall = wall_clock or _utc_now
+        self._sleep = sleep
         self._settings = settings
         self._schedule = Schedule.of(settings)
         self._sessionmaker = sessionmaker
@@ -154,7 +170,9 @@ class TokenManager:
             + settings.http_connect_timeout
             + 2 * settings.http_read_timeout  # the write timeout is the read timeout
         )
-        self._lease = timedelta(seconds=self._call_budget + LEASE_MARGIN_SECONDS)
+        # Shutdown waits this long for token calls in flight and unsaved tokens' writes.
+        self._longest_call = self._call_budget + LEASE_MARGIN_SECONDS
+        self._lease = timedelta(seconds=settings.refresh_lease_seconds)
         # All keyed by public id, which is never reused.
         # The refresh in flight per connection; an entry lives only while its task runs.
         self._in_flight: dict[str, asyncio.Task[tuple[Connection, bool]]] = {}
@@ -219,20 +237,41 @@ class TokenManager:
             await self._mark_undecryptable(e.connection)
             raise
 
-    async def replace_rejected(self, rejected: Credential) -> tuple[Credential, bool]:
-        """Pinterest refused `rejected`: a credential to retry with, and whether it is fresh.
+    async def replace_rejected(
+        self, rejected: Credential, since: datetime, *, fresh_only: bool = False
+    ) -> tuple[Credential, bool]:
+        """Pinterest refused `rejected` at `since`: a credential to retry with, and whether
+        it is fresh.
 
-        Fresh means Pinterest issued it to this very caller after the rejection, so its
-        answer stands. If the row had already moved on (another request, replica or login
-        changed the tokens), its token is tried instead of spending the refresh token; it
-        is not fresh, and a caller it fails for comes back here with it.
+        Fresh means Pinterest issued it after the rejection (this call's own refresh, one
+        it joined, or another process's that answered after `since`). If the row had
+        already moved on before (another request, replica or login changed the tokens),
+        its token is offered instead of spending the refresh token, unless `fresh_only`:
+        it is not fresh, and a caller it fails for comes back with `fresh_only`.
+        When no such credential can be had (this process holds tokens the database has
+        not taken yet, so nothing can be refreshed; or the row keeps changing), raises
+        503: a rejected token is never the answer.
         """
-        connection, refreshed = await self._refresh(rejected.connection)
-        try:
-            return self.credential(connection), refreshed
-        except UndecryptableToken as e:
-            await self._mark_undecryptable(e.connection)
-            raise
+        current = rejected.connection
+        for _ in range(REPLACEMENT_STEPS):
+            connection, refreshed = await self._refresh(current)
+            fresh = refreshed or _issued_since(connection, since)
+            if fresh or (not fresh_only and connection.version > rejected.connection.version):
+                try:
+                    return self.credential(connection), fresh
+                except UndecryptableToken as e:
+                    await self._mark_undecryptable(e.connection)
+                    raise
+            current = connection
+        log.warning(
+            "no token issued after Pinterest rejected connection %s's could be had",
+            rejected.connection.public_id,
+        )
+        raise UpstreamUnavailable(
+            "Pinterest rejected this connection's access token and no newer one can be had "
+            "yet; retry shortly.",
+            retry_after=1,
+        )
 
     async def refresh(self, seen: Connection) -> Connection:
         """Refresh `seen`'s tokens, unless its row changed since it was read.
@@ -337,9 +376,9 @@ class TokenManager:
                 # Pinterest would refuse it: no call, and the same one-time report.
                 raise TokenRejected("the refresh token has expired")
             refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
-            # Bounded absolutely (httpx's read timeout is per read), so the lease, which
-            # is longer than this, cannot run out while the answer may still come.
-            async with asyncio.timeout(self._call_budget):
+            # Bounded absolutely (httpx's read timeout is per read); the lease is renewed
+            # for as long as the answer may still come, and no longer.
+            async with self._renewing(public_id, owner), asyncio.timeout(self._call_budget):
                 try:
                     tokens = await self._oauth.refresh(refresh_token)
                 except TokenRejected:
@@ -394,7 +433,7 @@ class TokenManager:
         lease_until: datetime | None = None
         while True:
             remaining = deadline - time.monotonic()
-            now = datetime.now(UTC)
+            now = self._wall()
             until = now + self._lease
             try:
                 async with self._sessionmaker() as db, db.begin():
@@ -434,6 +473,53 @@ class TokenManager:
                 )
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, LEASE_POLL_MAX)
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, public_id: str, owner: str) -> AsyncIterator[None]:
+        """Renew the lease every third of its length while the body (the token call) runs.
+
+        The renewal is its own task; leaving the block stops it between renewals (a
+        renewal under way is finished, not cancelled mid-statement).
+        """
+        stop = asyncio.Event()
+        renewer = asyncio.create_task(
+            self._renew_until(public_id, owner, stop), name=f"renew lease {public_id}"
+        )
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.shield(renewer)
+
+    async def _renew_until(self, public_id: str, owner: str, stop: asyncio.Event) -> None:
+        period = self._lease.total_seconds() / LEASE_RENEWALS_PER_LEASE
+        while True:
+            pause = asyncio.ensure_future(self._sleep(period))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({pause, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (pause, stopped):
+                waiter.cancel()
+            if stop.is_set():
+                return
+            try:
+                async with self._sessionmaker() as db, db.begin():
+                    renewed = await ConnectionRepository(db).renew_refresh_lease(
+                        public_id, owner, self._wall() + self._lease
+                    )
+            except Exception as e:
+                # Two more tries before it runs out; the token call goes on regardless (and
+                # nothing raised here may take the place of its answer).
+                log.warning(
+                    "could not renew connection %s's refresh lease: %s",
+                    public_id,
+                    type(e).__name__,
+                )
+                continue
+            if not renewed:
+                # It ran out before a renewal could land (the database was away for most
+                # of a lease) and someone else took it, or the row moved on: nothing to keep.
+                log.warning("connection %s's refresh lease was lost while renewing", public_id)
+                return
 
     async def _release_lease(self, public_id: str, owner: str) -> None:
         try:
@@ -653,19 +739,30 @@ class TokenManager:
     async def aclose(self) -> None:
         """Wait for token calls in flight and for unsaved tokens' writes, then stop.
 
-        Each token call is bounded by its own timeout; the writes get as long as a
-        lease lasts. A write still failing after that is logged, loudly: that user must
+        Each token call is bounded by its own timeout; the writes get as long as the
+        longest token call. A write still failing after that is logged, loudly: that user must
         log in again.
         """
         self._closing.set()
         waiting = {*self._in_flight.values(), *self._writers}
         if waiting:
             log.info("waiting for %d token refreshes and writes to finish", len(waiting))
-            _, late = await asyncio.wait(waiting, timeout=self._lease.total_seconds())
+            _, late = await asyncio.wait(waiting, timeout=self._longest_call)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _issued_since(connection: Connection, since: datetime) -> bool:
+    """Whether the connection's tokens came from a token answer received after `since`
+    (stamped by the process that received it; replicas' clocks are assumed close)."""
+    issued = connection.last_refreshed_at
+    return issued is not None and issued >= since
 
 
 def _committed(row: Connection, version: int) -> None:
@@ -683,6 +780,9 @@ def _token_columns(row: Connection) -> dict[str, Any]:
         "refresh_token_expires_at": row.refresh_token_expires_at,
         "scopes": row.scopes,
         "status": row.status,
+        # When Pinterest issued these (as this process saw it): tells a caller that met a
+        # 401 whether a row that moved on holds a token issued after it (proxy.py).
+        "last_refreshed_at": row.last_refreshed_at,
     }
 
 
