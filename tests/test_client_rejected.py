@@ -41,7 +41,7 @@ from tests.helpers import (
     ServedWithSandbox,
     SimClock,
     captured_logs,
-    consent_in_sandbox,
+    connect_in_sandbox,
     create_api_key,
     events,
     outbox_types,
@@ -358,16 +358,8 @@ async def connect_through_sandbox(served: ServedWithSandbox, count: int) -> list
     """`count` end users each connect through a connect session and the sandbox's consent."""
     key = await create_api_key(served.settings)
     auth = {"Authorization": f"Bearer {key}"}
-    ids = []
     async with httpx.AsyncClient(base_url=served.base, headers=auth) as backend:
-        for n in range(count):
-            minted = await backend.post("/v1/connect-sessions", json={"end_user_id": f"u{n}"})
-            async with httpx.AsyncClient(base_url=served.base) as browser:
-                await consent_in_sandbox(browser, minted.json()["connect_url"])
-            listed = await backend.get("/v1/connections", params={"end_user_id": f"u{n}"})
-            (item,) = listed.json()["items"]
-            ids.append(str(item["id"]))
-    return ids
+        return [await connect_in_sandbox(backend, served.base, f"u{n}") for n in range(count)]
 
 
 async def test_connections_recheck_revives_the_marked_connections_whose_tokens_still_work(
