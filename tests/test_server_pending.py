@@ -352,3 +352,58 @@ def test_large_allocations_go_back_to_the_system_once_freed() -> None:
 
     assert kept_kib("off") > 4000  # glibc's default: the freed 5 MB stays resident
     assert kept_kib("on") < 1000
+
+
+async def echo_body(scope: Scope, receive: Receive, send: Send) -> None:
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+BODY_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+
+
+async def test_a_connection_stays_pending_until_its_body_has_arrived(settings: Settings) -> None:
+    """Guards the count over the body (review A1): a head followed by silence still counts
+    for its address, so heads that declare a body cannot hold sockets past the cap; the
+    count comes back when the body completes, at the 408, when the peer hangs up mid-body,
+    and at a refusal; in the end nothing is left counted."""
+    settings = settings.model_copy(update={"max_pending_per_client": 2})
+    server = Server(settings)
+    server.config = uvicorn.Config(echo_body, log_config=None)
+    a = server.connect("10.0.0.1", 1001)
+    b = server.connect("10.0.0.1", 1002)
+    server.send(a, BODY_HEAD)
+    server.send(b, BODY_HEAD + b"01234")
+    assert server.pending == {"10.0.0.1": 2}
+    over = server.connect("10.0.0.1", 1003)
+    assert over.closing  # the heads are complete, the bodies are not: still at the cap
+
+    assert b.protocol is not None
+    b.protocol.connection_lost(None)  # the peer hangs up mid-body
+    assert server.pending == {"10.0.0.1": 1}
+    server.send(a, b"0123456789")  # the body completes
+    assert server.pending == {}
+    await server.settle()
+    assert b"\r\n0123456789\r\n" in bytes(a.written)
+
+    slow = server.connect("10.0.0.1", 1004)
+    server.send(slow, BODY_HEAD + b"0")
+    server.timers.advance(settings.request_read_timeout_seconds)
+    assert status_of(bytes(slow.written)) == 408
+    assert server.pending == {}  # given back at the 408, not the close
+    await server.settle()
+
+    huge = server.connect("10.0.0.1", 1005)
+    server.send(huge, b"POST / HTTP/1.1\r\nContent-Length: 10\r\nX: " + b"a" * 20_000)
+    assert status_of(bytes(huge.written)) == 431
+    assert server.pending == {}
+    await server.settle()
+    assert server.pending == {}

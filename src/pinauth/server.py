@@ -7,7 +7,7 @@ httptools itself buffers a header of any length; the h11 protocol caps the head 
 answers 400, not 431, and is slower. So both limits live in a small subclass of the
 httptools protocol, which sees every byte before the parser does; so do the limits on
 connections that send nothing (a deadline for the first byte, a cap per client address
-on those still sending their head), which keep idle sockets from using up the process's
+on those still sending a request), which keep idle sockets from using up the process's
 file descriptors.
 """
 
@@ -53,11 +53,18 @@ _PENDING_LOG_SECONDS = 60.0
 
 
 class PendingHeads:
-    """Per client address, the connections that have not sent a whole request head yet.
+    """Per client address, the connections that have not sent a whole request yet.
 
     Counted from connecting (or from the first byte of a later request on a kept-alive
-    connection) until the head is complete or the connection ends; one instance per
-    process's protocol class, touched only on its event loop.
+    connection) until the request, head and body, is complete or the connection ends; one
+    instance per process's protocol class, touched only on its event loop.
+
+    The body counts too: a head followed by silence holds its socket just as long as a
+    head that never ends (until the read timeout), so without it one address could hold
+    any number of sockets by sending heads that declare a body. Uploads still arriving
+    count as well; that is fine, since a client that sends 64 (the default cap) large
+    bodies at once from one address is rare, and an extra one is refused, not lost: it
+    can be retried, or the cap raised for such a client.
     """
 
     def __init__(self, limit: int) -> None:
@@ -109,9 +116,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     the same).
 
     Pending connections: at most `pending.limit` connections per client address may be
-    between connecting (or a later request's first byte) and a complete head; one more
-    is closed at once. The count is given back when the head completes and whenever the
-    connection ends (closed, refused, broken).
+    between connecting (or a later request's first byte) and a complete request (head and
+    body); one more is closed at once. The count is given back when the request completes
+    and whenever the connection ends (closed, refused, broken, upgraded to a WebSocket).
 
     Either way the connection is done: pinauth sends FIN and discards what still comes
     for a moment, so that the client reads the answer rather than a reset.
@@ -163,8 +170,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._pending_client is not None:
-            self._release_pending()
         if self._refused:
             return
         size = len(self.url)
@@ -181,6 +186,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._pending_client is not None:
+            self._release_pending()
         if self._refused:
             return
         _on_message_complete(self)
@@ -196,6 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the connection is the WebSocket protocol's from here on
+        self._release_pending()
         super().handle_websocket_upgrade()
 
     def _head_too_large(self) -> RequestHeadTooLarge:
