@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -475,3 +476,30 @@ async def test_keeper_once_with_a_refused_client_changes_nothing_and_exits_2(
     assert "refreshed 1, failed 0, need reauthorization 0" in fixed[1]
     assert after == {conn: "active"}
     assert events_after == [("connection.created", conn)]
+
+
+@pytest.mark.parametrize(
+    ("since", "message"),
+    [
+        ("yesterday", "--since 'yesterday' is not a time; write it"),
+        ("0001-01-01T00:00:00+01:00", "--since '0001-01-01T00:00:00+01:00' is out of range"),
+        ("9999-12-31T23:00:00-05:00", "--since '9999-12-31T23:00:00-05:00' is out of range"),
+    ],
+)
+def test_connections_recheck_refuses_a_bad_since_in_one_line(
+    since: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Guards recheck's --since: a time outside datetime's years once crashed with
+    OverflowError; bad input is one line, exit 2, worded like `webhooks redeliver`'s (not
+    "cannot start"), before anything is touched."""
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'never.db'}")
+
+    assert main(["connections", "recheck", "--since", since]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinauth: " + message), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "never.db").exists()

@@ -1167,6 +1167,14 @@ async def test_a_failed_event_sent_again_waits_for_its_connections_delivery_in_f
         (("--failed", "--since", "yesterday"), "--since 'yesterday' is not a time; write it"),
         (("--failed", "--since", "2026-13-01"), "--since '2026-13-01' is not a time"),
         (("--failed", "--since", "\udcff"), "--since '\\udcff' is not a time"),
+        (
+            ("--failed", "--since", "0001-01-01T00:00:00+01:00"),
+            "--since '0001-01-01T00:00:00+01:00' is out of range",
+        ),
+        (
+            ("--failed", "--since", "9999-12-31T23:00:00-05:00"),
+            "--since '9999-12-31T23:00:00-05:00' is out of range",
+        ),
     ],
 )
 def test_webhooks_redeliver_refuses_bad_input_in_one_line(
