@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 import pytest
 import respx
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 
-from pinauth.errors import UpstreamUnavailable
+from pinauth.errors import DatabaseUnavailable, ReauthorizationRequired, UpstreamUnavailable
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
@@ -25,6 +26,7 @@ from tests.helpers import (
     Replica,
     RotatingTokenEndpoint,
     SimClock,
+    _run_sql,
     allow_token_writes,
     outbox_types,
     refuse_token_writes,
@@ -265,3 +267,51 @@ async def test_the_keeper_leaves_a_lease_alone_while_its_holder_stores_from_memo
     assert endpoint.calls == 1
     assert endpoint.reused == []
     assert await outbox_types(settings) == []
+
+
+_REFUSE_EVENTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events "
+        "BEGIN SELECT RAISE(ABORT, 'the database refused the event'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_events() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the database refused the event'; END $$",
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_events()",
+    ],
+}
+
+
+async def test_a_mark_the_database_refuses_lets_the_lease_go(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards the release on a failed mark: Pinterest rejects the refresh token, and the
+    database refuses the reauthorization_required event (so the mark rolls back). The
+    lease must not stay behind: without the release another caller waits for it to run
+    out and gets 503; with it, the next refresh claims it at once, meets the rejection
+    again and marks the connection, with its event."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    quick = settings.model_copy(update={"refresh_lock_timeout_seconds": 0.05})
+    async with replica(quick, pinterest, clock) as one:
+        await _run_sql(settings.database_url, _REFUSE_EVENTS)
+        with pytest.raises((DBAPIError, DatabaseUnavailable)):
+            await one.tokens.refresh(await row(one, public_id))
+        assert (await stored_connections(settings))[public_id]["refresh_lease_owner"] is None
+        await _run_sql(settings.database_url, _ALLOW_EVENTS)
+        with pytest.raises(ReauthorizationRequired):
+            await one.tokens.refresh(await row(one, public_id))
+
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert stored["refresh_lease_owner"] is None
+    assert endpoint.reused == ["pinr_0_0", "pinr_0_0"]
+    assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
+
+
+_ALLOW_EVENTS = {
+    "sqlite": ["DROP TRIGGER refuse_events"],
+    "postgresql": ["DROP TRIGGER refuse_events ON webhook_events", "DROP FUNCTION refuse_events()"],
+}

@@ -395,7 +395,17 @@ class TokenManager:
         except (TokenRejected, TokenDecryptionError) as e:
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             self._metrics.refreshes.labels("rejected").inc()
-            return await self._mark_rejected(row, seen.version)
+            try:
+                return await self._mark_rejected(row, seen.version)
+            except (ReauthorizationRequired, NotAuthenticated):
+                raise  # marked (its write cleared the lease), or gone
+            except BaseException:
+                # The mark or its event was not written (the database refused it): the
+                # lease is still this refresh's, and the sibling handler below does not
+                # see what is raised here. Let it go, or every caller waits for it to run
+                # out and gets 503; the next refresh meets the rejection and marks it.
+                await asyncio.shield(self._release_lease(public_id, owner))
+                raise
         except (UpstreamError, UpstreamTimeout, TimeoutError) as e:
             log.warning("refresh of connection %s failed transiently: %s", public_id, e)
             self._metrics.refreshes.labels("transient_error").inc()
