@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -364,10 +365,15 @@ async def connect_through_sandbox(served: ServedWithSandbox, count: int) -> list
         for n in range(count):
             minted = await backend.post("/v1/connect-sessions", json={"end_user_id": f"u{n}"})
             async with httpx.AsyncClient(base_url=served.base) as browser:
-                await consent_in_sandbox(browser, minted.json()["connect_url"])
-            listed = await backend.get("/v1/connections", params={"end_user_id": f"u{n}"})
-            (item,) = listed.json()["items"]
-            ids.append(str(item["id"]))
+                callback = await consent_in_sandbox(browser, minted.json()["connect_url"])
+            # The backend confirms the connect result for its end user (issue 20).
+            query = parse_qs(urlsplit(callback.headers["location"]).query)
+            confirmed = await backend.post(
+                "/v1/connections/confirm",
+                json={"result": query["pinauth_connect_result"][0], "end_user_id": f"u{n}"},
+            )
+            assert confirmed.status_code == 200, confirmed.text
+            ids.append(str(confirmed.json()["id"]))
     return ids
 
 
