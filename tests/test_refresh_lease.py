@@ -20,6 +20,7 @@ from pinauth.errors import DatabaseUnavailable, ReauthorizationRequired, Upstrea
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.tokens import RecheckOutcome
 from pinauth.webhooks import EventType
 from tests.helpers import (
     TOKEN_URL,
@@ -315,3 +316,73 @@ _ALLOW_EVENTS = {
     "sqlite": ["DROP TRIGGER refuse_events"],
     "postgresql": ["DROP TRIGGER refuse_events ON webhook_events", "DROP FUNCTION refuse_events()"],
 }
+
+
+async def mark(one: Replica, public_id: str) -> None:
+    """Marked reauthorization_required by mistake: its refresh token still works."""
+    async with one.sessionmaker() as db, db.begin():
+        repository = ConnectionRepository(db)
+        current = await repository.get(public_id)
+        assert current is not None
+        assert await repository.replace_version(
+            public_id, current.version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
+        )
+
+
+async def test_two_rechecks_at_once_spend_the_refresh_token_once(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards recheck's lease: `pinauth connections recheck` run twice at once (two
+    processes, here two replicas on one database) for one marked connection whose token
+    still works. The first holds its token call; the second finds the lease held and says
+    busy, without calling Pinterest; in-process a second recheck joins the first. The token
+    endpoint is called once, the connection ends active with one connection.recovered, and
+    no recheck says "still rejected". Without the lease both spend the token, and the
+    second reports "still rejected" for a connection that ended active."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    endpoint.gate = asyncio.Event()
+    async with (
+        replica(settings, pinterest, clock) as a,
+        replica(settings, pinterest, clock, seed=1) as b,
+    ):
+        await mark(a, public_id)
+        first = asyncio.create_task(a.tokens.recheck(public_id))
+        joined = asyncio.create_task(a.tokens.recheck(public_id))
+        await asyncio.wait_for(endpoint.asked.wait(), 10)
+        other = await asyncio.wait_for(b.tokens.recheck(public_id), 10)  # no token call
+        endpoint.gate.set()
+        outcomes = await asyncio.gather(first, joined)
+        after = await b.tokens.recheck(public_id)
+
+    assert other is RecheckOutcome.BUSY
+    assert sorted(outcomes) == sorted([RecheckOutcome.RECOVERED, RecheckOutcome.CHANGED])
+    assert after is RecheckOutcome.NOT_MARKED
+    assert endpoint.calls == 1
+    assert endpoint.reused == []
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.ACTIVE
+    assert stored["refresh"] == "pinr_0_1"
+    assert stored["refresh_lease_owner"] is None
+    assert await outbox_types(settings) == [(EventType.RECOVERED.value, public_id)]
+
+
+async def test_a_recheck_whose_token_is_refused_lets_the_lease_go(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """A recheck that meets a refused grant changes nothing and leaves no lease behind:
+    the next recheck tries again at once (and is refused again)."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    async with replica(settings, pinterest, clock) as one:
+        await mark(one, public_id)
+        first = await one.tokens.recheck(public_id)
+        second = await one.tokens.recheck(public_id)
+
+    assert (first, second) == (RecheckOutcome.STILL_REJECTED, RecheckOutcome.STILL_REJECTED)
+    assert endpoint.reused == ["pinr_0_0", "pinr_0_0"]
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert stored["refresh_lease_owner"] is None
+    assert await outbox_types(settings) == []

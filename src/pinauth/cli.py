@@ -499,7 +499,11 @@ def _recheck(args: argparse.Namespace) -> None:
                 f"rechecked {len(ids)}: {recovered} recovered (connection.recovered sent), "
                 f"{rejected} still need a new login, {len(ids) - recovered - rejected} other"
             )
-            unchecked = sum(n for o, n in outcomes.items() if o.startswith("not checked"))
+            unchecked = sum(
+                n
+                for o, n in outcomes.items()
+                if o.startswith("not checked") or o == RecheckOutcome.BUSY
+            )
             return 1 if unchecked else 0
         finally:
             await tokens.aclose()
