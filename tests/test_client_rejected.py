@@ -299,24 +299,48 @@ async def test_the_token_endpoints_refusals_are_told_apart(
 
 
 async def test_a_login_whose_code_exchange_meets_a_refused_client_says_so(
-    backend: Backend, pinterest: respx.MockRouter
+    backend: Backend, pinterest: respx.MockRouter, clock: ManualClock
 ) -> None:
-    """The code exchange is told apart the same way: 503 pinterest_client_rejected, not
-    the login's fault (authorization_failed)."""
-    pinterest.post(TOKEN_URL).respond(401, json=AUTHENTICATION_FAILED)
-    login = await backend.client.get("/auth/login")
-    state = httpx.URL(login.headers["location"]).params["state"]
+    """Guards the code exchange's part in the app-wide state: a 401 from the token
+    endpoint is told apart the same way (503 pinterest_client_rejected, not the login's
+    fault; a browser is sent to ?pinauth_error=pinterest_client_rejected) and enters the
+    state like a refused refresh: one error line, /readyz degraded. A later exchange that
+    Pinterest answers ends it. Without it, no line and /readyz said ready."""
+    exchange = pinterest.post(TOKEN_URL)
+    exchange.respond(401, json=AUTHENTICATION_FAILED)
 
-    with captured_logs(logging.WARNING):
-        response = await backend.client.get(
+    async def callback(*, as_json: bool) -> httpx.Response:
+        login = await backend.client.get("/auth/login")
+        state = httpx.URL(login.headers["location"]).params["state"]
+        return await backend.client.get(
             "/auth/callback",
             params={"code": "c", "state": state},
-            headers={"Accept": "application/json"},
+            headers={"Accept": "application/json"} if as_json else {},
         )
+
+    with captured_logs(logging.WARNING) as logs:
+        response = await callback(as_json=True)
+        browser = await callback(as_json=False)
+        readiness = await backend.client.get("/readyz")
+        exchange.respond(400, json={"code": 1, "message": "Invalid authorization code"})
+        clock.advance(1)
+        refused_code = await callback(as_json=False)
+        ready = await backend.client.get("/readyz")
 
     assert response.status_code == 503
     assert response.json()["error"] == "pinterest_client_rejected"
     assert "retry-after" in response.headers
+    assert browser.status_code == 303
+    assert "pinauth_error=pinterest_client_rejected" in browser.headers["location"]
+    assert readiness.json()["status"] == "degraded"
+    assert readiness.json()["error"] == "pinterest_client_rejected"
+    assert refused_code.status_code == 303
+    assert "pinterest_client_rejected" not in refused_code.headers["location"]
+    assert ready.json() == {"status": "ready"}
+    started, ended = events(logs, STARTED), events(logs, ENDED)
+    assert len(started) == 1
+    assert len(ended) == 1
+    assert started[0]["level"] == "error"
 
 
 # --- `pinauth connections recheck`, on a real database against the sandbox over HTTP ----

@@ -114,7 +114,13 @@ def create_app(
             settings=settings,
             sessionmaker=sessionmaker,
             auth=AuthService(
-                settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
+                settings,
+                sessionmaker,
+                oauth,
+                PinterestAPI(http, settings),
+                cipher,
+                cache,
+                client_credentials=tokens.client_credentials,
             ),
             api_keys=api_keys,
             connect_sessions=ConnectSessions(settings, sessionmaker, cache),
