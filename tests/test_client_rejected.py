@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,14 +25,19 @@ from sqlalchemy import update
 
 from pinauth.app import create_app
 from pinauth.cli import main
-from pinauth.clientstate import CLIENT_REJECTED_COOLDOWN
+from pinauth.clientstate import (
+    CLIENT_REJECTED_COOLDOWN,
+    ClientCredentials,
+    ClientCredentialsProbe,
+)
 from pinauth.db import create_engine, create_sessionmaker
 from pinauth.errors import PinterestClientRejected
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
-from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected
+from pinauth.pinterest.oauth import CLIENT_CHECK_REFRESH_TOKEN, PinterestOAuth, TokenRejected
 from pinauth.repository import ConnectionRepository
+from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.webhooks import EventType, record_event
 from tests.helpers import (
@@ -46,6 +51,7 @@ from tests.helpers import (
     consent_in_sandbox,
     create_api_key,
     events,
+    make_settings,
     outbox_types,
     pinauth_with_sandbox,
     replica,
@@ -341,6 +347,133 @@ async def test_a_login_whose_code_exchange_meets_a_refused_client_says_so(
     assert len(started) == 1
     assert len(ended) == 1
     assert started[0]["level"] == "error"
+
+
+# --- the probe: the state ends on a replica with no refresh demand -------------------
+
+
+async def test_the_probe_ends_the_state_with_no_refresh_demand(
+    app: FastAPI,
+    backend: Backend,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    endpoint: TokenEndpoint,
+    clock: ManualClock,
+) -> None:
+    """Guards the probe (F6): one refused refresh, then no demand at all, keeper off
+    (PINAUTH_KEEPER=false, as in these settings). The probe started with the app checks
+    the credentials once per cooldown with a made-up refresh token: refused (401), the
+    state stays; accepted (the made-up grant refused with 400), it ends, with one error
+    line, and /readyz is ready again. No user's refresh token is ever sent, no connection
+    changes. Without the probe /readyz stayed degraded."""
+    assert not settings.keeper
+    probe = app.state.client_credentials_probe
+    assert probe.running
+    (conn,) = await seed_expired(settings, endpoint, 1)
+    before = await stored_connections(settings)
+    endpoint.refuse_client = True
+
+    with captured_logs() as logs:
+        assert (await backend.boards(conn)).status_code == 503
+        assert (await backend.client.get("/readyz")).json()["status"] == "degraded"
+        clock.advance(CLIENT_REJECTED_COOLDOWN)
+        await probe.probe()  # due: refused again
+        still = await backend.client.get("/readyz")
+        endpoint.refuse_client = False
+        await probe.probe()  # not due yet: no call
+        calls_before_due = endpoint.calls
+        clock.advance(CLIENT_REJECTED_COOLDOWN)
+        await probe.probe()  # due: the client gets through, the made-up grant is refused
+        ready = await backend.client.get("/readyz")
+
+    assert still.json()["status"] == "degraded"
+    assert calls_before_due == 2
+    assert endpoint.calls == 3
+    assert probe.checks == 2
+    assert ready.json() == {"status": "ready"}
+    assert endpoint.spent == []
+    assert endpoint.reused == [CLIENT_CHECK_REFRESH_TOKEN]  # the only grant it ever saw
+    assert await outbox_types(settings) == []
+    after = await stored_connections(settings)
+    assert after[conn]["refresh"] == before[conn]["refresh"]
+    assert after[conn]["status"] == "active"
+    started, ended = events(logs, STARTED), events(logs, ENDED)
+    assert len(started) == 1
+    assert len(ended) == 1
+    assert ended[0]["level"] == "error"
+    assert "1 token refreshes were refused" in ended[0]["event"]  # the probe's not counted
+
+
+class WatchedProbe(ClientCredentialsProbe):
+    """The probe, its pauses on a manual clock, telling the test when it goes idle."""
+
+    def __init__(
+        self, credentials: ClientCredentials, oauth: PinterestOAuth, clock: ManualClock
+    ) -> None:
+        super().__init__(credentials, oauth.check_client)
+        self._clock = clock
+        self.pauses: list[float] = []
+        self.on_pause: list[Callable[[], None]] = []
+        self.idle = asyncio.Event()
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        if self.on_pause:
+            self.on_pause.pop(0)()
+        self._clock.advance(seconds)
+        await asyncio.sleep(0)  # a pause lets others run, as the real one does
+
+    async def _until_rejected(self) -> None:
+        if self.pauses:  # back to waiting after having checked
+            self.idle.set()
+        await super()._until_rejected()
+
+
+async def test_the_probe_loop_checks_once_per_cooldown_until_accepted(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: TokenEndpoint, clock: ManualClock
+) -> None:
+    """The loop, on an injected clock: idle until the state is entered, then one check per
+    cooldown (refused, refused, accepted), then idle again."""
+    credentials = ClientCredentials(clock)
+    endpoint.refuse_client = True
+    async with create_http_client(settings, httpx.MockTransport(pinterest.async_handler)) as http:
+        probe = WatchedProbe(credentials, PinterestOAuth(http, settings, Metrics()), clock)
+
+        def accept() -> None:
+            endpoint.refuse_client = False
+
+        probe.on_pause = [lambda: None, accept]
+        probe.start()
+        credentials.record_rejected()
+        await asyncio.wait_for(probe.idle.wait(), 10)
+        await probe.stop()
+
+    assert probe.pauses == [CLIENT_REJECTED_COOLDOWN, CLIENT_REJECTED_COOLDOWN]
+    assert endpoint.calls == 2
+    assert endpoint.refused == 1
+    assert not credentials.rejected
+
+
+async def test_the_sandbox_checks_the_client_before_the_grant(database_url: str) -> None:
+    """What makes the probe sound, on the built-in sandbox as on Pinterest: a made-up
+    refresh token with a wrong secret is a 401 (client refused), with the right one a
+    400 (the grant refused, so the client was authenticated)."""
+    config = SandboxConfig(redirect_uris=("http://localhost:8000/auth/callback",))
+    transport = httpx.ASGITransport(create_sandbox_app(config))
+    answers: list[type[Exception]] = []
+    for secret in ("not-the-secret", config.client_secret):
+        settings = make_settings(
+            database_url,
+            client_id=config.client_id,
+            client_secret=secret,
+            api_url="http://sandbox.test/v5",
+        )
+        async with create_http_client(settings, transport) as http:
+            with pytest.raises((PinterestClientRejected, TokenRejected)) as raised:
+                await PinterestOAuth(http, settings, Metrics()).check_client()
+        answers.append(type(raised.value))
+
+    assert answers == [PinterestClientRejected, TokenRejected]
 
 
 # --- `pinauth connections recheck`, on a real database against the sandbox over HTTP ----
