@@ -9,6 +9,7 @@ connection. Pinterest is mocked at the edge (respx); time is a clock the test mo
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,8 @@ from pinauth.clientstate import (
     ClientCredentialsProbe,
 )
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.errors import PinterestClientRejected
+from pinauth.errors import PinterestClientRejected, ReauthorizationRequired
+from pinauth.logs import TextFormatter
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
@@ -44,6 +46,7 @@ from tests.helpers import (
     API,
     TOKEN_URL,
     ManualClock,
+    Replica,
     RotatingTokenEndpoint,
     ServedWithSandbox,
     SimClock,
@@ -666,3 +669,59 @@ def test_connections_recheck_refuses_a_bad_since_in_one_line(
     assert err.startswith("pinauth: " + message), err
     assert err.count("\n") == 1
     assert not (tmp_path / "never.db").exists()
+
+
+# --- log lines about a connection name it, outside a request too (F7) ---------------
+
+
+async def test_the_token_endpoints_answers_are_logged_with_their_connection(
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    endpoint: TokenEndpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards F7: pinterest/oauth.py does not know whose refresh it is, yet its lines
+    about a refused client (401) and a refused grant (400), logged during a refresh with
+    no request around it (the keeper's, a recheck's), carry the connection's public id:
+    as the JSON format's connection_id, and appended by the text format."""
+    # The CLI tests above configure logging as the command does (pinauth's own handler,
+    # not propagated): captured here at the root, as in a server's tests.
+    monkeypatch.setattr(logging.getLogger("pinauth"), "propagate", True)
+    clock = SimClock()
+    good, spent = await seed_connections(
+        settings, endpoint, 2, refresh_expires_in=timedelta(days=50)
+    )
+    endpoint.live.remove("pinr_1_0")  # spent elsewhere: the grant is refused
+    text = io.StringIO()
+    text_handler = logging.StreamHandler(text)
+    text_handler.setFormatter(TextFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(text_handler)
+    try:
+        async with replica(settings, pinterest, clock) as one:
+            with captured_logs(logging.WARNING) as logs:
+                endpoint.refuse_client = True
+                with pytest.raises(PinterestClientRejected):
+                    await one.tokens.refresh(await one_row(one, good))
+                endpoint.refuse_client = False
+                clock.mono += CLIENT_REJECTED_COOLDOWN
+                with pytest.raises(ReauthorizationRequired):
+                    await one.tokens.refresh(await one_row(one, spent))
+    finally:
+        logging.getLogger().removeHandler(text_handler)
+
+    [client] = events(logs, "token endpoint refused the app's client credentials (HTTP 401)")
+    [grant] = events(logs, "token endpoint rejected refresh_token grant (HTTP 400)")
+    assert client["connection_id"] == good
+    assert grant["connection_id"] == spent
+    lines = text.getvalue().splitlines()
+    assert any("(HTTP 401)" in line and line.endswith(f"connection_id={good}") for line in lines)
+    assert any("(HTTP 400)" in line and line.endswith(f"connection_id={spent}") for line in lines)
+    # A line that names its connection already is not given it twice.
+    assert not [line for line in lines if line.count(spent) > 1]
+
+
+async def one_row(one: Replica, public_id: str) -> Connection:
+    async with one.sessionmaker() as db:
+        row = await ConnectionRepository(db).get(public_id)
+    assert row is not None
+    return row

@@ -62,7 +62,7 @@ from pinauth.errors import (
     UpstreamUnavailable,
 )
 from pinauth.models import Connection, ConnectionStatus
-from pinauth.observability import Metrics
+from pinauth.observability import Metrics, about_connection
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.schedule import Schedule
@@ -304,7 +304,7 @@ class TokenManager:
             if newer is not None:
                 return newer, False
             task = asyncio.create_task(
-                self._refresh_once(seen, recheck=recheck), name=f"refresh {public_id}"
+                self._refresh_about(seen, recheck=recheck), name=f"refresh {public_id}"
             )
             self._in_flight[public_id] = task
             task.add_done_callback(partial(self._refresh_done, public_id))
@@ -351,6 +351,14 @@ class TokenManager:
             del self._in_flight[public_id]
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone
+
+    async def _refresh_about(
+        self, seen: Connection, *, recheck: bool = False
+    ) -> tuple[Connection, bool]:
+        """`_refresh_once`, every line it logs naming the connection (a request's, the
+        keeper's or a recheck's: the task has a context of its own)."""
+        with about_connection(seen.public_id):
+            return await self._refresh_once(seen, recheck=recheck)
 
     async def _refresh_once(
         self, seen: Connection, *, recheck: bool = False
