@@ -1068,6 +1068,22 @@ async def consent_in_sandbox(browser: httpx.AsyncClient, start_url: str) -> http
     return callback
 
 
+async def connect_in_sandbox(backend: httpx.AsyncClient, base: str, end_user_id: str) -> str:
+    """The backend's whole connect flow against a sandbox: mint a connect session for
+    `end_user_id`, a fresh browser consents, the backend confirms the result it came back
+    with; returns the connection id."""
+    minted = await backend.post(f"{base}/v1/connect-sessions", json={"end_user_id": end_user_id})
+    assert minted.status_code == 201, minted.text
+    async with httpx.AsyncClient(base_url=base, timeout=30) as browser:
+        landed = await consent_in_sandbox(browser, minted.json()["connect_url"])
+    [result] = parse_qs(urlsplit(landed.headers["location"]).query)["pinauth_connect_result"]
+    confirmed = await backend.post(
+        f"{base}/v1/connections/confirm", json={"result": result, "end_user_id": end_user_id}
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    return str(confirmed.json()["id"])
+
+
 # --- the keeper and key rotation (tests/test_keeper.py, tests/test_key_rotation.py) -----
 
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -51,7 +50,7 @@ from tests.helpers import (
     ServedWithSandbox,
     SimClock,
     captured_logs,
-    consent_in_sandbox,
+    connect_in_sandbox,
     create_api_key,
     events,
     make_settings,
@@ -520,21 +519,8 @@ async def connect_through_sandbox(served: ServedWithSandbox, count: int) -> list
     """`count` end users each connect through a connect session and the sandbox's consent."""
     key = await create_api_key(served.settings)
     auth = {"Authorization": f"Bearer {key}"}
-    ids = []
     async with httpx.AsyncClient(base_url=served.base, headers=auth) as backend:
-        for n in range(count):
-            minted = await backend.post("/v1/connect-sessions", json={"end_user_id": f"u{n}"})
-            async with httpx.AsyncClient(base_url=served.base) as browser:
-                callback = await consent_in_sandbox(browser, minted.json()["connect_url"])
-            # The backend confirms the connect result for its end user (issue 20).
-            query = parse_qs(urlsplit(callback.headers["location"]).query)
-            confirmed = await backend.post(
-                "/v1/connections/confirm",
-                json={"result": query["pinauth_connect_result"][0], "end_user_id": f"u{n}"},
-            )
-            assert confirmed.status_code == 200, confirmed.text
-            ids.append(str(confirmed.json()["id"]))
-    return ids
+        return [await connect_in_sandbox(backend, served.base, f"u{n}") for n in range(count)]
 
 
 async def test_connections_recheck_revives_the_marked_connections_whose_tokens_still_work(

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from pinauth.sandbox import SandboxConfig
 from tests.helpers import (
     PinauthProcess,
-    consent_in_sandbox,
+    connect_in_sandbox,
     create_api_key,
     make_settings,
     outbox_types,
@@ -98,17 +98,9 @@ async def test_a_wrong_client_secret_for_a_while_costs_no_connection(
         rig.sandbox.start()
         first = service()
         await asyncio.to_thread(first.start)
-        ids = []
-        for n in range(REQUESTED + IDLE):
-            minted = await backend.post(
-                f"{rig.base}/v1/connect-sessions", json={"end_user_id": f"user{n}"}
-            )
-            async with httpx.AsyncClient(base_url=rig.base, timeout=30) as browser:
-                await consent_in_sandbox(browser, minted.json()["connect_url"])
-            listed = await backend.get(
-                f"{rig.base}/v1/connections", params={"end_user_id": f"user{n}"}
-            )
-            ids.append(str(listed.json()["items"][0]["id"]))
+        ids = [
+            await connect_in_sandbox(backend, rig.base, f"user{n}") for n in range(REQUESTED + IDLE)
+        ]
         requested, idle = ids[:REQUESTED], ids[REQUESTED:]
         await asyncio.to_thread(first.terminate)
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.helpers import create_api_key, make_settings
+from tests.helpers import connect_in_sandbox, create_api_key, make_settings
 from tests.test_durable_processes import Rig, refreshes, reused
 from tests.test_durable_processes import clients as clients
 from tests.test_durable_processes import rig as rig
@@ -28,28 +27,13 @@ LEASE = 15.0  # PINAUTH_REFRESH_LEASE's default
 KEEPER_INTERVAL = 1.0
 
 
-async def connect_end_users(
-    base: str, key: str, sandbox: httpx.AsyncClient, count: int
-) -> list[str]:
-    """`count` connections made through connect sessions, as a backend would; their ids."""
-    async with (
-        httpx.AsyncClient(timeout=30) as browser,
-        httpx.AsyncClient(
-            base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}
-        ) as backend,
-    ):
-        for n in range(count):
-            minted = await backend.post("/v1/connect-sessions", json={"end_user_id": f"u-{n}"})
-            login = await browser.get(
-                f"{base}/auth/login", params={"connect_session": minted.json()["token"]}
-            )
-            params = parse_qs(urlsplit(login.headers["location"]).query)
-            fields = {k: v[0] for k, v in params.items() if k != "response_type"}
-            decision = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
-            callback = urlsplit(decision.headers["location"]).query
-            assert (await browser.get(f"{base}/auth/callback?{callback}")).status_code == 303
-        listed = (await backend.get("/v1/connections", params={"limit": 100})).json()
-    return [item["id"] for item in listed["items"]]
+async def connect_end_users(base: str, key: str, count: int) -> list[str]:
+    """`count` connections made through connect sessions and confirmed, as a backend
+    would; their ids."""
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}
+    ) as backend:
+        return [await connect_in_sandbox(backend, base, f"u-{n}") for n in range(count)]
 
 
 async def statuses(database_url: str) -> dict[str, str]:
@@ -93,7 +77,7 @@ async def test_kill_9_during_30_refreshes_is_resolved_by_the_keeper_without_a_ca
     try:
         await asyncio.to_thread(service.wait_ready)
         key = await create_api_key(make_settings(rig.database_url))
-        ids = await connect_end_users(base, key, sandbox, CONNECTIONS)
+        ids = await connect_end_users(base, key, CONNECTIONS)
         assert len(ids) == CONNECTIONS
         called, *idle = ids
 
