@@ -235,6 +235,39 @@ async def test_the_keeper_resolves_dead_leases_at_start(
     assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
 
 
+async def test_a_restart_quicker_than_a_lease_comes_back_when_it_runs_out(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Restarted right after a kill -9, the keeper's first pass meets the dead process's
+    lease still running: it comes back when the lease runs out, then after the grace,
+    and resolves it then, not a whole PINAUTH_KEEPER_INTERVAL (600 s) later."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    async with replica(settings, pinterest, clock) as one:
+        await leave_dead_lease(one, public_id, clock.now() + timedelta(seconds=10))
+        keeper = one.keeper
+        pauses: list[float] = []
+
+        async def pause(seconds: float) -> None:  # the loop's pause, on the simulated clock
+            pauses.append(seconds)
+            clock.advance(seconds)
+            if len(pauses) == 3:
+                keeper.request_stop()
+
+        keeper._pause = pause  # type: ignore[method-assign]
+        keeper.start()
+        assert keeper._task is not None
+        await asyncio.wait_for(asyncio.shield(keeper._task), 30)  # ends after three passes
+
+    grace = keeper._lease_grace.total_seconds()
+    assert 10 <= pauses[0] <= 11
+    assert grace <= pauses[1] <= grace + 1
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
+
+
 async def test_the_keeper_leaves_a_lease_alone_while_its_holder_stores_from_memory(
     settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
 ) -> None:

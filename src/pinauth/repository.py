@@ -599,6 +599,17 @@ class KeeperRepository:
         )
         return list((await self._db.execute(stmt)).scalars())
 
+    async def soonest_lease_end(self, now: datetime) -> datetime | None:
+        """When the first refresh lease still running on an active connection runs out."""
+        c = _connections.c
+        stmt = select(func.min(c.refresh_lease_until)).where(
+            c.status == ConnectionStatus.ACTIVE,
+            c.refresh_lease_owner.is_not(None),
+            c.refresh_lease_until >= now,
+        )
+        end: datetime | None = (await self._db.execute(stmt)).scalar_one()
+        return end
+
     async def restore_dead_lease(self, seen: Connection) -> None:
         """Put back the dead lease `seen` had, if nothing happened to the row since but a
         lease taken and let go (so the next pass tries again)."""
