@@ -5,6 +5,7 @@ Helpers live in tests/helpers.py; test modules import them from there, never fro
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,6 +27,22 @@ from tests.helpers import (
     serve_app,
     truncate_all,
 )
+
+# What `pinauth` commands run in-process (tests call `pinauth.cli.main`) configure for the
+# whole process with dictConfig: `pinauth` loggers that no longer propagate to the root,
+# where the next test's log capture listens.
+_CONFIGURED_LOGGERS = ("", "pinauth", "pinauth.access", "uvicorn", "uvicorn.error", "httpx")
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _CONFIGURED_LOGGERS]
+    saved = [(lg.handlers[:], lg.propagate, lg.level, lg.disabled) for lg in loggers]
+    yield
+    for lg, (handlers, propagate, level, disabled) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.propagate, lg.disabled = propagate, disabled
+        lg.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@ connection. Pinterest is mocked at the edge (respx); time is a clock the test mo
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,20 +25,27 @@ from sqlalchemy import update
 
 from pinauth.app import create_app
 from pinauth.cli import main
-from pinauth.clientstate import CLIENT_REJECTED_COOLDOWN
+from pinauth.clientstate import (
+    CLIENT_REJECTED_COOLDOWN,
+    ClientCredentials,
+    ClientCredentialsProbe,
+)
 from pinauth.db import create_engine, create_sessionmaker
-from pinauth.errors import PinterestClientRejected
+from pinauth.errors import PinterestClientRejected, ReauthorizationRequired
+from pinauth.logs import TextFormatter
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.observability import Metrics
 from pinauth.pinterest.http import create_http_client
-from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected
+from pinauth.pinterest.oauth import CLIENT_CHECK_REFRESH_TOKEN, PinterestOAuth, TokenRejected
 from pinauth.repository import ConnectionRepository
+from pinauth.sandbox import SandboxConfig, create_sandbox_app
 from pinauth.settings import Settings
 from pinauth.webhooks import EventType, record_event
 from tests.helpers import (
     API,
     TOKEN_URL,
     ManualClock,
+    Replica,
     RotatingTokenEndpoint,
     ServedWithSandbox,
     SimClock,
@@ -44,6 +53,7 @@ from tests.helpers import (
     connect_in_sandbox,
     create_api_key,
     events,
+    make_settings,
     outbox_types,
     pinauth_with_sandbox,
     replica,
@@ -297,24 +307,175 @@ async def test_the_token_endpoints_refusals_are_told_apart(
 
 
 async def test_a_login_whose_code_exchange_meets_a_refused_client_says_so(
-    backend: Backend, pinterest: respx.MockRouter
+    backend: Backend, pinterest: respx.MockRouter, clock: ManualClock
 ) -> None:
-    """The code exchange is told apart the same way: 503 pinterest_client_rejected, not
-    the login's fault (authorization_failed)."""
-    pinterest.post(TOKEN_URL).respond(401, json=AUTHENTICATION_FAILED)
-    login = await backend.client.get("/auth/login")
-    state = httpx.URL(login.headers["location"]).params["state"]
+    """Guards the code exchange's part in the app-wide state: a 401 from the token
+    endpoint is told apart the same way (503 pinterest_client_rejected, not the login's
+    fault; a browser is sent to ?pinauth_error=pinterest_client_rejected) and enters the
+    state like a refused refresh: one error line, /readyz degraded. A later exchange that
+    Pinterest answers ends it. Without it, no line and /readyz said ready."""
+    exchange = pinterest.post(TOKEN_URL)
+    exchange.respond(401, json=AUTHENTICATION_FAILED)
 
-    with captured_logs(logging.WARNING):
-        response = await backend.client.get(
+    async def callback(*, as_json: bool) -> httpx.Response:
+        login = await backend.client.get("/auth/login")
+        state = httpx.URL(login.headers["location"]).params["state"]
+        return await backend.client.get(
             "/auth/callback",
             params={"code": "c", "state": state},
-            headers={"Accept": "application/json"},
+            headers={"Accept": "application/json"} if as_json else {},
         )
+
+    with captured_logs(logging.WARNING) as logs:
+        response = await callback(as_json=True)
+        browser = await callback(as_json=False)
+        readiness = await backend.client.get("/readyz")
+        exchange.respond(400, json={"code": 1, "message": "Invalid authorization code"})
+        clock.advance(1)
+        refused_code = await callback(as_json=False)
+        ready = await backend.client.get("/readyz")
 
     assert response.status_code == 503
     assert response.json()["error"] == "pinterest_client_rejected"
     assert "retry-after" in response.headers
+    assert browser.status_code == 303
+    assert "pinauth_error=pinterest_client_rejected" in browser.headers["location"]
+    assert readiness.json()["status"] == "degraded"
+    assert readiness.json()["error"] == "pinterest_client_rejected"
+    assert refused_code.status_code == 303
+    assert "pinterest_client_rejected" not in refused_code.headers["location"]
+    assert ready.json() == {"status": "ready"}
+    started, ended = events(logs, STARTED), events(logs, ENDED)
+    assert len(started) == 1
+    assert len(ended) == 1
+    assert started[0]["level"] == "error"
+
+
+# --- the probe: the state ends on a replica with no refresh demand -------------------
+
+
+async def test_the_probe_ends_the_state_with_no_refresh_demand(
+    app: FastAPI,
+    backend: Backend,
+    pinterest: respx.MockRouter,
+    settings: Settings,
+    endpoint: TokenEndpoint,
+    clock: ManualClock,
+) -> None:
+    """Guards the probe (F6): one refused refresh, then no demand at all, keeper off
+    (PINAUTH_KEEPER=false, as in these settings). The probe started with the app checks
+    the credentials once per cooldown with a made-up refresh token: refused (401), the
+    state stays; accepted (the made-up grant refused with 400), it ends, with one error
+    line, and /readyz is ready again. No user's refresh token is ever sent, no connection
+    changes. Without the probe /readyz stayed degraded."""
+    assert not settings.keeper
+    probe = app.state.client_credentials_probe
+    assert probe.running
+    (conn,) = await seed_expired(settings, endpoint, 1)
+    before = await stored_connections(settings)
+    endpoint.refuse_client = True
+
+    with captured_logs() as logs:
+        assert (await backend.boards(conn)).status_code == 503
+        assert (await backend.client.get("/readyz")).json()["status"] == "degraded"
+        clock.advance(CLIENT_REJECTED_COOLDOWN)
+        await probe.probe()  # due: refused again
+        still = await backend.client.get("/readyz")
+        endpoint.refuse_client = False
+        await probe.probe()  # not due yet: no call
+        calls_before_due = endpoint.calls
+        clock.advance(CLIENT_REJECTED_COOLDOWN)
+        await probe.probe()  # due: the client gets through, the made-up grant is refused
+        ready = await backend.client.get("/readyz")
+
+    assert still.json()["status"] == "degraded"
+    assert calls_before_due == 2
+    assert endpoint.calls == 3
+    assert probe.checks == 2
+    assert ready.json() == {"status": "ready"}
+    assert endpoint.spent == []
+    assert endpoint.reused == [CLIENT_CHECK_REFRESH_TOKEN]  # the only grant it ever saw
+    assert await outbox_types(settings) == []
+    after = await stored_connections(settings)
+    assert after[conn]["refresh"] == before[conn]["refresh"]
+    assert after[conn]["status"] == "active"
+    started, ended = events(logs, STARTED), events(logs, ENDED)
+    assert len(started) == 1
+    assert len(ended) == 1
+    assert ended[0]["level"] == "error"
+    assert "1 token refreshes were refused" in ended[0]["event"]  # the probe's not counted
+
+
+class WatchedProbe(ClientCredentialsProbe):
+    """The probe, its pauses on a manual clock, telling the test when it goes idle."""
+
+    def __init__(
+        self, credentials: ClientCredentials, oauth: PinterestOAuth, clock: ManualClock
+    ) -> None:
+        super().__init__(credentials, oauth.check_client)
+        self._clock = clock
+        self.pauses: list[float] = []
+        self.on_pause: list[Callable[[], None]] = []
+        self.idle = asyncio.Event()
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        if self.on_pause:
+            self.on_pause.pop(0)()
+        self._clock.advance(seconds)
+        await asyncio.sleep(0)  # a pause lets others run, as the real one does
+
+    async def _until_rejected(self) -> None:
+        if self.pauses:  # back to waiting after having checked
+            self.idle.set()
+        await super()._until_rejected()
+
+
+async def test_the_probe_loop_checks_once_per_cooldown_until_accepted(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: TokenEndpoint, clock: ManualClock
+) -> None:
+    """The loop, on an injected clock: idle until the state is entered, then one check per
+    cooldown (refused, refused, accepted), then idle again."""
+    credentials = ClientCredentials(clock)
+    endpoint.refuse_client = True
+    async with create_http_client(settings, httpx.MockTransport(pinterest.async_handler)) as http:
+        probe = WatchedProbe(credentials, PinterestOAuth(http, settings, Metrics()), clock)
+
+        def accept() -> None:
+            endpoint.refuse_client = False
+
+        probe.on_pause = [lambda: None, accept]
+        probe.start()
+        credentials.record_rejected()
+        await asyncio.wait_for(probe.idle.wait(), 10)
+        await probe.stop()
+
+    assert probe.pauses == [CLIENT_REJECTED_COOLDOWN, CLIENT_REJECTED_COOLDOWN]
+    assert endpoint.calls == 2
+    assert endpoint.refused == 1
+    assert not credentials.rejected
+
+
+async def test_the_sandbox_checks_the_client_before_the_grant(database_url: str) -> None:
+    """What makes the probe sound, on the built-in sandbox as on Pinterest: a made-up
+    refresh token with a wrong secret is a 401 (client refused), with the right one a
+    400 (the grant refused, so the client was authenticated)."""
+    config = SandboxConfig(redirect_uris=("http://localhost:8000/auth/callback",))
+    transport = httpx.ASGITransport(create_sandbox_app(config))
+    answers: list[type[Exception]] = []
+    for secret in ("not-the-secret", config.client_secret):
+        settings = make_settings(
+            database_url,
+            client_id=config.client_id,
+            client_secret=secret,
+            api_url="http://sandbox.test/v5",
+        )
+        async with create_http_client(settings, transport) as http:
+            with pytest.raises((PinterestClientRejected, TokenRejected)) as raised:
+                await PinterestOAuth(http, settings, Metrics()).check_client()
+        answers.append(type(raised.value))
+
+    assert answers == [PinterestClientRejected, TokenRejected]
 
 
 # --- `pinauth connections recheck`, on a real database against the sandbox over HTTP ----
@@ -467,3 +628,86 @@ async def test_keeper_once_with_a_refused_client_changes_nothing_and_exits_2(
     assert "refreshed 1, failed 0, need reauthorization 0" in fixed[1]
     assert after == {conn: "active"}
     assert events_after == [("connection.created", conn)]
+
+
+@pytest.mark.parametrize(
+    ("since", "message"),
+    [
+        ("yesterday", "--since 'yesterday' is not a time; write it"),
+        ("0001-01-01T00:00:00+01:00", "--since '0001-01-01T00:00:00+01:00' is out of range"),
+        ("9999-12-31T23:00:00-05:00", "--since '9999-12-31T23:00:00-05:00' is out of range"),
+    ],
+)
+def test_connections_recheck_refuses_a_bad_since_in_one_line(
+    since: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Guards recheck's --since: a time outside datetime's years once crashed with
+    OverflowError; bad input is one line, exit 2, worded like `webhooks redeliver`'s (not
+    "cannot start"), before anything is touched."""
+    monkeypatch.setenv("PINAUTH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'never.db'}")
+
+    assert main(["connections", "recheck", "--since", since]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pinauth: " + message), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "never.db").exists()
+
+
+# --- log lines about a connection name it, outside a request too (F7) ---------------
+
+
+async def test_the_token_endpoints_answers_are_logged_with_their_connection(
+    settings: Settings,
+    pinterest: respx.MockRouter,
+    endpoint: TokenEndpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards F7: pinterest/oauth.py does not know whose refresh it is, yet its lines
+    about a refused client (401) and a refused grant (400), logged during a refresh with
+    no request around it (the keeper's, a recheck's), carry the connection's public id:
+    as the JSON format's connection_id, and appended by the text format."""
+    # The CLI tests above configure logging as the command does (pinauth's own handler,
+    # not propagated): captured here at the root, as in a server's tests.
+    monkeypatch.setattr(logging.getLogger("pinauth"), "propagate", True)
+    clock = SimClock()
+    good, spent = await seed_connections(
+        settings, endpoint, 2, refresh_expires_in=timedelta(days=50)
+    )
+    endpoint.live.remove("pinr_1_0")  # spent elsewhere: the grant is refused
+    text = io.StringIO()
+    text_handler = logging.StreamHandler(text)
+    text_handler.setFormatter(TextFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(text_handler)
+    try:
+        async with replica(settings, pinterest, clock) as one:
+            with captured_logs(logging.WARNING) as logs:
+                endpoint.refuse_client = True
+                with pytest.raises(PinterestClientRejected):
+                    await one.tokens.refresh(await one_row(one, good))
+                endpoint.refuse_client = False
+                clock.mono += CLIENT_REJECTED_COOLDOWN
+                with pytest.raises(ReauthorizationRequired):
+                    await one.tokens.refresh(await one_row(one, spent))
+    finally:
+        logging.getLogger().removeHandler(text_handler)
+
+    [client] = events(logs, "token endpoint refused the app's client credentials (HTTP 401)")
+    [grant] = events(logs, "token endpoint rejected refresh_token grant (HTTP 400)")
+    assert client["connection_id"] == good
+    assert grant["connection_id"] == spent
+    lines = text.getvalue().splitlines()
+    assert any("(HTTP 401)" in line and line.endswith(f"connection_id={good}") for line in lines)
+    assert any("(HTTP 400)" in line and line.endswith(f"connection_id={spent}") for line in lines)
+    # A line that names its connection already is not given it twice.
+    assert not [line for line in lines if line.count(spent) > 1]
+
+
+async def one_row(one: Replica, public_id: str) -> Connection:
+    async with one.sessionmaker() as db:
+        row = await ConnectionRepository(db).get(public_id)
+    assert row is not None
+    return row

@@ -14,17 +14,20 @@ from datetime import datetime, timedelta
 import pytest
 import respx
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 
-from pinauth.errors import UpstreamUnavailable
+from pinauth.errors import DatabaseUnavailable, ReauthorizationRequired, UpstreamUnavailable
 from pinauth.models import Connection, ConnectionStatus
 from pinauth.repository import ConnectionRepository
 from pinauth.settings import Settings
+from pinauth.tokens import RecheckOutcome
 from pinauth.webhooks import EventType
 from tests.helpers import (
     TOKEN_URL,
     Replica,
     RotatingTokenEndpoint,
     SimClock,
+    _run_sql,
     allow_token_writes,
     outbox_types,
     refuse_token_writes,
@@ -232,6 +235,39 @@ async def test_the_keeper_resolves_dead_leases_at_start(
     assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
 
 
+async def test_a_restart_quicker_than_a_lease_comes_back_when_it_runs_out(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Restarted right after a kill -9, the keeper's first pass meets the dead process's
+    lease still running: it comes back when the lease runs out, then after the grace,
+    and resolves it then, not a whole PINAUTH_KEEPER_INTERVAL (600 s) later."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    async with replica(settings, pinterest, clock) as one:
+        await leave_dead_lease(one, public_id, clock.now() + timedelta(seconds=10))
+        keeper = one.keeper
+        pauses: list[float] = []
+
+        async def pause(seconds: float) -> None:  # the loop's pause, on the simulated clock
+            pauses.append(seconds)
+            clock.advance(seconds)
+            if len(pauses) == 3:
+                keeper.request_stop()
+
+        keeper._pause = pause  # type: ignore[method-assign]
+        keeper.start()
+        assert keeper._task is not None
+        await asyncio.wait_for(asyncio.shield(keeper._task), 30)  # ends after three passes
+
+    grace = keeper._lease_grace.total_seconds()
+    assert 10 <= pauses[0] <= 11
+    assert grace <= pauses[1] <= grace + 1
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
+
+
 async def test_the_keeper_leaves_a_lease_alone_while_its_holder_stores_from_memory(
     settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
 ) -> None:
@@ -264,4 +300,122 @@ async def test_the_keeper_leaves_a_lease_alone_while_its_holder_stores_from_memo
     assert stored["refresh"] == "pinr_0_1"
     assert endpoint.calls == 1
     assert endpoint.reused == []
+    assert await outbox_types(settings) == []
+
+
+_REFUSE_EVENTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events "
+        "BEGIN SELECT RAISE(ABORT, 'the database refused the event'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_events() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the database refused the event'; END $$",
+        "CREATE TRIGGER refuse_events BEFORE INSERT ON webhook_events FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_events()",
+    ],
+}
+
+
+async def test_a_mark_the_database_refuses_lets_the_lease_go(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards the release on a failed mark: Pinterest rejects the refresh token, and the
+    database refuses the reauthorization_required event (so the mark rolls back). The
+    lease must not stay behind: without the release another caller waits for it to run
+    out and gets 503; with it, the next refresh claims it at once, meets the rejection
+    again and marks the connection, with its event."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    quick = settings.model_copy(update={"refresh_lock_timeout_seconds": 0.05})
+    async with replica(quick, pinterest, clock) as one:
+        await _run_sql(settings.database_url, _REFUSE_EVENTS)
+        with pytest.raises((DBAPIError, DatabaseUnavailable)):
+            await one.tokens.refresh(await row(one, public_id))
+        assert (await stored_connections(settings))[public_id]["refresh_lease_owner"] is None
+        await _run_sql(settings.database_url, _ALLOW_EVENTS)
+        with pytest.raises(ReauthorizationRequired):
+            await one.tokens.refresh(await row(one, public_id))
+
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert stored["refresh_lease_owner"] is None
+    assert endpoint.reused == ["pinr_0_0", "pinr_0_0"]
+    assert await outbox_types(settings) == [(EventType.REAUTHORIZATION_REQUIRED.value, public_id)]
+
+
+_ALLOW_EVENTS = {
+    "sqlite": ["DROP TRIGGER refuse_events"],
+    "postgresql": ["DROP TRIGGER refuse_events ON webhook_events", "DROP FUNCTION refuse_events()"],
+}
+
+
+async def mark(one: Replica, public_id: str) -> None:
+    """Marked reauthorization_required by mistake: its refresh token still works."""
+    async with one.sessionmaker() as db, db.begin():
+        repository = ConnectionRepository(db)
+        current = await repository.get(public_id)
+        assert current is not None
+        assert await repository.replace_version(
+            public_id, current.version, {"status": ConnectionStatus.REAUTHORIZATION_REQUIRED}
+        )
+
+
+async def test_two_rechecks_at_once_spend_the_refresh_token_once(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """Guards recheck's lease: `pinauth connections recheck` run twice at once (two
+    processes, here two replicas on one database) for one marked connection whose token
+    still works. The first holds its token call; the second finds the lease held and says
+    busy, without calling Pinterest; in-process a second recheck joins the first. The token
+    endpoint is called once, the connection ends active with one connection.recovered, and
+    no recheck says "still rejected". Without the lease both spend the token, and the
+    second reports "still rejected" for a connection that ended active."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    endpoint.gate = asyncio.Event()
+    async with (
+        replica(settings, pinterest, clock) as a,
+        replica(settings, pinterest, clock, seed=1) as b,
+    ):
+        await mark(a, public_id)
+        first = asyncio.create_task(a.tokens.recheck(public_id))
+        joined = asyncio.create_task(a.tokens.recheck(public_id))
+        await asyncio.wait_for(endpoint.asked.wait(), 10)
+        other = await asyncio.wait_for(b.tokens.recheck(public_id), 10)  # no token call
+        endpoint.gate.set()
+        outcomes = await asyncio.gather(first, joined)
+        after = await b.tokens.recheck(public_id)
+
+    assert other is RecheckOutcome.BUSY
+    assert sorted(outcomes) == sorted([RecheckOutcome.RECOVERED, RecheckOutcome.CHANGED])
+    assert after is RecheckOutcome.NOT_MARKED
+    assert endpoint.calls == 1
+    assert endpoint.reused == []
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.ACTIVE
+    assert stored["refresh"] == "pinr_0_1"
+    assert stored["refresh_lease_owner"] is None
+    assert await outbox_types(settings) == [(EventType.RECOVERED.value, public_id)]
+
+
+async def test_a_recheck_whose_token_is_refused_lets_the_lease_go(
+    settings: Settings, pinterest: respx.MockRouter, endpoint: RotatingTokenEndpoint
+) -> None:
+    """A recheck that meets a refused grant changes nothing and leaves no lease behind:
+    the next recheck tries again at once (and is refused again)."""
+    clock = SimClock()
+    [public_id] = await seed_connections(settings, endpoint, 1, refresh_expires_in=NOT_DUE)
+    spent_by_the_dead_process(endpoint, 0)
+    async with replica(settings, pinterest, clock) as one:
+        await mark(one, public_id)
+        first = await one.tokens.recheck(public_id)
+        second = await one.tokens.recheck(public_id)
+
+    assert (first, second) == (RecheckOutcome.STILL_REJECTED, RecheckOutcome.STILL_REJECTED)
+    assert endpoint.reused == ["pinr_0_0", "pinr_0_0"]
+    stored = (await stored_connections(settings))[public_id]
+    assert stored["status"] is ConnectionStatus.REAUTHORIZATION_REQUIRED
+    assert stored["refresh_lease_owner"] is None
     assert await outbox_types(settings) == []

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -59,9 +60,11 @@ from tests.helpers import (
     USER_ACCOUNT,
     allow_token_writes,
     browsers,
+    captured_logs,
     connect_end_user,
     count_rows,
     create_api_key,
+    events,
     expire_refresh_leases,
     free_port,
     log_in,
@@ -1167,6 +1170,14 @@ async def test_a_failed_event_sent_again_waits_for_its_connections_delivery_in_f
         (("--failed", "--since", "yesterday"), "--since 'yesterday' is not a time; write it"),
         (("--failed", "--since", "2026-13-01"), "--since '2026-13-01' is not a time"),
         (("--failed", "--since", "\udcff"), "--since '\\udcff' is not a time"),
+        (
+            ("--failed", "--since", "0001-01-01T00:00:00+01:00"),
+            "--since '0001-01-01T00:00:00+01:00' is out of range",
+        ),
+        (
+            ("--failed", "--since", "9999-12-31T23:00:00-05:00"),
+            "--since '9999-12-31T23:00:00-05:00' is out of range",
+        ),
     ],
 )
 def test_webhooks_redeliver_refuses_bad_input_in_one_line(
@@ -1717,3 +1728,21 @@ def test_serve_refuses_bad_webhook_settings_in_one_line(
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "never.db").exists()  # refused before anything started
+
+
+async def test_a_delivery_log_line_names_its_connection(settings: Settings) -> None:
+    """Guards F7: a delivery's log line names the event's connection by its public id, in
+    the message (the text format) and as the JSON format's connection_id field."""
+    settings = hooked(settings)
+    clock = Clock()
+    async with dispatching(settings, lambda _: httpx.Response(500), clock) as (
+        dispatcher,
+        sessionmaker,
+    ):
+        connection = await add_events(sessionmaker, clock.now, "connection.created")
+        with captured_logs(logging.WARNING) as logs:
+            await dispatcher.run_once()
+
+    [line] = events(logs, " retry (connection.created")
+    assert line["connection_id"] == connection.public_id
+    assert f"of connection {connection.public_id}" in line["event"]

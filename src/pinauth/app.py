@@ -37,6 +37,7 @@ from pinauth.api.responses import client_disconnected_response, error_response
 from pinauth.apikeys import ApiKeyService
 from pinauth.auth import AuthService, CookieNames
 from pinauth.cache import ConnectionCache
+from pinauth.clientstate import ClientCredentialsProbe
 from pinauth.connect import ConnectSessions
 from pinauth.connections import ConnectionService
 from pinauth.crypto import CursorCodec, TokenCipher
@@ -114,7 +115,13 @@ def create_app(
             settings=settings,
             sessionmaker=sessionmaker,
             auth=AuthService(
-                settings, sessionmaker, oauth, PinterestAPI(http, settings), cipher, cache
+                settings,
+                sessionmaker,
+                oauth,
+                PinterestAPI(http, settings),
+                cipher,
+                cache,
+                client_credentials=tokens.client_credentials,
             ),
             api_keys=api_keys,
             connect_sessions=ConnectSessions(settings, sessionmaker, cache),
@@ -141,6 +148,10 @@ def create_app(
             revalidator = CacheRevalidator(sessionmaker, cache, settings.cache_ttl_seconds)
             served.state.cache_revalidator = revalidator
             revalidator.start()
+        # Keeper or not: it is what ends the refused-credentials state on an idle replica.
+        probe = ClientCredentialsProbe.of(tokens.client_credentials, oauth)
+        served.state.client_credentials_probe = probe
+        probe.start()
         keeper = None
         if settings.keeper:
             keeper = Keeper(settings, sessionmaker, tokens, metrics)
@@ -163,6 +174,7 @@ def create_app(
                 await keeper.stop()
             if revalidator is not None:
                 await revalidator.stop()
+            await probe.stop()
             await purger.stop()
             if dispatcher is not None:
                 await dispatcher.stop()

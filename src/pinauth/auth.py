@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urljoin, urlsplit
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from pinauth.cache import MAX_ENTRIES, ConnectionCache
+from pinauth.clientstate import ClientCredentials
 from pinauth.connect import CONNECT_RESULT_PARAMETER, connect_session_hash, new_connect_result
 from pinauth.crypto import CookieSigner, TokenCipher, digest, state_serializer
 from pinauth.errors import (
@@ -26,11 +28,12 @@ from pinauth.errors import (
     InvalidConnectSession,
     InvalidRequest,
     InvalidState,
+    PinterestClientRejected,
 )
 from pinauth.frontend import PublicOrigin, with_error, with_parameter
 from pinauth.models import AuthSession, Connection, ConnectionStatus, ConnectResult, LoginState
 from pinauth.pinterest.api import PinterestAccount, PinterestAPI
-from pinauth.pinterest.oauth import PinterestOAuth, TokenSet
+from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import (
     ConnectionRepository,
     ConnectResultRepository,
@@ -134,8 +137,12 @@ class AuthService:
         api: PinterestAPI,
         cipher: TokenCipher,
         cache: ConnectionCache,
+        client_credentials: ClientCredentials | None = None,
     ) -> None:
         self._settings = settings
+        # The app-wide refused-credentials state (clientstate.py), shared with the
+        # TokenManager: a code exchange finds out about the credentials as a refresh does.
+        self._client_credentials = client_credentials or ClientCredentials(time.monotonic)
         self._schedule = Schedule.of(settings)
         self._cache = cache
         self._loading_sessions: dict[str, asyncio.Future[Connection | None]] = {}
@@ -299,7 +306,17 @@ class AuthService:
         payload, end_user_id = await self._consume_state(state, nonce)
         if not code:
             raise InvalidRequest("The callback has no code parameter.")
-        tokens = await self._oauth.exchange_code(code)
+        try:
+            tokens = await self._oauth.exchange_code(code)
+        except PinterestClientRejected:
+            # The app's credentials, not this login's code: enter the state (its error
+            # line, /readyz degraded) and answer with its Retry-After.
+            raise self._client_credentials.record_rejected() from None
+        except TokenRejected:
+            # A refused code: Pinterest authenticated the client before it looked at it.
+            self._client_credentials.record_accepted()
+            raise
+        self._client_credentials.record_accepted()
         account = await self._api.user_account(tokens.access_token)
         if end_user_id is not None:
             # A connect session's login: pending until the app's backend confirms it, and

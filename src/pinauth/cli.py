@@ -374,12 +374,17 @@ def _parse_time(option: str, value: str) -> datetime:
     """An ISO 8601 date or time; without an offset, UTC."""
     try:
         moment = datetime.fromisoformat(value.strip())
+        # Converting to UTC can leave the years datetime holds (0001-01-01T00:00+01:00).
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise CommandFailed(
             f"{option} {value!a} is not a time; write it in ISO 8601, e.g. 2026-12-07 or "
             "2026-12-07T09:30:00Z (UTC unless it has an offset)."
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        raise CommandFailed(
+            f"{option} {value!a} is out of range: in UTC it falls outside the years 1 to 9999."
+        ) from None
 
 
 def _since_words(since: datetime | None) -> str:
@@ -445,7 +450,7 @@ def _recheck(args: argparse.Namespace) -> None:
     from pinauth.tokens import RecheckOutcome, TokenManager
     from pinauth.webhooks import EventType
 
-    since = _parse_since(args.since) if args.since is not None else None
+    since = _parse_time("--since", args.since) if args.since is not None else None
     settings = _load_settings("keeper")  # it calls Pinterest's token endpoint, as the keeper
     logging.config.dictConfig(logging_config("warning", settings.log_format))
     preflight.migrate(settings)
@@ -494,7 +499,11 @@ def _recheck(args: argparse.Namespace) -> None:
                 f"rechecked {len(ids)}: {recovered} recovered (connection.recovered sent), "
                 f"{rejected} still need a new login, {len(ids) - recovered - rejected} other"
             )
-            unchecked = sum(n for o, n in outcomes.items() if o.startswith("not checked"))
+            unchecked = sum(
+                n
+                for o, n in outcomes.items()
+                if o.startswith("not checked") or o == RecheckOutcome.BUSY
+            )
             return 1 if unchecked else 0
         finally:
             await tokens.aclose()
@@ -504,20 +513,6 @@ def _recheck(args: argparse.Namespace) -> None:
     status = asyncio.run(run())
     if status:
         sys.exit(status)
-
-
-def _parse_since(value: str) -> datetime:
-    """ISO 8601 (`2026-12-08T10:00:00Z`, `2026-12-08 10:00+01:00`); UTC without an offset."""
-    from datetime import UTC
-
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigurationError(
-            f"--since {value!a} is not a time; give one like 2026-12-08T10:00:00Z (UTC "
-            "unless it names an offset)"
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _when(moment: datetime | None) -> str:

@@ -328,7 +328,11 @@ class Keeper(BackgroundLoop):
         """
         now = self._clock()
         async with self._sessionmaker() as db:
-            dead = await KeeperRepository(db).dead_leases(now, DEAD_LEASE_BATCH)
+            keeper = KeeperRepository(db)
+            dead = await keeper.dead_leases(now, DEAD_LEASE_BATCH)
+            # A lease still running may be a dead process's too (a restart quicker than a
+            # lease): come back when it runs out rather than a whole interval later.
+            live_until = await keeper.soonest_lease_end(now)
         seen: dict[tuple[str, str, int], datetime] = {}
         ripe: list[Connection] = []
         for connection in dead:
@@ -341,6 +345,8 @@ class Keeper(BackgroundLoop):
         self._dead_seen = seen
         # Those that failed to resolve wait for the next interval, as any failure does.
         waiting = [at for first in seen.values() if (at := first + self._lease_grace) > now]
+        if live_until is not None:
+            waiting.append(live_until)
         self._next_dead_lease = min(waiting) if waiting else None
         if not ripe:
             return

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from sqlalchemy.exc import StatementError
 
-from pinauth.observability import ACCESS_LOGGER, context_fields
+from pinauth.observability import ACCESS_LOGGER, CONNECTION_ID, context_fields
 
 ExcInfo: TypeAlias = (
     tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -157,6 +157,16 @@ class TextFormatter(logging.Formatter):
             # A copy: other handlers of the same record keep the structured event.
             record = logging.makeLogRecord(record.__dict__)
             record.msg, record.args = access_line(record), None
+        else:
+            # The connection the line is about, when the message does not name it (the
+            # JSON format has it as a field): e.g. the token endpoint's answers, logged
+            # by code that does not know whose refresh it is.
+            connection = CONNECTION_ID.get()
+            if connection is not None:
+                message = record.getMessage()
+                if connection not in message:
+                    record = logging.makeLogRecord(record.__dict__)
+                    record.msg, record.args = f"{message} connection_id={connection}", None
         return super().format(record)
 
     def formatException(self, ei: Any) -> str:

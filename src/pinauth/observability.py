@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from contextvars import ContextVar
 from secrets import token_hex
 from typing import Any
@@ -192,6 +194,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+@contextlib.contextmanager
+def about_connection(public_id: str) -> Iterator[None]:
+    """Work on one connection outside a request (a refresh, a recheck, a webhook
+    delivery): every line logged meanwhile, even by code that does not know the
+    connection (pinterest/oauth.py), carries its public id, as in a request."""
+    token = CONNECTION_ID.set(public_id)
+    try:
+        yield
+    finally:
+        CONNECTION_ID.reset(token)
 
 
 def context_fields() -> dict[str, Any]:

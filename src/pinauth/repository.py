@@ -60,9 +60,11 @@ class ConnectionRepository:
         until: datetime,
         *,
         lock_timeout: float,
+        status: ConnectionStatus = ConnectionStatus.ACTIVE,
     ) -> bool:
-        """Take the row's refresh lease if the row is still at `version`, active, and
-        nobody holds a live lease; True if this call took it. Leaves `version` alone.
+        """Take the row's refresh lease if the row is still at `version`, in `status`
+        (active; reauthorization_required for a recheck), and nobody holds a live lease;
+        True if this call took it. Leaves `version` alone.
 
         One UPDATE whose WHERE is the whole decision, so it is atomic on every backend:
         on SQLite it is the transaction's first statement and takes the database's write
@@ -79,7 +81,7 @@ class ConnectionRepository:
             .where(
                 _connections.c.public_id == public_id,
                 _connections.c.version == version,
-                _connections.c.status == ConnectionStatus.ACTIVE,
+                _connections.c.status == status,
                 or_(
                     _connections.c.refresh_lease_until.is_(None),
                     _connections.c.refresh_lease_until < now,
@@ -596,6 +598,17 @@ class KeeperRepository:
             .limit(limit)
         )
         return list((await self._db.execute(stmt)).scalars())
+
+    async def soonest_lease_end(self, now: datetime) -> datetime | None:
+        """When the first refresh lease still running on an active connection runs out."""
+        c = _connections.c
+        stmt = select(func.min(c.refresh_lease_until)).where(
+            c.status == ConnectionStatus.ACTIVE,
+            c.refresh_lease_owner.is_not(None),
+            c.refresh_lease_until >= now,
+        )
+        end: datetime | None = (await self._db.execute(stmt)).scalar_one()
+        return end
 
     async def restore_dead_lease(self, seen: Connection) -> None:
         """Put back the dead lease `seen` had, if nothing happened to the row since but a

@@ -62,7 +62,7 @@ from pinauth.errors import (
     UpstreamUnavailable,
 )
 from pinauth.models import Connection, ConnectionStatus
-from pinauth.observability import Metrics
+from pinauth.observability import Metrics, about_connection
 from pinauth.pinterest.oauth import PinterestOAuth, TokenRejected, TokenSet
 from pinauth.repository import ConnectionRepository
 from pinauth.schedule import Schedule
@@ -121,6 +121,7 @@ class RecheckOutcome(enum.StrEnum):
     STILL_REJECTED = "still rejected"
     NOT_MARKED = "not reauthorization_required"
     CHANGED = "changed meanwhile"
+    BUSY = "busy: another refresh of it is under way, run this again"
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,13 +288,14 @@ class TokenManager:
         (False when it joined another caller's refresh or found the row moved on)."""
         return await self._refresh(seen)
 
-    async def _refresh(self, seen: Connection) -> tuple[Connection, bool]:
+    async def _refresh(self, seen: Connection, *, recheck: bool = False) -> tuple[Connection, bool]:
         """`refresh`, also telling whether this call got new tokens from Pinterest.
 
         The refresh runs in a task this manager owns, and callers wait for it through
         `asyncio.shield`: a client that disconnects, or a request cancelled at shutdown,
         must not cancel a token call whose answer is the only valid refresh token.
         Concurrent callers share the one task in flight for the connection.
+        `recheck`: `seen` is reauthorization_required (see `recheck`).
         """
         public_id = seen.public_id
         task = self._in_flight.get(public_id)
@@ -301,7 +303,9 @@ class TokenManager:
             newer = self._newer_than(seen)
             if newer is not None:
                 return newer, False
-            task = asyncio.create_task(self._refresh_once(seen), name=f"refresh {public_id}")
+            task = asyncio.create_task(
+                self._refresh_about(seen, recheck=recheck), name=f"refresh {public_id}"
+            )
             self._in_flight[public_id] = task
             task.add_done_callback(partial(self._refresh_done, public_id))
             return await asyncio.shield(task)
@@ -348,8 +352,24 @@ class TokenManager:
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone
 
-    async def _refresh_once(self, seen: Connection) -> tuple[Connection, bool]:
-        """Claim the lease, call the token endpoint with no transaction open, store."""
+    async def _refresh_about(
+        self, seen: Connection, *, recheck: bool = False
+    ) -> tuple[Connection, bool]:
+        """`_refresh_once`, every line it logs naming the connection (a request's, the
+        keeper's or a recheck's: the task has a context of its own)."""
+        with about_connection(seen.public_id):
+            return await self._refresh_once(seen, recheck=recheck)
+
+    async def _refresh_once(
+        self, seen: Connection, *, recheck: bool = False
+    ) -> tuple[Connection, bool]:
+        """Claim the lease, call the token endpoint with no transaction open, store.
+
+        `recheck`: `seen` is reauthorization_required and this is `recheck`'s one try of
+        its stored refresh token, under the same lease as every other refresh (so two at
+        once spend it once). A lease someone holds is not waited for, and the row is
+        returned as it is; a refused grant changes nothing and raises TokenRejected.
+        """
         public_id = seen.public_id
         remaining = self._cooldown_until.get(public_id, 0.0) - self._clock()
         if remaining > 0:
@@ -360,8 +380,10 @@ class TokenManager:
         # While Pinterest refuses the app's credentials, no lease and no token call: the
         # refresh token is kept, and the connection stays as it is.
         self.client_credentials.admit()
-        row, owner = await self._claim_lease(seen)
+        row, owner = await self._claim_lease(seen, recheck=recheck)
         if owner is None:
+            if recheck:
+                return row, False  # busy, or moved on: `recheck` tells which
             if row.status is ConnectionStatus.REAUTHORIZATION_REQUIRED:
                 self._cache.remember_connection(row)
                 raise self.reauthorization_required()
@@ -393,9 +415,23 @@ class TokenManager:
             await self._release_lease(public_id, owner)
             raise self.client_credentials.record_rejected() from None
         except (TokenRejected, TokenDecryptionError) as e:
+            if recheck:
+                # Already marked and reported: nothing to change but the lease.
+                await self._release_lease(public_id, owner)
+                raise TokenRejected(type(e).__name__) from None
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             self._metrics.refreshes.labels("rejected").inc()
-            return await self._mark_rejected(row, seen.version)
+            try:
+                return await self._mark_rejected(row, seen.version)
+            except (ReauthorizationRequired, NotAuthenticated):
+                raise  # marked (its write cleared the lease), or gone
+            except BaseException:
+                # The mark or its event was not written (the database refused it): the
+                # lease is still this refresh's, and the sibling handler below does not
+                # see what is raised here. Let it go, or every caller waits for it to run
+                # out and gets 503; the next refresh meets the rejection and marks it.
+                await asyncio.shield(self._release_lease(public_id, owner))
+                raise
         except (UpstreamError, UpstreamTimeout, TimeoutError) as e:
             log.warning("refresh of connection %s failed transiently: %s", public_id, e)
             self._metrics.refreshes.labels("transient_error").inc()
@@ -416,16 +452,20 @@ class TokenManager:
         self._lifetimes[public_id] = tokens.access_token_expires_at - datetime.now(UTC)
         apply_token_set(row, tokens, self._cipher)
         log.info("refreshed tokens of connection %s", public_id)
-        return await self._store(row, seen.version, owner)
+        return await self._store(row, seen.version, owner, recovered=recheck)
 
-    async def _claim_lease(self, seen: Connection) -> tuple[Connection, str | None]:
+    async def _claim_lease(
+        self, seen: Connection, *, recheck: bool = False
+    ) -> tuple[Connection, str | None]:
         """The row, and the lease owner id if this call may spend its refresh token.
 
         No owner means the row moved on (another process refreshed, the user logged in
         again, or the refresh token was rejected): use the row as it is. A live lease
         held by someone else is waited out by polling, at most PINAUTH_REFRESH_LOCK_TIMEOUT;
         its holder either stores a new version or its lease runs out and is taken over.
+        `recheck` claims a reauthorization_required row, and does not wait.
         """
+        status = ConnectionStatus.REAUTHORIZATION_REQUIRED if recheck else ConnectionStatus.ACTIVE
         public_id = seen.public_id
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + self._settings.refresh_lock_timeout_seconds
@@ -445,18 +485,21 @@ class TokenManager:
                         now,
                         until,
                         lock_timeout=max(remaining, 0.05),
+                        status=status,
                     )
                     row = await repository.get(public_id)
             except DBAPIError as e:
                 # A PostgreSQL row lock held by someone else: as good as a live lease.
                 if _sqlstate(e) != LOCK_NOT_AVAILABLE:
                     raise
+                if recheck:
+                    return seen, None
             else:
                 if row is None:
                     raise NotAuthenticated("This Pinterest connection no longer exists.")
                 if claimed:
                     return row, owner
-                if row.version != seen.version or row.status is not ConnectionStatus.ACTIVE:
+                if row.version != seen.version or row.status is not status or recheck:
                     return row, None
                 # Otherwise another process holds a live lease: wait for its outcome.
                 lease_until = row.refresh_lease_until
@@ -582,12 +625,15 @@ class TokenManager:
             raise self.reauthorization_required()
         return current, False
 
-    async def _store(self, row: Connection, version: int, owner: str) -> tuple[Connection, bool]:
+    async def _store(
+        self, row: Connection, version: int, owner: str, *, recovered: bool = False
+    ) -> tuple[Connection, bool]:
         """Store the new tokens; if the database will not take them, keep them here.
 
         They are then served from this process (the cache and `_unsaved`) while a
         background task retries the write until it lands. Returns the row to use and
-        whether its tokens are this refresh's own (see `replace_rejected`).
+        whether its tokens are this refresh's own (see `replace_rejected`). `recovered`:
+        the row was reauthorization_required, and its write records connection.recovered.
         """
         public_id = row.public_id
         values = _token_columns(row)
@@ -595,7 +641,7 @@ class TokenManager:
             set_committed_value(row, key, value)
         _committed(row, version + 1)
         try:
-            stored = await self._write(public_id, version, values)
+            stored = await self._write(public_id, version, values, recovered=recovered)
         except DATABASE_DOWN as e:
             # The type only: a driver's message may quote the SQL's parameters.
             log.error(
@@ -607,7 +653,8 @@ class TokenManager:
             self._unsaved[public_id] = row
             self._cache.remember_connection(row)
             writer = asyncio.create_task(
-                self._write_until_stored(row, version, values), name=f"store {public_id}"
+                self._write_until_stored(row, version, values, recovered=recovered),
+                name=f"store {public_id}",
             )
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
@@ -628,10 +675,19 @@ class TokenManager:
         self._cache.remember_connection(row)
         return row, True
 
-    async def _write(self, public_id: str, version: int, values: dict[str, Any]) -> bool:
+    async def _write(
+        self, public_id: str, version: int, values: dict[str, Any], *, recovered: bool = False
+    ) -> bool:
         async with self._sessionmaker() as db, db.begin():
             repository = ConnectionRepository(db)
             if await repository.replace_version(public_id, version, values):
+                if recovered:
+                    # A recheck's: the row was reauthorization_required at `version`.
+                    current = await repository.get(public_id)
+                    if current is not None:
+                        await record_event(
+                            db, EventType.RECOVERED, current, schedule=self._schedule
+                        )
                 return True
             # Versions only grow: if the row is not at `version` now, it never will be,
             # so a match here is the rejection this answer overrides.
@@ -646,7 +702,7 @@ class TokenManager:
             return True
 
     async def _write_until_stored(
-        self, row: Connection, version: int, values: dict[str, Any]
+        self, row: Connection, version: int, values: dict[str, Any], *, recovered: bool = False
     ) -> None:
         public_id = row.public_id
         pause = WRITE_RETRY_FIRST
@@ -662,7 +718,7 @@ class TokenManager:
                             await self._closing.wait()
                 attempts += 1
                 try:
-                    stored = await self._write(public_id, version, values)
+                    stored = await self._write(public_id, version, values, recovered=recovered)
                 except DATABASE_DOWN:
                     pause = min(pause * 2, WRITE_RETRY_MAX)
                     continue
@@ -690,11 +746,12 @@ class TokenManager:
         refuses the grant, nothing changes. Refused client credentials raise
         PinterestClientRejected; an unavailable Pinterest raises its UpstreamError.
 
-        Only a login moves a reauthorization_required row (no refresh or keeper claims
-        it), so the compare-and-swap on the version read is the whole guard: a row a login
-        renewed meanwhile keeps the login's tokens, and this answer's are dropped (they
-        belong to the old grant). Two rechecks of one connection at once spend its token
-        once; the other sees the grant refused.
+        It is a refresh like any other (`_refresh_once`): under the connection's refresh
+        lease, renewed while the token call is in flight, its answer stored with a
+        compare-and-swap on the version read (kept in memory and retried if the database
+        refuses it). So two rechecks at once spend the token once: the other finds the
+        lease held (BUSY) or the row moved on (CHANGED, or NOT_MARKED if read after),
+        never a "still rejected" for a connection the first one revived.
         """
         async with self._sessionmaker() as db:
             row = await ConnectionRepository(db).get(public_id)
@@ -708,33 +765,25 @@ class TokenManager:
         ):
             return RecheckOutcome.STILL_REJECTED  # Pinterest would refuse it: no call
         try:
-            refresh_token = self._cipher.decrypt(row.refresh_token_encrypted)
-        except TokenDecryptionError:
+            current, refreshed = await self._refresh(row, recheck=True)
+        except TokenRejected:
+            log.info("connection %s: Pinterest still refuses its refresh token", public_id)
             return RecheckOutcome.STILL_REJECTED
-        self.client_credentials.admit()
-        async with asyncio.timeout(self._call_budget):
-            try:
-                tokens = await self._oauth.refresh(refresh_token)
-            except TokenRejected:
-                self.client_credentials.record_accepted()
-                log.info("connection %s: Pinterest still refuses its refresh token", public_id)
-                return RecheckOutcome.STILL_REJECTED
-            except PinterestClientRejected:
-                raise self.client_credentials.record_rejected() from None
-        self.client_credentials.record_accepted()
-        version = row.version
-        apply_token_set(row, tokens, self._cipher)
-        async with self._sessionmaker() as db, db.begin():
-            repository = ConnectionRepository(db)
-            if not await repository.replace_version(public_id, version, _token_columns(row)):
-                log.warning("connection %s changed during its recheck; left as it is", public_id)
-                return RecheckOutcome.CHANGED
-            current = await repository.get(public_id)
-            assert current is not None
-            await record_event(db, EventType.RECOVERED, current, schedule=self._schedule)
-        self._cache.remember_connection(current)
-        log.warning("connection %s recovered: Pinterest still takes its refresh token", public_id)
-        return RecheckOutcome.RECOVERED
+        except ReauthorizationRequired:
+            # Its answer could not be stored: the row moved on (to another version that
+            # is marked) while the token call was in flight.
+            log.warning("connection %s changed during its recheck; left as it is", public_id)
+            return RecheckOutcome.CHANGED
+        if refreshed:
+            log.warning(
+                "connection %s recovered: Pinterest still takes its refresh token", public_id
+            )
+            return RecheckOutcome.RECOVERED
+        if current.version == row.version and current.status is row.status:
+            log.warning("connection %s is being refreshed elsewhere; not rechecked", public_id)
+            return RecheckOutcome.BUSY
+        log.warning("connection %s changed during its recheck; left as it is", public_id)
+        return RecheckOutcome.CHANGED
 
     async def aclose(self) -> None:
         """Wait for token calls in flight and for unsaved tokens' writes, then stop.

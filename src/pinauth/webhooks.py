@@ -43,7 +43,7 @@ from pinauth.models import (
     new_event_id,
 )
 from pinauth.numbers import ascii_int
-from pinauth.observability import Metrics
+from pinauth.observability import Metrics, about_connection
 from pinauth.repository import ConnectionRepository, WebhookEventRepository
 from pinauth.schedule import Schedule
 from pinauth.settings import Settings
@@ -421,11 +421,12 @@ class WebhookDispatcher:
         return len(events)
 
     async def _deliver_logged(self, event: WebhookEvent, owner: str) -> None:
-        try:
-            await self._deliver(event, owner)
-        except Exception as e:
-            # Its lease runs out and the event goes again: at least once.
-            log.warning("recording a webhook delivery failed: %r", e)
+        with about_connection(event.connection_id):
+            try:
+                await self._deliver(event, owner)
+            except Exception as e:
+                # Its lease runs out and the event goes again: at least once.
+                log.warning("recording a webhook delivery failed: %r", e)
 
     async def _deliver(self, event: WebhookEvent, owner: str) -> None:
         attempted_at = self._clock()
@@ -447,10 +448,11 @@ class WebhookDispatcher:
             self._metrics.webhook_deliveries.labels(verdict).inc()
         log.log(
             logging.INFO if outcome.delivered else logging.WARNING,
-            "webhook %s %s (%s, attempt %d): %s",
+            "webhook %s %s (%s of connection %s, attempt %d): %s",
             event.public_id,
             verdict,
             event.type,
+            event.connection_id,
             attempt_number,
             outcome.response_code or outcome.error,
         )

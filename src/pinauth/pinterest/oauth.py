@@ -105,6 +105,18 @@ class PinterestOAuth:
             {"grant_type": "refresh_token", "refresh_token": refresh_token}
         )
 
+    async def check_client(self) -> None:
+        """Whether the token endpoint authenticates this app's client, spending no grant.
+
+        A refresh grant with a refresh token that cannot be valid: raises TokenRejected
+        if the client got through (the grant refused), PinterestClientRejected if not;
+        see clientstate.ClientCredentialsProbe for why that is sound. Answered with
+        tokens (it never should be), they are dropped unused.
+        """
+        await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": CLIENT_CHECK_REFRESH_TOKEN}
+        )
+
     async def _token_request(self, form: dict[str, str]) -> TokenSet:
         grant = form["grant_type"]
         started = time.perf_counter()
@@ -142,6 +154,10 @@ class PinterestOAuth:
             raise UpstreamError("Pinterest's token endpoint sent an unreadable response.") from e
         return _token_set(payload, now)
 
+
+# Not a refresh token Pinterest could have issued (theirs start `pinr.`): checks the client
+# credentials without touching any user's grant.
+CLIENT_CHECK_REFRESH_TOKEN = "pinauth-client-credentials-check"
 
 # RFC 6749's error codes that blame the client, not the grant (§5.2): `invalid_client`
 # (authentication failed) and `unauthorized_client` (this client may not use this grant
