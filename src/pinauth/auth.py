@@ -142,7 +142,9 @@ class AuthService:
         self._settings = settings
         # The app-wide refused-credentials state (clientstate.py), shared with the
         # TokenManager: a code exchange finds out about the credentials as a refresh does.
-        self._client_credentials = client_credentials or ClientCredentials(time.monotonic)
+        if client_credentials is None:
+            client_credentials = ClientCredentials(time.monotonic)
+        self._client_credentials = client_credentials
         self._schedule = Schedule.of(settings)
         self._cache = cache
         self._loading_sessions: dict[str, asyncio.Future[Connection | None]] = {}

@@ -114,6 +114,12 @@ def apply_token_set(connection: Connection, tokens: TokenSet, cipher: TokenCiphe
     connection.last_refreshed_at = datetime.now(UTC)
 
 
+class _StillRefused(Exception):
+    """A recheck's refresh grant refused again: nothing to change (the connection is
+    marked and reported already). Control flow between `_refresh_once` and `recheck`, so
+    that no route's refresh can surface a refused grant as an answer of its own."""
+
+
 class RecheckOutcome(enum.StrEnum):
     """What `TokenManager.recheck` found."""
 
@@ -368,7 +374,7 @@ class TokenManager:
         `recheck`: `seen` is reauthorization_required and this is `recheck`'s one try of
         its stored refresh token, under the same lease as every other refresh (so two at
         once spend it once). A lease someone holds is not waited for, and the row is
-        returned as it is; a refused grant changes nothing and raises TokenRejected.
+        returned as it is; a refused grant changes nothing and raises _StillRefused.
         """
         public_id = seen.public_id
         remaining = self._cooldown_until.get(public_id, 0.0) - self._clock()
@@ -418,7 +424,7 @@ class TokenManager:
             if recheck:
                 # Already marked and reported: nothing to change but the lease.
                 await self._release_lease(public_id, owner)
-                raise TokenRejected(type(e).__name__) from None
+                raise _StillRefused() from None
             log.warning("connection %s needs reauthorization: %s", public_id, type(e).__name__)
             self._metrics.refreshes.labels("rejected").inc()
             try:
@@ -766,7 +772,7 @@ class TokenManager:
             return RecheckOutcome.STILL_REJECTED  # Pinterest would refuse it: no call
         try:
             current, refreshed = await self._refresh(row, recheck=True)
-        except TokenRejected:
+        except _StillRefused:
             log.info("connection %s: Pinterest still refuses its refresh token", public_id)
             return RecheckOutcome.STILL_REJECTED
         except ReauthorizationRequired:
