@@ -200,8 +200,10 @@ async def test_refresh_waits_for_a_held_row_lock_only_so_long(
 async def test_connect_sessions_and_backend_storms_span_replicas(
     deployment: dict[str, object],
 ) -> None:
-    """A connect session minted on A completes on B; then 100 concurrent calls with an
-    expired token, API-key and cookie callers mixed over both replicas: one refresh."""
+    """A connect session minted on A completes on B and is confirmed on A; then 100
+    concurrent API-key calls with an expired token, over both replicas: one refresh.
+    (A connect-session login gives the browser no session: the connection is the
+    backend's.)"""
     a, b = str(deployment["a"]), str(deployment["b"])
     settings = make_settings(str(deployment["database_url"]))
     key = await create_api_key(settings)
@@ -226,18 +228,22 @@ async def test_connect_sessions_and_backend_storms_span_replicas(
         fields = {k: v[0] for k, v in params.items() if k != "response_type"}
         decision = await sandbox.post("/oauth/", data=fields | {"decision": "allow"})
         callback = urlsplit(decision.headers["location"]).query
-        assert (await browser.get(f"{b}/auth/callback?{callback}")).status_code == 303
-        found = (await backend.get(f"{a}/v1/connections", params={"end_user_id": "u-9"})).json()
+        landed = await browser.get(f"{b}/auth/callback?{callback}")
+        assert landed.status_code == 303
+        [result] = parse_qs(urlsplit(landed.headers["location"]).query)["pinauth_connect_result"]
+        confirmed = await backend.post(
+            f"{a}/v1/connections/confirm", json={"result": result, "end_user_id": "u-9"}
+        )
+        assert confirmed.status_code == 200, confirmed.text
+        found = (await backend.get(f"{b}/v1/connections", params={"end_user_id": "u-9"})).json()
         [connection] = found["items"]
-        assert (await browser.get(f"{a}/me")).json()["connection_id"] == connection["id"]
+        assert connection["id"] == confirmed.json()["id"]
 
         await sandbox.post("/_sandbox/expire-access-tokens")
         before = await refreshes(sandbox)
         named = {"Pinauth-Connection-Id": connection["id"]}
         calls = [
-            (backend.get(url, headers=named) if i % 2 else browser.get(url))
-            for i in range(100)
-            for url in [f"{(a, b)[i % 4 // 2]}/pinterest/boards"]
+            backend.get(f"{(a, b)[i % 2]}/pinterest/boards", headers=named) for i in range(100)
         ]
         statuses = [response.status_code for response in await asyncio.gather(*calls)]
         assert statuses == [200] * 100
