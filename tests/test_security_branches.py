@@ -77,6 +77,17 @@ def test_the_connection_cache_keeps_the_newer_row() -> None:
     assert cached.version == 2
 
 
+def test_a_proxy_token_of_a_connection_deleted_here_is_never_cached() -> None:
+    """cache.remember_proxy_token: a token looked up after its connection was deleted in
+    this process (the lookup's generation is current, its row read from a replica that
+    had not seen the delete yet) must not bring the connection back."""
+    cache = ConnectionCache(ttl=60)
+    cache.forget_connection("conn_cached")
+    cache.remember_proxy_token("token-hash", _connection(1), 1e12, cache.generation())
+    assert cache.proxy_token("token-hash") is None
+    assert cache.cached_connection("conn_cached") is None
+
+
 def test_a_cipher_needs_a_key() -> None:
     with pytest.raises(ConfigurationError, match="at least one encryption key"):
         TokenCipher([])
